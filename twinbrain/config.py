@@ -1,0 +1,461 @@
+"""Typed run configuration: the one source of defaults.
+
+A config is built from the dataclass defaults, then a YAML file (which may
+inherit from another with ``base: other.yaml``), then dotted command-line
+overrides (``--train.lr 3e-4``).  Unknown keys, wrong types and impossible
+combinations fail before any work starts, naming the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts."""
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/default"        # run directory: config, metrics, checkpoints
+    name: str = ""                   # display name for the tracker; defaults to the folder name
+
+
+@dataclass
+class SimConfig:
+    """The built-in simulated cohort (used when ``data.source == 'simulated'``)."""
+    n_subjects: int = 8
+    n_sessions: int = 1
+    minutes: float = 10.0            # recording length per run
+    n_regions: int = 80              # fMRI ROI nodes
+    n_channels: int = 32             # EEG channels (positions from MNE's standard_1020 montage)
+    n_modules: int = 6               # functional networks in the connectome
+    tr: float = 2.0                  # seconds per fMRI volume
+    eeg_sfreq: float = 250.0         # Hz
+    dt_ms: float = 2.0               # neural-mass integration step
+    coupling: float = 0.6            # global coupling strength (group mean)
+    subject_variability: float = 0.1 # relative per-subject spread of coupling and local parameters
+    noise: float = 0.05              # neural noise amplitude
+    eeg_noise: float = 0.2           # sensor noise relative to signal std
+    n_perturb: int = 4               # regions stimulated for the ground-truth perturbation response
+    perturb_amplitude: float = 1.0
+    perturb_duration_s: float = 2.0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "simulated"        # simulated | bids | store
+    bids_root: str = ""              # BIDS dataset (source == bids)
+    store_dir: str = ""              # prepared graph store; default: <run.out>/../.twinbrain_store
+    atlas: str = ""                  # NIfTI label image (bids); empty = pre-parcellated input
+    atlas_labels: str = ""           # label table (TSV: index, name) for the atlas
+    tasks: list[str] = field(default_factory=list)  # empty = all tasks
+    eeg_sfreq: float = 250.0         # resampling target for real EEG (Hz)
+    eeg_l_freq: float = 1.0          # band-pass (Hz)
+    eeg_h_freq: float = 40.0
+    window_s: float = 80.0           # wall-clock span of one window (both modalities)
+    stride_s: float = 20.0           # step between window starts
+    split: str = "subject"           # subject | chronological
+    val_subjects: int = 1            # held-out subjects for validation (split == subject)
+    test_subjects: int = 1           # held-out subjects for testing (split == subject)
+    val_fraction: float = 0.15       # chronological split: tail fractions of every run
+    test_fraction: float = 0.15
+    calib_s: float = 0.0             # held-out runs: leading span used only for normalisation stats
+    augment_noise: float = 0.0       # std of white noise added to inputs (targets stay clean)
+    augment_offset: float = 0.0      # std of a constant per-node offset added to inputs
+    augment_smooth: int = 0          # causal moving-average length applied to inputs (0 = off)
+    num_workers: int = 0
+
+
+@dataclass
+class GraphConfig:
+    scope: str = "group"             # group: one graph from training subjects | run: per run
+    k_fmri: int = 8                  # k nearest (by |r|) neighbours per fMRI node
+    k_eeg: int = 6
+    k_cross: int = 4                 # fMRI targets per EEG channel
+    threshold: float = 0.1           # minimum |r| for an edge
+    eeg_measure: str = "corr"        # corr | coherence
+    cross_lag_min_s: float = 4.0     # EEG leads BOLD by this haemodynamic lag range
+    cross_lag_max_s: float = 6.0
+    structural: str = ""             # optional [R, R] structural connectivity (.npy)
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 128
+    blocks: int = 4
+    heads: int = 4
+    kernel_size: int = 3             # causal temporal convolution
+    dropout: float = 0.1
+    eeg_patch: int = 125             # EEG samples per latent step (causal strided patch embedding)
+    eeg_stride: int = 125            # 125 samples at 250 Hz = 2 latent steps per second
+    forecast_steps: int = 4          # S: predicted future steps (fMRI TRs; EEG latent steps)
+    temporal_attention: bool = True  # causal self-attention over time in each block
+    probabilistic: str = "none"      # none | gaussian
+    session_affine: bool = False     # per-session input affine layer
+    spectral_norm: bool = False
+    dynamic_adjacency: bool = False  # learned causal adjacency added to the FC graph
+    lap_pe_dim: int = 0              # Laplacian positional encoding size (0 = off)
+    propagation_steps: int = 2       # graph propagation hops after the forecast head
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 300
+    batch_size: int = 8              # windows per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 1e-3
+    emb_lr: float = 3e-3             # subject/session embeddings and session layers
+    weight_decay: float = 0.01
+    scheduler: str = "cosine"        # cosine | onecycle | plateau | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    loss: str = "huber"              # huber | mse | smooth_l1
+    huber_delta: float = 1.0
+    forecast_weight: float = 1.0
+    latent_forecast_weight: float = 0.1
+    corr_weight: float = 0.1
+    balancer: str = "uncertainty"    # uncertainty | gradnorm | none
+    gradnorm_alpha: float = 1.5
+    precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    activation_checkpointing: str = "none"  # none | full | every_k
+    ac_every_k: int = 2
+    eval_every: int = 100
+    early_stop_patience: int = 0     # evaluations without improvement (0 = off)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"            # auto | single | ddp | fsdp2 | deepspeed
+    zero_stage: int = 0              # deepspeed only (1, 2, 3)
+    ds_config: str = ""              # DeepSpeed JSON (default: ds_configs/zero<stage>.json)
+    offload: bool = False            # ZeRO-3 CPU offload
+    reshard_after_forward: bool = True  # FSDP2
+    compile: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    wandb: str = "auto"              # auto (offline without an API key) | online | offline | disabled
+    project: str = "twinbrain"
+    progress: str = "auto"           # auto (bar on a TTY) | bar | lines | off
+    flops: bool = True               # count matmul FLOPs of one step once
+    profile_steps: int = 0           # record a torch.profiler trace for this many steps
+    memory_snapshot_on_oom: bool = True
+
+
+@dataclass
+class EvalConfig:
+    horizons: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    ar_order: int = 3
+    ridge_alpha: float = 1.0
+    max_windows: int = 0             # 0 = all
+    split: str = "test"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("simulated", "bids", "store"),
+    "data.split": ("subject", "chronological"),
+    "graph.scope": ("group", "run"),
+    "graph.eeg_measure": ("corr", "coherence"),
+    "model.probabilistic": ("none", "gaussian"),
+    "train.scheduler": ("cosine", "onecycle", "plateau", "constant"),
+    "train.loss": ("huber", "mse", "smooth_l1"),
+    "train.balancer": ("uncertainty", "gradnorm", "none"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.activation_checkpointing": ("none", "full", "every_k"),
+    "parallel.backend": ("auto", "single", "ddp", "fsdp2", "deepspeed"),
+    "logging.wandb": ("auto", "online", "offline", "disabled"),
+    "logging.progress": ("auto", "bar", "lines", "off"),
+    "eval.split": ("val", "test", "train"),
+}
+
+
+# ---------------------------------------------------------------- merging
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation ``hint``; convert int→float only."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and item is not str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} (valid: {', '.join(sorted(valid))})")
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise _unknown(key, list(hints))
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            _apply(current, value, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, resolving ``base:`` inheritance (relative to the file)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base:' inheritance ({' -> '.join(map(str, seen))})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_yaml(path.parent / str(base), seen + (path,))
+    _deep_update(merged, raw)
+    return merged
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``['--train.lr', '3e-4', '--model.hidden=64']`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' has no value")
+            text = args[i + 1]
+            i += 1
+        i += 1
+        if "." not in key:
+            raise ConfigError(f"override '--{key}' must name a section and a key, e.g. --train.lr")
+        value = yaml.safe_load(text) if text != "" else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                validate: bool = True) -> Config:
+    """Defaults <- YAML file (with ``base:``) <- overrides; then validated."""
+    cfg = Config()
+    if path:
+        _apply(cfg, _read_yaml(Path(path)))
+    if overrides:
+        _apply(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a config saved with ``to_dict`` (strictly: unknown keys are errors)."""
+    cfg = Config()
+    _apply(cfg, values)
+    validate_config(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- validation
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Refuse impossible values and combinations, naming the key and what is allowed."""
+    flat = {f"{s.name}.{f.name}": getattr(getattr(cfg, s.name), f.name)
+            for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
+    for key, allowed in CHOICES.items():
+        _require(flat[key] in allowed, key, f"'{flat[key]}' is not one of {', '.join(allowed)}")
+
+    d, s, g, m, t, p, lg, e = cfg.data, cfg.sim, cfg.graph, cfg.model, cfg.train, cfg.parallel, cfg.logging, cfg.eval
+    positive = ["sim.n_subjects", "sim.n_sessions", "sim.minutes", "sim.n_regions", "sim.n_channels",
+                "sim.n_modules", "sim.tr", "sim.eeg_sfreq", "sim.dt_ms", "data.eeg_sfreq", "data.window_s",
+                "data.stride_s", "model.hidden", "model.blocks", "model.heads", "model.kernel_size",
+                "model.eeg_patch", "model.eeg_stride", "model.forecast_steps", "train.max_steps",
+                "train.batch_size", "train.grad_accum", "train.lr", "logging.log_every", "train.eval_every",
+                "train.checkpoint_every", "train.keep_checkpoints", "eval.ar_order"]
+    for key in positive:
+        _require(flat[key] > 0, key, f"must be > 0, got {flat[key]}")
+    for key in ["train.emb_lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip",
+                "sim.noise", "sim.eeg_noise", "sim.subject_variability", "data.calib_s",
+                "data.augment_noise", "data.augment_offset", "data.augment_smooth", "model.lap_pe_dim",
+                "model.propagation_steps", "train.early_stop_patience", "eval.ridge_alpha",
+                "eval.max_windows", "logging.profile_steps", "data.num_workers"]:
+        _require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _require(m.hidden % m.heads == 0, "model.hidden",
+             f"{m.hidden} is not divisible by model.heads={m.heads}; choose hidden as a multiple of heads")
+    _require(m.eeg_stride <= m.eeg_patch, "model.eeg_stride",
+             f"stride {m.eeg_stride} > patch {m.eeg_patch} would skip EEG samples; use stride <= patch")
+    _require(t.warmup_steps < t.max_steps, "train.warmup_steps",
+             f"{t.warmup_steps} warm-up steps >= train.max_steps={t.max_steps}")
+    _require(0.0 < t.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in (0, 1], got {t.min_lr_ratio}")
+    _require(t.ac_every_k >= 1, "train.ac_every_k", f"must be >= 1, got {t.ac_every_k}")
+    _require(t.huber_delta > 0, "train.huber_delta", f"must be > 0, got {t.huber_delta}")
+    if t.early_stop_patience:
+        n_evals = t.max_steps // t.eval_every
+        _require(t.early_stop_patience < n_evals, "train.early_stop_patience",
+                 f"patience {t.early_stop_patience} evaluations but the run has only {n_evals} "
+                 f"(max_steps {t.max_steps} / eval_every {t.eval_every}); lower it or evaluate more often")
+    _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if p.backend == "deepspeed":
+        _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "deepspeed backend needs stage 1, 2 or 3")
+    _require(not p.offload or p.zero_stage == 3, "parallel.offload", "CPU offload needs parallel.zero_stage 3")
+    _require(all(h >= 1 for h in e.horizons), "eval.horizons", f"horizons must be >= 1, got {e.horizons}")
+    _require(max(e.horizons, default=1) <= m.forecast_steps, "eval.horizons",
+             f"largest horizon {max(e.horizons)} exceeds model.forecast_steps={m.forecast_steps}")
+    _require(g.cross_lag_min_s <= g.cross_lag_max_s, "graph.cross_lag_min_s",
+             f"{g.cross_lag_min_s} > graph.cross_lag_max_s={g.cross_lag_max_s}")
+    _require(0 <= g.threshold < 1, "graph.threshold", f"must be in [0, 1), got {g.threshold}")
+    for key in ("graph.k_fmri", "graph.k_eeg", "graph.k_cross"):
+        _require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
+    _require(0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
+             "data.val_fraction", "val_fraction + test_fraction must be < 1")
+
+    # Window geometry: both modalities cover the same wall-clock span.
+    tr, sfreq = (s.tr, s.eeg_sfreq) if d.source == "simulated" else (None, d.eeg_sfreq)
+    if tr is not None:
+        t_f = d.window_s / tr
+        _require(abs(t_f - round(t_f)) < 1e-6, "data.window_s",
+                 f"{d.window_s} s is not a whole number of TRs (TR {tr} s)")
+        _require(round(t_f) > m.forecast_steps + 1, "data.window_s",
+                 f"window of {round(t_f)} TRs is too short for model.forecast_steps={m.forecast_steps}; "
+                 f"make the window longer than {(m.forecast_steps + 1) * tr} s or forecast fewer steps")
+        spt = tr * sfreq
+        _require(abs(spt - round(spt)) < 1e-6, "sim.eeg_sfreq",
+                 f"TR {tr} s x {sfreq} Hz = {spt} EEG samples per volume; choose rates giving a whole number")
+        _require(d.stride_s / tr >= 1 and abs(d.stride_s / tr - round(d.stride_s / tr)) < 1e-6,
+                 "data.stride_s", f"{d.stride_s} s must be a positive whole number of TRs (TR {tr} s)")
+        _require(round(spt) % m.eeg_stride == 0, "model.eeg_stride",
+                 f"{round(spt)} EEG samples per TR is not a multiple of eeg_stride {m.eeg_stride}; "
+                 f"pick a divisor so EEG latent steps align with fMRI volumes")
+    _require(d.window_s * sfreq >= m.eeg_patch, "model.eeg_patch",
+             f"patch of {m.eeg_patch} samples is longer than the window ({d.window_s * sfreq:.0f} samples)")
+
+    if d.source == "simulated":
+        run_s = s.minutes * 60
+        _require(run_s >= d.window_s, "data.window_s",
+                 f"window {d.window_s} s is longer than a simulated run ({run_s} s); shorten it or raise sim.minutes")
+        _require(d.val_subjects + d.test_subjects < s.n_subjects or d.split == "chronological",
+                 "data.val_subjects", f"val_subjects {d.val_subjects} + test_subjects {d.test_subjects} leave "
+                 f"no training subject out of sim.n_subjects={s.n_subjects}")
+        _require(g.k_fmri < s.n_regions, "graph.k_fmri",
+                 f"k-NN of {g.k_fmri} needs more than {g.k_fmri} nodes; sim.n_regions is {s.n_regions}")
+        _require(g.k_eeg < s.n_channels, "graph.k_eeg",
+                 f"k-NN of {g.k_eeg} needs more than {g.k_eeg} nodes; sim.n_channels is {s.n_channels}")
+        _require(g.k_cross <= s.n_regions, "graph.k_cross",
+                 f"{g.k_cross} cross-modal targets per channel but only {s.n_regions} regions")
+        _require(s.n_perturb <= s.n_regions, "sim.n_perturb", f"{s.n_perturb} > sim.n_regions={s.n_regions}")
+        _require(s.n_modules <= s.n_regions, "sim.n_modules", f"{s.n_modules} > sim.n_regions={s.n_regions}")
+    if d.source == "bids":
+        _require(bool(d.bids_root), "data.bids_root", "data.source is 'bids' but no data.bids_root was given")
+    if d.source == "store":
+        _require(bool(d.store_dir), "data.store_dir", "data.source is 'store' but no data.store_dir was given")
+
+
+def resolve_store_dir(cfg: Config) -> Path:
+    """Where prepared graph runs are cached."""
+    if cfg.data.store_dir:
+        return Path(cfg.data.store_dir)
+    return Path(cfg.run.out).resolve().parent / ".twinbrain_store"

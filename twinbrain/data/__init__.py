@@ -1,0 +1,2 @@
+"""Data sources, graphs and window loaders."""
+
