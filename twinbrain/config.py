@@ -58,6 +58,8 @@ class DataConfig:
     atlas: str = ""                  # NIfTI label image (bids); empty = pre-parcellated input
     atlas_labels: str = ""           # label table (TSV: index, name) for the atlas
     tasks: list[str] = field(default_factory=list)  # empty = all tasks
+    pair_map: list[str] = field(default_factory=list)  # EEG->fMRI entity renames for pairing, e.g. "task-eegNF=NF"
+    volume_marker: str = ""          # EEG annotation of scanner volumes (e.g. R128); empty = try common names
     eeg_sfreq: float = 250.0         # resampling target for real EEG (Hz)
     eeg_l_freq: float = 1.0          # band-pass (Hz)
     eeg_h_freq: float = 40.0
@@ -229,12 +231,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads '3e-4' (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if hint is str:
         if value is None:
             return ""
+        if isinstance(value, bool):   # YAML 1.1 reads a bare off/on/no/yes as a boolean
+            return "on" if value else "off"
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)

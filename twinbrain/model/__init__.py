@@ -1,1 +1,24 @@
+"""TwinBrain model: heterogeneous spatio-temporal graph network, losses and loss balancers.
 
+Public API::
+
+    build_model(cfg, n_subjects, n_sessions, n_fmri_slots, n_eeg_slots, samples_per_tr) -> TwinBrain
+    TwinBrain.forward(batch) -> ModelOutput
+    TwinBrain.blocks                      nn.ModuleList[STBlock]  (wrap each for checkpointing / FSDP2)
+    TwinBrain.shared_parameter()          weight for GradNorm
+    TwinBrain.embedding_parameters()      subject/session embeddings + session affine (train.emb_lr)
+    TwinBrain.param_groups_spec()         {'embedding' | 'no_decay' | 'default': [parameter names]}
+    loss_terms(batch, out, train_cfg, model_cfg) -> {term: (sum, count)}
+    loss_counts(batch, train_cfg, model_cfg)     -> {term: count}      (no forward needed)
+    normalise(terms, global_counts)              -> {term: mean loss}
+    make_balancer(train_cfg, term_names)         -> LossBalancer
+"""
+from twinbrain.model.balancer import LossBalancer, make_balancer
+from twinbrain.model.blocks import STBlock
+from twinbrain.model.losses import (forecast_targets, forecast_valid, loss_counts, loss_term_names,
+                                    loss_terms, normalise, term_weight)
+from twinbrain.model.twinbrain import ModelOutput, TwinBrain, build_model
+
+__all__ = ["TwinBrain", "ModelOutput", "STBlock", "build_model", "loss_terms", "loss_counts", "normalise",
+           "loss_term_names", "term_weight", "forecast_targets", "forecast_valid", "LossBalancer",
+           "make_balancer"]

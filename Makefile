@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make train` (the main job) and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+RUN     ?= runs/quickstart
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: train test smoke smoke-ddp install clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build on CPU machines.
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Main job: train a twin on the built-in simulated cohort, evaluate it on held-out subjects.
+train: $(STAMP)
+	$(BIN)/twinbrain train --config configs/quickstart.yaml --run.out $(RUN)
+	$(BIN)/twinbrain evaluate --checkpoint $(RUN)/best/model.pt
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+smoke: $(STAMP)
+	$(BIN)/twinbrain train --config configs/smoke.yaml --run.out runs/smoke
+
+smoke-ddp: $(STAMP)
+	$(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes 2 \
+		launch/train.py --config configs/smoke.yaml --run.out runs/smoke-ddp
+
+clean:
+	rm -rf runs .twinbrain_store

@@ -1,0 +1,18 @@
+"""Shared pytest fixtures.  Builders of synthetic windows live in ``tests/batches.py`` (plain module)."""
+from __future__ import annotations
+
+import pytest
+
+from tests import batches
+
+
+@pytest.fixture
+def make_window():
+    """Factory: ``make_window(n_fmri, n_eeg, t_f, samples_per_tr, subject, session, seed, ...) -> HeteroData``."""
+    return batches.make_window
+
+
+@pytest.fixture
+def make_batch():
+    """Factory: ``make_batch(n_windows, seed, **make_window_kwargs) -> Batch``."""
+    return batches.make_batch

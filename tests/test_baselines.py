@@ -1,0 +1,147 @@
+"""Baselines: persistence closed form on AR(1), coefficient recovery for AR(p) and VAR(p), API contracts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy.signal import lfilter
+
+from twinbrain.eval.baselines import (ARBaseline, MLPBaseline, Persistence, VARBaseline, build_baselines,
+                                      persistence)
+from twinbrain.eval.metrics import R2Accumulator, skill
+
+
+def _ar_series(coefs, n, t, seed, burn=500):
+    """``n`` independent AR(p) series ``[n, t]`` with lag coefficients ``coefs`` (per node or shared)."""
+    rng = np.random.default_rng(seed)
+    coefs = np.atleast_2d(np.asarray(coefs, dtype=float))           # [1 or n, p]
+    coefs = np.broadcast_to(coefs, (n, coefs.shape[-1]))
+    e = rng.normal(size=(n, t + burn))
+    return np.stack([lfilter([1.0], np.r_[1.0, -c], e[i]) for i, c in enumerate(coefs)])[:, burn:]
+
+
+def _var_series(a, t, seed, burn=200, noise=1.0):
+    rng = np.random.default_rng(seed)
+    x = np.zeros((a.shape[0], t + burn))
+    e = noise * rng.normal(size=x.shape)
+    for k in range(1, t + burn):
+        x[:, k] = a @ x[:, k - 1] + e[:, k]
+    return x[:, burn:]
+
+
+def _windows(series, t_ctx, h, stride=1):
+    """Cut ``[N, T]`` series into ctx ``[W, N, t_ctx]`` and targets ``[W, N, h]``."""
+    v = sliding_window_view(series, t_ctx + h, axis=1)[:, ::stride]     # [N, W, t_ctx + h]
+    v = v.transpose(1, 0, 2)
+    return v[..., :t_ctx], v[..., t_ctx:]
+
+
+def _r2(pred, target):
+    acc = R2Accumulator(horizons=target.shape[-1])
+    acc.update(torch.as_tensor(np.array(pred)), torch.as_tensor(np.array(target)))
+    return acc.compute().numpy()
+
+
+def test_persistence_matches_ar1_closed_form():
+    # Stationary AR(1), coefficient φ: E(x_{t+h} − x_t)² = 2σ²(1 − φ^h), so R² = 1 − 2(1 − φ^h) = 2φ^h − 1.
+    phi, h = 0.9, 4
+    x = _ar_series([phi], n=40, t=5000, seed=0)
+    ctx, tgt = _windows(x, t_ctx=3, h=h)
+    r2 = _r2(persistence(ctx, h), tgt)
+    expected = 2 * phi ** np.arange(1, h + 1) - 1                       # 0.8, 0.62, 0.458, 0.312
+    assert np.allclose(r2, expected, atol=0.02)
+    # Fitted AR(1) is the optimal predictor φ^h x_t: R² = φ^(2h), above persistence at every horizon.
+    ar1 = ARBaseline(1, alpha=0.0).fit([x[:, :2500]])
+    assert np.allclose(ar1.coef, phi, atol=0.03)
+    r2_ar = _r2(ar1.predict(ctx, h), tgt)
+    assert np.allclose(r2_ar, phi ** (2 * np.arange(1, h + 1)), atol=0.02)
+    assert (skill(r2_ar, r2) > 0).all()
+
+
+def test_persistence_values_and_types():
+    ctx = np.arange(24, dtype=float).reshape(2, 3, 4)
+    out = persistence(ctx, 2)
+    assert out.shape == (2, 3, 2) and (out == ctx[..., -1:]).all()
+    t = Persistence().predict(torch.as_tensor(ctx, dtype=torch.float32), 3)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (2, 3, 3)
+
+
+def test_ar_recovers_known_coefficients_per_node():
+    coefs = np.array([[0.5, 0.3], [1.2, -0.5], [-0.2, 0.4]])             # all stationary
+    x = _ar_series(coefs, n=3, t=20000, seed=1) + np.array([[1.0], [0.0], [-2.0]])
+    ar = ARBaseline(p=2, alpha=1.0).fit([x[:, :10000], x[:, 10000:]])
+    assert np.allclose(ar.coef, coefs, atol=0.03)
+    assert np.allclose(ar.intercept / (1 - coefs.sum(1)), [1.0, 0.0, -2.0], atol=0.15)   # process mean
+
+
+def test_ar_skips_missing_values_and_iterates():
+    x = _ar_series([0.7], n=2, t=3000, seed=2)
+    x_nan = x.copy()
+    x_nan[1, 100:200] = np.nan                               # a gap in node 1 only
+    ar = ARBaseline(1, alpha=0.0).fit([x_nan])
+    assert np.isfinite(ar.coef).all() and np.allclose(ar.coef[:, 0], 0.7, atol=0.05)
+    ctx = np.ones((1, 2, 1))
+    out = ar.predict(ctx, 3)
+    c, a = ar.intercept, ar.coef[:, 0]
+    step1 = c + a
+    assert np.allclose(out[0, :, 0], step1) and np.allclose(out[0, :, 1], c + a * step1)
+
+
+def test_var_recovers_sparse_matrix_and_solvers_agree():
+    n = 10
+    rng = np.random.default_rng(3)
+    a = np.diag(np.full(n, 0.4))
+    for i, j in rng.choice(n, size=(12, 2)):
+        if i != j:
+            a[i, j] = rng.choice([-0.3, 0.3])
+    a *= 0.8 / max(1.0, np.abs(np.linalg.eigvals(a)).max())             # stable
+    series = [_var_series(a, 4000, seed=s) for s in range(3)]
+    var = VARBaseline(p=1, alpha=1.0).fit(series)
+    assert np.abs(var.coef[0] - a).max() < 0.05
+    # Primal (D x D) and dual (M x M) solve the same ridge problem.
+    short = [s[:, :40] for s in series[:2]]                              # M = 78 < D = 2·10 → dual wins
+    primal = VARBaseline(p=2, alpha=5.0, solver="primal").fit(short)
+    dual = VARBaseline(p=2, alpha=5.0, solver="dual").fit(short)
+    assert np.allclose(primal.coef, dual.coef, atol=1e-8) and np.allclose(primal.intercept, dual.intercept)
+
+
+def test_var_p2_prediction_iterates_the_recursion():
+    rng = np.random.default_rng(4)
+    var = VARBaseline(p=2, alpha=1.0).fit([rng.normal(size=(3, 200))])
+    ctx = rng.normal(size=(2, 3, 5))
+    out = var.predict(torch.as_tensor(ctx), 3)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+    hist = [ctx[..., -2], ctx[..., -1]]
+    for h in range(3):
+        nxt = var.intercept + hist[-1] @ var.coef[0].T + hist[-2] @ var.coef[1].T
+        assert np.allclose(out[..., h].numpy(), nxt)
+        hist.append(nxt)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(RuntimeError, match="fit"):
+        ARBaseline(2).predict(np.zeros((1, 2, 5)), 1)
+    ar = ARBaseline(3).fit([np.random.default_rng(0).normal(size=(2, 50))])
+    with pytest.raises(ValueError, match="at least 3 context steps"):
+        ar.predict(np.zeros((1, 2, 2)), 1)
+    with pytest.raises(ValueError, match=r"\[W, N, T_ctx\]"):
+        ar.predict(np.zeros((2, 5)), 1)
+    with pytest.raises(ValueError, match="non-finite"):
+        VARBaseline(1).fit([np.full((2, 10), np.nan)])
+    with pytest.raises(ValueError, match=r"\[N=2, T\]"):
+        VARBaseline(1).fit([np.zeros((2, 10)), np.zeros((3, 10))])
+
+
+def test_mlp_baseline_learns_ar1():
+    x = _ar_series([0.9], n=4, t=3000, seed=5)
+    mlp = MLPBaseline(p=2, hidden=32, steps=150, lr=3e-3).fit([x[:, :2000]])
+    ctx, tgt = _windows(x[:, 2000:], t_ctx=4, h=2, stride=3)
+    r2 = _r2(mlp.predict(ctx, 2), tgt)
+    assert r2.shape == (2,) and r2[0] > 0.7
+
+
+def test_build_baselines_names():
+    b = build_baselines(ar_order=3, ridge_alpha=0.5, mlp=True)
+    assert list(b) == ["persistence", "ar1", "ar3", "var3", "mlp3"]
+    assert list(build_baselines(ar_order=1)) == ["persistence", "ar1", "var1"]

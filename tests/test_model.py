@@ -1,0 +1,326 @@
+"""TwinBrain model: shapes, causality, batching, equivariance, empty relations, gradients, learning."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+from tests.batches import make_batch, make_window, oscillator_signals, tiny_model_config
+from twinbrain.config import ModelConfig, TrainConfig
+from twinbrain.model import STBlock, build_model, loss_counts, loss_term_names, loss_terms, make_balancer, normalise
+from twinbrain.model.layers import RelationAttention
+
+SPT, STRIDE, T_F, N_F, N_E = 4, 2, 8, 6, 4     # samples per TR, EEG stride, TRs, fMRI nodes, EEG channels
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    return tiny_model_config(**kw)
+
+
+FULL = dict(probabilistic="gaussian", dynamic_adjacency=True, lap_pe_dim=3, session_affine=True)
+VARIANTS = {"plain": {}, "full": FULL, "no_attn_specnorm": dict(temporal_attention=False, spectral_norm=True)}
+
+
+def make(cfg: ModelConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(cfg, n_subjects=3, n_sessions=3, n_fmri_slots=N_F, n_eeg_slots=N_E, samples_per_tr=SPT)
+
+
+def outputs(out) -> dict[str, torch.Tensor]:
+    """Flatten a ModelOutput into {name/modality: tensor}, every tensor with node axis 0, step axis 1."""
+    flat = {}
+    for field in ("recon", "forecast", "latent", "latent_forecast", "forecast_std"):
+        for m, t in (getattr(out, field) or {}).items():
+            flat[f"{field}/{m}"] = t
+    return flat
+
+
+def test_output_shapes_follow_contract():
+    model = make(tiny_cfg(**FULL)).eval()
+    out = model(make_batch(3, n_fmri=N_F, n_eeg=N_E, t_f=T_F, samples_per_tr=SPT))
+    l_e, s = T_F * SPT // STRIDE, 2
+    assert out.recon["fmri"].shape == (3 * N_F, T_F, 1)
+    assert out.recon["eeg"].shape == (3 * N_E, T_F * SPT, 1)
+    assert out.forecast["fmri"].shape == (3 * N_F, T_F, s)
+    assert out.forecast["eeg"].shape == (3 * N_E, l_e, s * STRIDE)
+    assert out.latent["eeg"].shape == (3 * N_E, l_e, 16)
+    assert out.latent_forecast["fmri"].shape == (3 * N_F, T_F, s, 16)
+    assert out.forecast_std["eeg"].shape == out.forecast["eeg"].shape
+    assert (out.forecast_std["eeg"] > 0).all() and (out.forecast_std["fmri"] > 0).all()
+
+
+def _perturbed(window, m: str, start: int):
+    w = window.clone()
+    w[m].x = w[m].x.clone()
+    w[m].x[:, start:] += 5 * torch.randn_like(w[m].x[:, start:])
+    return w
+
+
+def _assert_prefix_equal(a: dict, b: dict, keep: dict[str, int]):
+    """Outputs of modality m agree on latent steps < keep[m] (EEG recon: samples < keep * STRIDE)."""
+    for name, ta in a.items():
+        m = name.split("/")[1]
+        n = keep[m] * (STRIDE if name == "recon/eeg" else 1)
+        torch.testing.assert_close(ta[:, :n], b[name][:, :n], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_model_is_causal_in_both_modalities(variant):
+    model = make(tiny_cfg(**VARIANTS[variant])).eval()
+    window = make_window(N_F, N_E, T_F, SPT, seed=1)
+    with torch.no_grad():
+        ref = outputs(model(window))
+        for t0 in (0, 3, T_F - 2):
+            # fMRI changed after TR t0: nothing at TR <= t0 moves (EEG steps inside TRs <= t0 neither).
+            got = outputs(model(_perturbed(window, "fmri", t0 + 1)))
+            _assert_prefix_equal(ref, got, {"fmri": t0 + 1, "eeg": (t0 + 1) * SPT // STRIDE})
+            assert not torch.allclose(ref["recon/fmri"], got["recon/fmri"])   # the change did arrive
+            # EEG changed from the first sample after TR t0 (reaches fMRI through eeg->fmri edges).
+            got = outputs(model(_perturbed(window, "eeg", (t0 + 1) * SPT)))
+            _assert_prefix_equal(ref, got, {"fmri": t0 + 1, "eeg": (t0 + 1) * SPT // STRIDE})
+            assert not torch.allclose(ref["forecast/fmri"], got["forecast/fmri"])
+        for k0 in (3, 9):   # EEG change inside a latent step / inside a TR
+            got = outputs(model(_perturbed(window, "eeg", k0)))
+            _assert_prefix_equal(ref, got, {"fmri": k0 // SPT, "eeg": k0 // STRIDE})
+
+
+def test_every_block_is_causal():
+    torch.manual_seed(0)
+    hid, l_e = 16, T_F * SPT // STRIDE
+    block = STBlock(hid, 2, 3, 0.0, SPT // STRIDE, dilation=2).eval()
+    w = make_window(N_F, N_E, T_F, SPT, seed=2)
+    edges = [t for rel in (("fmri", "fc", "fmri"), ("eeg", "fc", "eeg"), ("eeg", "to", "fmri"))
+             for t in (w[rel].edge_index, w[rel].edge_weight)]
+    h_f, h_e = torch.randn(N_F, T_F, hid), torch.randn(N_E, l_e, hid)
+    ref_f, ref_e = block(h_f, h_e, *edges)
+    r = SPT // STRIDE
+    for t0 in range(T_F - 1):
+        hf2 = h_f.clone()
+        hf2[:, t0 + 1:] += torch.randn_like(hf2[:, t0 + 1:])
+        he2 = h_e.clone()
+        he2[:, (t0 + 1) * r:] += torch.randn_like(he2[:, (t0 + 1) * r:])
+        out_f, out_e = block(hf2, he2, *edges)
+        torch.testing.assert_close(out_f[:, :t0 + 1], ref_f[:, :t0 + 1])
+        torch.testing.assert_close(out_e[:, :(t0 + 1) * r], ref_e[:, :(t0 + 1) * r])
+
+
+def test_block_under_activation_checkpointing_matches():
+    torch.manual_seed(0)
+    block = STBlock(16, 2, 3, 0.0, SPT // STRIDE)
+    w = make_window(N_F, N_E, T_F, SPT, seed=3)
+    edges = [t for rel in w.edge_types for t in (w[rel].edge_index, w[rel].edge_weight)]
+    h_f = torch.randn(N_F, T_F, 16, requires_grad=True)
+    h_e = torch.randn(N_E, T_F * SPT // STRIDE, 16, requires_grad=True)
+    grads = []
+    for ckpt in (False, True):
+        block.zero_grad()
+        fn = (lambda *a: torch.utils.checkpoint.checkpoint(block, *a, use_reentrant=False)) if ckpt else block
+        out_f, out_e = fn(h_f, h_e, *edges)
+        (out_f.square().sum() + out_e.square().sum()).backward()
+        grads.append([p.grad.clone() for p in block.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("variant", ["plain", "full"])
+def test_batched_forward_equals_per_window(variant):
+    model = make(tiny_cfg(**VARIANTS[variant])).eval()
+    windows = [make_window(N_F, N_E, T_F, SPT, subject=i, session=2 - i, seed=10 + i, masked_fmri=(i,))
+               for i in range(3)]
+    with torch.no_grad():
+        batched = outputs(model(Batch.from_data_list(windows)))
+        for i, w in enumerate(windows):
+            single = outputs(model(w))
+            for name, t in single.items():
+                n = t.shape[0]
+                torch.testing.assert_close(batched[name][i * n:(i + 1) * n], t, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _permute(window, perms: dict[str, torch.Tensor]):
+    """Reorder nodes: new node i is old node perm[i]; node tensors and edges follow."""
+    w = window.clone()
+    for m, p in perms.items():
+        for key in ("x", "y", "mask", "node_id", "pos"):
+            w[m][key] = window[m][key][p]
+    inv = {m: torch.argsort(p) for m, p in perms.items()}
+    for rel in window.edge_types:
+        src, _, dst = rel
+        ei = window[rel].edge_index
+        w[rel].edge_index = torch.stack([inv[src][ei[0]], inv[dst][ei[1]]])
+    return w
+
+
+@pytest.mark.parametrize("variant", ["plain", "full"])
+def test_permutation_equivariance(variant):
+    model = make(tiny_cfg(**VARIANTS[variant])).eval()
+    window = make_window(N_F, N_E, T_F, SPT, seed=4, masked_eeg=(1,))
+    perms = {"fmri": torch.randperm(N_F, generator=torch.Generator().manual_seed(0)),
+             "eeg": torch.randperm(N_E, generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad():
+        ref = outputs(model(window))
+        got = outputs(model(_permute(window, perms)))
+    for name, t in ref.items():
+        torch.testing.assert_close(got[name], t[perms[name.split("/")[1]]], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cross_modal_messages_keep_destination_shape():
+    torch.manual_seed(0)
+    layer = RelationAttention(8, 2)
+    for n_src, n_dst in ((5, 7), (9, 3)):
+        ei = torch.stack([torch.randint(0, n_src, (12,)), torch.randint(0, n_dst, (12,))])
+        out = layer(torch.randn(n_src, 4, 8), torch.randn(n_dst, 4, 8), ei, torch.rand(12) + 0.1)
+        assert out.shape == (n_dst, 4, 8)
+    model = make(tiny_cfg()).eval()
+    for n_cross in (0, 3, 20):   # more cross edges than fMRI nodes
+        out = model(make_window(N_F, N_E, T_F, SPT, n_edges_cross=n_cross))
+        assert out.recon["fmri"].shape == (N_F, T_F, 1) and out.forecast["fmri"].shape == (N_F, T_F, 2)
+
+
+def test_softmax_is_per_destination():
+    from twinbrain.model.layers import segment_softmax
+    logits = torch.randn(6, 3)
+    index = torch.tensor([0, 0, 1, 1, 1, 3])
+    valid = torch.tensor([True, True, True, False, True, True])
+    alpha = segment_softmax(logits, index, 4, valid)
+    sums = torch.zeros(4, 3).index_add_(0, index, alpha)
+    torch.testing.assert_close(sums, torch.tensor([[1.0] * 3, [1.0] * 3, [0.0] * 3, [1.0] * 3]))
+    assert (alpha[3] == 0).all()
+
+
+def _all_grads(model, balancer):
+    named = list(model.named_parameters()) + [(f"balancer.{n}", p) for n, p in balancer.named_parameters()]
+    missing = [n for n, p in named if p.grad is None]
+    zero = [n for n, p in named if p.grad is not None and not p.grad.abs().sum() > 0]
+    return missing, zero
+
+
+@pytest.mark.parametrize("variant", ["full", "no_attn_specnorm"])
+def test_gradients_reach_every_parameter(variant):
+    cfg, tc = tiny_cfg(**VARIANTS[variant]), TrainConfig(balancer="uncertainty")
+    model = make(cfg)
+    balancer = make_balancer(tc, loss_term_names())
+    batch = make_batch(2, n_fmri=N_F, n_eeg=N_E, t_f=T_F, samples_per_tr=SPT)
+    losses = normalise(loss_terms(batch, model(batch), tc, cfg), loss_counts(batch, tc, cfg))
+    balancer(losses).backward()
+    missing, zero = _all_grads(model, balancer)
+    assert not missing and not zero, (missing, zero)
+
+
+def test_empty_relations_run_and_touch_every_parameter():
+    cfg, tc = tiny_cfg(**FULL), TrainConfig(balancer="none")
+    model = make(cfg)
+    batch = make_batch(2, n_fmri=N_F, n_eeg=N_E, t_f=T_F, samples_per_tr=SPT, n_edges_eeg=0, n_edges_cross=0)
+    assert batch["eeg", "to", "fmri"].edge_index.shape == (2, 0)
+    out = model(batch)
+    assert all(torch.isfinite(t).all() for t in outputs(out).values())
+    losses = normalise(loss_terms(batch, out, tc, cfg), loss_counts(batch, tc, cfg))
+    make_balancer(tc, loss_term_names())(losses).backward()
+    assert all(p.grad is not None for p in model.parameters())   # DDP needs no find_unused_parameters
+
+
+def test_missing_relation_is_treated_as_empty():
+    model = make(tiny_cfg()).eval()
+    w = make_window(N_F, N_E, T_F, SPT)
+    del w["eeg", "to", "fmri"]
+    assert model(w).recon["fmri"].shape == (N_F, T_F, 1)
+
+
+def test_bf16_autocast_and_bf16_parameters():
+    cfg = tiny_cfg(**FULL)
+    model = make(cfg)
+    batch = make_batch(2, n_fmri=N_F, n_eeg=N_E, t_f=T_F, samples_per_tr=SPT)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+        terms = loss_terms(batch, out, TrainConfig(), cfg)
+    assert all(torch.isfinite(s) and s.dtype == torch.float32 for s, _ in terms.values())
+    out = model.to(torch.bfloat16)(batch)          # bf16 parameters (FSDP2 / DeepSpeed mixed precision)
+    assert out.recon["eeg"].dtype == torch.bfloat16 and torch.isfinite(out.forecast["fmri"].float()).all()
+
+
+def test_mismatched_window_lengths_fail_clearly():
+    model = make(tiny_cfg())
+    w = make_window(N_F, N_E, T_F, SPT)
+    w["eeg"].x = w["eeg"].x[:, :-STRIDE]
+    with pytest.raises(ValueError, match="same"):
+        model(w)
+
+
+def _train(model, cfg, tc, batch, steps, lr=3e-3):
+    balancer = make_balancer(tc, loss_term_names())
+    opt = torch.optim.Adam(list(model.parameters()) + list(balancer.parameters()), lr=lr)
+    counts = loss_counts(batch, tc, cfg)
+    history = []
+    for _ in range(steps):
+        losses = normalise(loss_terms(batch, model(batch), tc, cfg), counts)
+        opt.zero_grad()
+        balancer(losses).backward()
+        opt.step()
+        history.append(float((losses["fmri_recon"] + losses["eeg_recon"]
+                              + losses["fmri_forecast"] + losses["eeg_forecast"]).detach()))
+    return history
+
+
+def test_overfits_one_small_batch():
+    cfg, tc = tiny_cfg(hidden=32, forecast_steps=1), TrainConfig(balancer="none", loss="mse")
+    model = make(cfg)
+    batch = make_batch(2, n_fmri=N_F, n_eeg=N_E, t_f=T_F, samples_per_tr=SPT)
+    hist = _train(model, cfg, tc, batch, steps=100, lr=3e-3)
+    assert hist[-1] < hist[0] / 20, (hist[0], hist[-1])
+
+
+def test_learns_linear_dynamics_better_than_persistence():
+    cfg = tiny_cfg(hidden=32, forecast_steps=2)
+    tc = TrainConfig(balancer="none", loss="mse", corr_weight=0.0)
+    t_f = 24
+
+    def windows(seeds):
+        return Batch.from_data_list([make_window(N_F, N_E, t_f, SPT, seed=s, subject=0, session=0,
+                                                 signals=oscillator_signals(N_F, N_E, t_f, SPT, seed=s))
+                                     for s in seeds])
+    train, test = windows(range(6)), windows(range(100, 103))
+    model = make(cfg)
+    _train(model, cfg, tc, train, steps=100, lr=5e-3)
+    model.eval()
+    with torch.no_grad():
+        out = model(test)
+    for m, step in (("fmri", 1), ("eeg", STRIDE)):
+        y = test[m].y[..., 0]
+        pred = out.forecast[m][:, :-2, 0]                   # horizon 1: sample (t+1)*step
+        target = y[:, step::step][:, :-1]
+        last = y[:, step - 1::step][:, :-2]                 # persistence: last seen sample
+        mse_model = (pred - target).square().mean()
+        mse_persist = (last - target).square().mean()
+        assert mse_model < 0.5 * mse_persist, (m, float(mse_model), float(mse_persist))
+
+
+def test_embedding_groups_and_shared_parameter():
+    model = make(tiny_cfg(**FULL))
+    spec = model.param_groups_spec()
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(sum(spec.values(), [])) == sorted(names)
+    assert {"subject_emb.weight", "session_emb.weight"} <= set(spec["embedding"])
+    assert any(n.startswith("session_gain") for n in spec["embedding"])
+    assert len(model.embedding_parameters()) == len(spec["embedding"])
+    assert any(p is model.shared_parameter() for p in model.parameters())
+    assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == 2
+
+
+def test_build_model_accepts_full_config():
+    from twinbrain.config import Config
+    cfg = Config()
+    cfg.model = dataclasses.replace(tiny_cfg())
+    model = build_model(cfg, 2, 2, N_F, N_E, SPT)
+    assert model.cfg.hidden == 16
+    with pytest.raises(ValueError, match="eeg_stride"):
+        build_model(tiny_cfg(eeg_stride=3, eeg_patch=3), 2, 2, N_F, N_E, SPT)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to other processes on shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,131 @@
+"""The ``twinbrain`` command.
+
+Verbs: ``config``, ``simulate-cohort``, ``prepare``, ``train``, ``evaluate``, ``report``, ``twin``.
+Any ``--section.key VALUE`` after the verb's own options overrides the config.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, dump_config, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML (may inherit with 'base:')")
+
+
+def _cmd_config(args, overrides) -> int:
+    cfg = load_config(args.config, overrides)
+    if args.print or True:
+        print(dump_config(cfg), end="")
+    return 0
+
+
+def _cmd_simulate(args, overrides) -> int:
+    from .data.bids_io import write_cohort_bids
+    from .data.simulate import simulate_cohort
+
+    cfg = load_config(args.config, overrides)
+    cohort = simulate_cohort(cfg.sim)
+    out = write_cohort_bids(cohort, Path(args.out))
+    print(f"wrote {len(cohort.recordings)} runs of {len(cohort.subjects)} subjects to {out}")
+    return 0
+
+
+def _cmd_prepare(args, overrides) -> int:
+    from .data.prepare import prepare
+
+    cfg = load_config(args.config, overrides)
+    report = prepare(cfg, progress=True)
+    print(report.summary() if hasattr(report, "summary") else report)
+    return 0
+
+
+def _cmd_train(args, overrides) -> int:
+    from .train.trainer import Trainer
+
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+def _cmd_evaluate(args, overrides) -> int:
+    from .eval.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(Path(args.checkpoint), split=args.split,
+                                 out_dir=Path(args.out) if args.out else None, overrides=overrides)
+    print(report["markdown"] if isinstance(report, dict) and "markdown" in report else report)
+    return 0
+
+
+def _cmd_report(args, overrides) -> int:
+    from .eval.report import render_report
+
+    path = render_report(Path(args.run_dir))
+    print(f"report written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twinbrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("config", help="resolve, validate and print a config")
+    _config_args(p)
+    p.add_argument("--print", action="store_true", help="print the resolved config (default)")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("simulate-cohort", help="write the simulated cohort as a BIDS-derivative dataset")
+    _config_args(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("prepare", help="turn a BIDS dataset into the prepared graph store")
+    _config_args(p)
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train in this process (multi-process: accelerate launch launch/train.py)")
+    _config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="model vs baselines on held-out subjects; twin validity")
+    p.add_argument("--checkpoint", required=True, help="exported model (RUN/best/model.pt)")
+    p.add_argument("--split", default="test", choices=["val", "test", "train"])
+    p.add_argument("--out", help="report directory (default: RUN/eval)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("report", help="render training curves and a Markdown summary")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("twin", help="ask a trained twin: forecast | perturb | ec | personalize | attribute",
+                       add_help=False)
+    p.set_defaults(func=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    if argv and argv[0] == "twin":
+        from .twin.cli import main as twin_main
+        return twin_main(argv[1:])
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return args.func(args, rest)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

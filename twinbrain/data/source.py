@@ -1,0 +1,24 @@
+"""One entry point for every data source: ``load_cohort(cfg) -> Cohort``."""
+from __future__ import annotations
+
+from twinbrain.config import Config
+from twinbrain.data.types import Cohort
+
+
+def load_cohort(cfg: Config) -> Cohort:
+    """Simulated cohort (``data.source == 'simulated'``, from ``cfg.sim``) or prepared real data
+    (``'bids'`` / ``'store'``). Imports are lazy so a source's heavy dependencies load only when used."""
+    if cfg.data.source == "simulated":
+        from twinbrain.data.simulate import simulate_cohort
+        cohort = simulate_cohort(cfg.sim)
+    elif cfg.data.source in ("bids", "store"):
+        from twinbrain.data.prepare import load_prepared_cohort
+        cohort = load_prepared_cohort(cfg)
+    else:
+        raise ValueError(f"data.source: unknown source '{cfg.data.source}'; use simulated, bids or store")
+    if not cohort.recordings:
+        raise ValueError(f"data.source '{cfg.data.source}' produced no recordings; check data.bids_root, "
+                         f"data.store_dir and data.tasks")
+    for rec in cohort.recordings:
+        rec.check()
+    return cohort

@@ -1,0 +1,326 @@
+"""Forecast baselines run on the same windows as the model: persistence, per-node AR(p), ridge VAR(p), MLP.
+
+Every baseline has the same two calls:
+
+* ``fit(series_list)``: each series is one training recording ``[N, T]`` (nodes x time steps, fMRI TRs or
+  EEG samples), training subjects only. Node ``i`` must be the same atlas slot in every series.
+* ``predict(ctx, horizon)``: ``ctx [W, N, T_ctx]`` (windows, nodes, context steps) -> ``[W, N, horizon]``,
+  where ``out[..., h - 1]`` forecasts the step ``h`` steps after the last context step. Multi-step
+  forecasts iterate the one-step model on its own predictions (no peeking at targets).
+
+Inputs may be numpy arrays or torch tensors; predictions come back in the type (and, for tensors, the
+dtype and device) of ``ctx``. Fitting runs in float64 numpy. The intercept is never penalised: features
+and targets are centred by their training means before the ridge solve. ``alpha`` is added to the
+summed (not averaged) squared error, so its effect fades as training data grows.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.linalg
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _like(out: np.ndarray, ref):
+    """Return ``out`` in the container of ``ref`` (torch tensor with its device/dtype, or numpy)."""
+    if isinstance(ref, torch.Tensor):
+        dtype = ref.dtype if ref.is_floating_point() else torch.float32
+        return torch.as_tensor(out, device=ref.device).to(dtype)
+    return out
+
+
+def _check_series(series_list, min_len: int) -> list[np.ndarray]:
+    if isinstance(series_list, (np.ndarray, torch.Tensor)) and np.ndim(series_list) == 2:
+        series_list = [series_list]
+    out = [_as_numpy(s) for s in series_list]
+    if not out:
+        raise ValueError("fit() got no training series; pass a list of [N, T] arrays from training subjects")
+    n = out[0].shape[0]
+    for i, s in enumerate(out):
+        if s.ndim != 2 or s.shape[0] != n:
+            raise ValueError(f"series {i} has shape {s.shape}; every series must be [N={n}, T] (nodes, time)")
+    if not any(s.shape[1] >= min_len for s in out):
+        raise ValueError(f"every training series is shorter than {min_len} steps (order + 1); "
+                         f"lower the order or use longer recordings")
+    return out
+
+
+def _lagged(x: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Series ``[N, T]`` -> lags ``[N, T - p, p]`` (``[..., k]``: k + 1 steps back), targets ``[N, T - p]``."""
+    v = sliding_window_view(x, p + 1, axis=1)          # [N, T - p, p + 1], v[n, i, j] = x[n, i + j]
+    return v[..., :p][..., ::-1], v[..., p]
+
+
+def _solve_ridge(gram: np.ndarray, rhs: np.ndarray, alpha: float) -> np.ndarray:
+    """Solve ``(gram + alpha I) w = rhs``, batched over leading axes; pseudo-inverse if singular."""
+    d = gram.shape[-1]
+    a = gram + alpha * np.eye(d)
+    try:
+        return np.linalg.solve(a, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(a) @ rhs
+
+
+class Baseline:
+    """Interface: ``fit(series_list) -> self``; ``predict(ctx [W, N, T_ctx], horizon) -> [W, N, horizon]``."""
+
+    name = "baseline"
+    order = 1   # context steps the one-step model reads
+
+    def fit(self, series_list) -> "Baseline":
+        return self
+
+    def _check_ctx(self, ctx, horizon: int) -> np.ndarray:
+        x = _as_numpy(ctx)
+        if x.ndim != 3:
+            raise ValueError(f"{self.name}: ctx must be [W, N, T_ctx] (windows, nodes, time), got {x.shape}")
+        if x.shape[-1] < self.order:
+            raise ValueError(f"{self.name}: needs at least {self.order} context steps, got {x.shape[-1]}")
+        if int(horizon) < 1:
+            raise ValueError(f"{self.name}: horizon must be >= 1, got {horizon}")
+        return x
+
+    def predict(self, ctx, horizon: int):
+        raise NotImplementedError
+
+
+class Persistence(Baseline):
+    """The last context value repeated: ``out[w, n, h] = ctx[w, n, -1]``. Needs no fitting."""
+
+    name = "persistence"
+
+    def predict(self, ctx, horizon: int):
+        x = self._check_ctx(ctx, horizon)
+        return _like(np.repeat(x[..., -1:], int(horizon), axis=-1), ctx)
+
+
+def persistence(ctx, horizon: int):
+    """Functional form of :class:`Persistence`: ``[W, N, T_ctx] -> [W, N, horizon]``."""
+    return Persistence().predict(ctx, horizon)
+
+
+class _Iterated(Baseline):
+    """A one-step model ``_step(lags [W, N, p]) -> [W, N]`` iterated over the horizon."""
+
+    def _step(self, lags: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, ctx, horizon: int):
+        x = self._check_ctx(ctx, horizon)
+        if not getattr(self, "fitted", False):
+            raise RuntimeError(f"{self.name}: call fit(training_series) before predict()")
+        lags = x[..., -self.order:][..., ::-1].copy()         # [W, N, p], lags[..., 0] = most recent
+        out = np.empty(x.shape[:2] + (int(horizon),))
+        for h in range(int(horizon)):                       # few steps; nodes and windows are vectorised
+            nxt = self._step(lags)
+            out[..., h] = nxt
+            lags = np.concatenate([nxt[..., None], lags[..., :-1]], axis=-1)
+        return _like(out, ctx)
+
+
+class ARBaseline(_Iterated):
+    """Per-node AR(p): ``x_n(t) = c_n + Σ_k a_n[k] x_n(t - 1 - k)``, ridge least squares on all training steps.
+
+    Each node has its own coefficients (node identity is fixed across subjects). ``p = 1`` is the fitted
+    AR(1) "persistence with a coefficient". Non-finite samples (missing slots) are skipped per node.
+    Cost: O(M N p²) to fit for M training steps, O(W N p H) to predict.
+    Attributes after ``fit``: ``coef [N, p]`` (``coef[n, k]`` = weight of lag k + 1), ``intercept [N]``.
+    """
+
+    def __init__(self, p: int = 3, alpha: float = 1.0):
+        if p < 1 or alpha < 0:
+            raise ValueError(f"ARBaseline needs p >= 1 and alpha >= 0, got p={p}, alpha={alpha}")
+        self.order, self.alpha, self.name = int(p), float(alpha), f"ar{p}"
+        self.fitted = False
+
+    def fit(self, series_list) -> "ARBaseline":
+        p = self.order
+        series = _check_series(series_list, p + 1)
+        n = series[0].shape[0]
+        cnt, sz, sy = np.zeros(n), np.zeros((n, p)), np.zeros(n)
+        szz, szy = np.zeros((n, p, p)), np.zeros((n, p))
+        for s in series:
+            if s.shape[1] <= p:
+                continue
+            z, y = _lagged(s, p)                               # [N, M, p], [N, M]
+            ok = np.isfinite(z).all(-1) & np.isfinite(y)       # [N, M]
+            z, y, w = np.where(ok[..., None], z, 0.0), np.where(ok, y, 0.0), ok.astype(np.float64)
+            cnt += w.sum(1)
+            sz += z.sum(1)
+            sy += y.sum(1)
+            szz += np.einsum("nmk,nml->nkl", z, z)
+            szy += np.einsum("nmk,nm->nk", z, y)
+        m = np.maximum(cnt, 1.0)
+        zbar, ybar = sz / m[:, None], sy / m
+        gram = szz - cnt[:, None, None] * zbar[:, :, None] * zbar[:, None, :]
+        rhs = szy - cnt[:, None] * zbar * ybar[:, None]
+        self.coef = _solve_ridge(gram, rhs[..., None], self.alpha)[..., 0]     # [N, p]
+        self.coef[cnt == 0] = 0.0                                               # never observed: predict 0
+        self.intercept = ybar - np.einsum("nk,nk->n", self.coef, zbar)
+        self.fitted = True
+        return self
+
+    def _step(self, lags: np.ndarray) -> np.ndarray:
+        return self.intercept + np.einsum("wnk,nk->wn", lags, self.coef)
+
+
+class VARBaseline(_Iterated):
+    """Ridge VAR(p) over all nodes jointly: ``x(t) = c + Σ_k A_k x(t - 1 - k)``, closed form.
+
+    Features per step are the stacked lags ``z = [x(t-1); …; x(t-p)]`` of size D = p·N (lag-major).
+    Two exact solvers of the same ridge problem (M = training steps):
+
+    * ``primal``: accumulate the D x D Gram matrix over series and Cholesky-solve it:
+      O(M·D² + D³) time, O(D²) memory (N = 1000, p = 5, M = 6000: D = 5000, 200 MB, ~10 s on 2 cores).
+    * ``dual``: W = Zᵀ (Z Zᵀ + αI)⁻¹ Y with an M x M system: O(M²·D + M³) time, O(M·D) memory;
+      cheaper when M < D (few short training runs, many nodes; N = 1000, p = 5, M = 2400: ~2 s).
+      Needs alpha > 0 to be unique.
+
+    ``solver='auto'`` picks the dual when M < D. Training series must be finite (impute or zero missing
+    slots first). Prediction costs O(W·p·N²) per horizon step (one matmul).
+    Attributes after ``fit``: ``coef [p, N, N]`` with ``coef[k, i, j]`` = effect of node j
+    at lag k + 1 on node i, ``intercept [N]``.
+    """
+
+    def __init__(self, p: int = 3, alpha: float = 1.0, solver: str = "auto"):
+        if p < 1 or alpha < 0 or solver not in ("auto", "primal", "dual"):
+            raise ValueError(f"VARBaseline needs p >= 1, alpha >= 0, solver in auto|primal|dual; "
+                             f"got p={p}, alpha={alpha}, solver={solver!r}")
+        self.order, self.alpha, self.solver, self.name = int(p), float(alpha), solver, f"var{p}"
+        self.fitted = False
+
+    def _design(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Series ``[N, T]`` -> Z ``[M, p·N]`` (lag-major) and Y ``[M, N]``."""
+        z, y = _lagged(s, self.order)                        # [N, M, p], [N, M]
+        return z.transpose(1, 2, 0).reshape(z.shape[1], -1), y.T
+
+    def fit(self, series_list) -> "VARBaseline":
+        p = self.order
+        series = _check_series(series_list, p + 1)
+        for i, s in enumerate(series):
+            if not np.isfinite(s).all():
+                raise ValueError(f"{self.name}: training series {i} has non-finite values; "
+                                 f"impute or zero missing slots before fitting the VAR")
+        series = [s for s in series if s.shape[1] > p]
+        n = series[0].shape[0]
+        d, m = p * n, sum(s.shape[1] - p for s in series)
+        solver = self.solver if self.solver != "auto" else ("dual" if m < d else "primal")
+        if solver == "primal":
+            sz, sy = np.zeros(d), np.zeros(n)
+            szz, szy = np.zeros((d, d)), np.zeros((d, n))
+            for s in series:
+                z, y = self._design(s)
+                sz += z.sum(0)
+                sy += y.sum(0)
+                szz += z.T @ z
+                szy += z.T @ y
+            zbar, ybar = sz / m, sy / m
+            gram = szz - m * np.outer(zbar, zbar)
+            rhs = szy - m * np.outer(zbar, ybar)
+            gram[np.diag_indices(d)] += self.alpha
+            try:
+                w = scipy.linalg.solve(gram, rhs, assume_a="pos")
+            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+                w = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+        else:
+            zs, ys = zip(*(self._design(s) for s in series))
+            z, y = np.concatenate(zs), np.concatenate(ys)
+            zbar, ybar = z.mean(0), y.mean(0)
+            z, y = z - zbar, y - ybar
+            kernel = z @ z.T
+            kernel[np.diag_indices(m)] += self.alpha
+            try:
+                w = z.T @ scipy.linalg.solve(kernel, y, assume_a="pos")
+            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+                w = z.T @ np.linalg.lstsq(kernel, y, rcond=None)[0]
+        self._w = w                                                      # [p·N, N], lag-major rows
+        self.coef = w.reshape(p, n, n).transpose(0, 2, 1).copy()        # [p, N_dst, N_src]
+        self.intercept = ybar - w.T @ zbar
+        self.fitted = True
+        return self
+
+    def _step(self, lags: np.ndarray) -> np.ndarray:
+        w, n, p = lags.shape                                # one BLAS matmul: [W, p·N] @ [p·N, N]
+        return self.intercept + lags.transpose(0, 2, 1).reshape(w, p * n) @ self._w
+
+
+class MLPBaseline(_Iterated):
+    """NPI-style MLP: the last p steps of all nodes (p·N inputs) -> the next step of all nodes (N outputs).
+
+    A small two-hidden-layer torch MLP trained with Adam on random training steps for ``steps`` updates
+    (seeded, CPU). Nonlinear, whole-brain, and cheap; a check that the model beats a generic learner.
+    """
+
+    def __init__(self, p: int = 3, hidden: int = 128, steps: int = 300, lr: float = 1e-3,
+                 batch_size: int = 256, weight_decay: float = 1e-4, seed: int = 0):
+        if p < 1 or hidden < 1 or steps < 1:
+            raise ValueError(f"MLPBaseline needs p, hidden, steps >= 1; got {p}, {hidden}, {steps}")
+        self.order, self.hidden, self.steps, self.lr = int(p), int(hidden), int(steps), float(lr)
+        self.batch_size, self.weight_decay, self.seed = int(batch_size), float(weight_decay), int(seed)
+        self.name = f"mlp{p}"
+        self.fitted = False
+
+    def fit(self, series_list) -> "MLPBaseline":
+        p = self.order
+        series = [s for s in _check_series(series_list, p + 1) if s.shape[1] > p]
+        n = series[0].shape[0]
+        zs, ys = [], []
+        for s in series:
+            z, y = _lagged(np.nan_to_num(s), p)
+            zs.append(z.transpose(1, 2, 0).reshape(z.shape[1], -1))
+            ys.append(y.T)
+        z = torch.as_tensor(np.concatenate(zs), dtype=torch.float32)
+        y = torch.as_tensor(np.concatenate(ys), dtype=torch.float32)
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(p * n, self.hidden), torch.nn.GELU(),
+                torch.nn.Linear(self.hidden, self.hidden), torch.nn.GELU(),
+                torch.nn.Linear(self.hidden, n))
+        # Residual target: predict the change from the last step, so an untrained net starts at persistence.
+        last = z[:, :n]
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        for _ in range(self.steps):
+            idx = torch.randint(0, z.shape[0], (min(self.batch_size, z.shape[0]),), generator=gen)
+            loss = torch.nn.functional.mse_loss(self.net(z[idx]), y[idx] - last[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        self.net.eval()
+        self.fitted = True
+        return self
+
+    @torch.no_grad()
+    def _step(self, lags: np.ndarray) -> np.ndarray:
+        w, n, p = lags.shape
+        z = torch.as_tensor(lags.transpose(0, 2, 1).reshape(w, p * n), dtype=torch.float32)
+        return lags[..., 0] + self.net(z).double().numpy()
+
+
+def build_baselines(ar_order: int = 3, ridge_alpha: float = 1.0, mlp: bool = False) -> dict[str, Baseline]:
+    """The standard set (unfitted): persistence, fitted AR(1), AR(p), ridge VAR(p) [, MLP(p)].
+
+    Arguments map to ``EvalConfig.ar_order`` and ``EvalConfig.ridge_alpha``. Keys are the report names.
+    """
+    out: dict[str, Baseline] = {"persistence": Persistence(), "ar1": ARBaseline(1, ridge_alpha)}
+    out[f"ar{ar_order}"] = ARBaseline(ar_order, ridge_alpha)
+    out[f"var{ar_order}"] = VARBaseline(ar_order, ridge_alpha)
+    if mlp:
+        out[f"mlp{ar_order}"] = MLPBaseline(ar_order)
+    return out
+
+
+def fit_baselines(baselines: dict[str, Baseline], series_list: Sequence) -> dict[str, Baseline]:
+    """Fit every baseline on the same training series; returns the same dict."""
+    for b in baselines.values():
+        b.fit(series_list)
+    return baselines

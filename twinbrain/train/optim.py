@@ -1,0 +1,120 @@
+"""Optimizer parameter groups, learning-rate schedules and early stopping."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+
+# Parameters whose names contain these go to the embedding group (own lr, no weight decay):
+# per-subject/session identity must move faster than shared weights and must not be shrunk to zero.
+EMBEDDING_MARKERS = ("embed", "session_affine")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = None) -> list[dict]:
+    """Three groups: ``decay`` (weights), ``no_decay`` (biases, norms), ``embeddings``.
+
+    ``extra`` (e.g. the loss balancer) joins ``no_decay``: it must exist before the optimizer is
+    built, or it is never trained.
+    """
+    decay, no_decay, emb = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if any(m in name for m in EMBEDDING_MARKERS):
+            emb.append(p)
+        elif p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower():
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    if extra is not None:
+        no_decay.extend(p for p in extra.parameters() if p.requires_grad)
+    groups = [
+        {"name": "decay", "params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"name": "no_decay", "params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+        {"name": "embeddings", "params": emb, "lr": cfg.emb_lr or cfg.lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel on CUDA (one launch for all parameters)."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up from 1/warmup to 1, then cosine down to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Schedule:
+    """One interface over the four schedules: ``step()`` after each optimizer step,
+    ``on_eval(metric)`` after each validation (only ``plateau`` uses it)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+        self.kind = cfg.scheduler
+        self.optimizer = optimizer
+        if self.kind == "cosine":
+            self.impl = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        elif self.kind == "constant":
+            self.impl = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+        elif self.kind == "onecycle":
+            self.impl = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=cfg.max_steps + 1,
+                pct_start=max(cfg.warmup_steps / cfg.max_steps, 0.01), anneal_strategy="cos",
+                cycle_momentum=False, final_div_factor=1.0 / cfg.min_lr_ratio)
+        elif self.kind == "plateau":
+            self.impl = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=0.5, patience=1, min_lr=[g["lr"] * cfg.min_lr_ratio
+                                                                       for g in optimizer.param_groups])
+        else:
+            raise ValueError(f"train.scheduler: unknown schedule '{self.kind}'")
+
+    def step(self) -> None:
+        if self.kind != "plateau":
+            self.impl.step()
+
+    def on_eval(self, metric: float) -> None:
+        if self.kind == "plateau" and math.isfinite(metric):
+            self.impl.step(metric)
+
+    def lrs(self) -> dict[str, float]:
+        return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+
+    def state_dict(self) -> dict:
+        return self.impl.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.impl.load_state_dict(state)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` evaluations without improvement (lower is better); 0 disables."""
+    patience: int
+    best: float = math.inf
+    bad_evals: int = 0
+
+    def update(self, metric: float) -> tuple[bool, bool]:
+        """Returns ``(improved, should_stop)``."""
+        improved = math.isfinite(metric) and metric < self.best
+        if improved:
+            self.best, self.bad_evals = metric, 0
+        else:
+            self.bad_evals += 1
+        return improved, bool(self.patience) and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_evals = float(state["best"]), int(state["bad_evals"])

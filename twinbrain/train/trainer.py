@@ -1,0 +1,375 @@
+"""The Trainer: one build order for every backend, one loop, exact resume.
+
+Build order (each step depends only on earlier ones): distributed -> seeds -> data -> model ->
+activation checkpointing -> sharding/wrapping -> optimizer and schedule -> loader -> checkpointer
+(auto-resume) -> telemetry.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ..config import Config, ConfigError, dump_config, save_config
+from ..data.module import DataModule
+from ..model import build_model, loss_counts, loss_term_names, make_balancer
+from .checkpoint import Checkpointer, export_model, full_model_state, latest_checkpoint, rng_state, set_rng_state
+from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
+from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
+from .parallel import (apply_activation_checkpointing, autocast_dtype, deepspeed_config, wrap_ddp,
+                       wrap_deepspeed, wrap_fsdp2)
+from .step_module import TrainModule
+from .telemetry import Telemetry, count_flops, reduce_scalars, summary_table
+from .validation import VAL_LOSS_TERMS, validate
+
+log = logging.getLogger(__name__)
+
+# Config keys that may change when a run is resumed: they do not change what was learned so far.
+RESUMABLE_CHANGES = ("run.", "logging.", "train.max_steps", "train.eval_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.early_stop_patience", "data.num_workers", "eval.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def node_steps(batch, eeg_stride: int) -> float:
+    """Work units of one batch: fMRI nodes x TRs + EEG nodes x latent steps."""
+    f, e = batch["fmri"].x, batch["eeg"].x
+    return float(f.shape[0] * f.shape[1] + e.shape[0] * (e.shape[1] // eeg_stride))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, data: DataModule | None = None):
+        self.cfg = cfg
+        t = cfg.train
+        # 1. distributed
+        self.backend: Backend = resolve_backend(cfg)
+        self.accelerator = make_accelerator()
+        self.device = self.accelerator.device
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.rank == 0
+        self.dtype = autocast_dtype(t.precision, self.device)
+        if self.dtype is not None and self.device.type == "cpu" and t.precision == "fp16":
+            raise ConfigError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
+        self.run_dir = Path(cfg.run.out)
+        self._check_run_dir()
+
+        # 2. seeds: identical model initialisation on every rank
+        seed_everything(t.seed)
+
+        # 3. data
+        self.data = data if data is not None else DataModule(cfg).setup()
+
+        # 4. model, loss balancer (before the optimizer, or it is never trained)
+        d = self.data
+        model = build_model(cfg, n_subjects=len(d.subject_map), n_sessions=len(d.session_map),
+                             n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots,
+                             samples_per_tr=d.samples_per_tr)
+        balancer = make_balancer(t, loss_term_names())
+        self.n_params = sum(p.numel() for p in model.parameters())
+        # 5. activation checkpointing (applied by us, the same under every backend)
+        self.ac_blocks = apply_activation_checkpointing(model.blocks, t.activation_checkpointing, t.ac_every_k)
+        module = TrainModule(model, balancer, t, cfg.model).to(self.device)
+        self.raw = module
+
+        self.loader = d.train_loader(self.rank, self.world)
+        self.step_flops = self._count_flops(module) if cfg.logging.flops else None
+
+        # 6. wrapping and optimizer
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 \
+            and self.backend.name != "deepspeed" else None
+        if self.backend.name == "deepspeed":
+            optimizer = build_optimizer(param_groups(module.model, t, extra=module.balancer), t, self.device)
+            self.module, self.optimizer = wrap_deepspeed(module, optimizer,
+                                                         deepspeed_config(cfg, self.backend, self.dtype))
+            self.base_optimizer = optimizer
+        else:
+            if self.backend.name == "fsdp2":
+                self.module = wrap_fsdp2(module, module.model.blocks, self.backend, self.dtype)
+            elif self.backend.name == "ddp":
+                self.module = wrap_ddp(module, self.accelerator)
+            else:
+                self.module = module
+            self.optimizer = build_optimizer(param_groups(module.model, t, extra=module.balancer), t,
+                                             self.device)
+            self.base_optimizer = self.optimizer
+        self.schedule = Schedule(self.base_optimizer, t)
+        self.early = EarlyStopping(t.early_stop_patience)
+
+        # 7. per-rank randomness (dropout) after the shared initialisation
+        seed_everything(t.seed + 1000003 * (self.rank + 1))
+
+        # 8. checkpointer and auto-resume
+        self.step, self.skipped = 0, 0
+        self.best_metric = math.inf
+        self.run_id: str | None = None
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.backend.name, self.rank,
+                                         self.world, t.keep_checkpoints)
+        latest = latest_checkpoint(self.run_dir / "checkpoints")
+        if latest is not None:
+            self._resume(latest)
+        elif self.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        # 9. telemetry
+        self.tel = Telemetry(cfg.logging, self.run_dir, is_main=self.is_main, world_size=self.world,
+                             device=self.device, config_dict=cfg.to_dict(),
+                             run_name=cfg.run.name or self.run_dir.name, resume_run_id=self.run_id,
+                             max_steps=t.max_steps, backend=self.backend.name, start_step=self.step)
+        self.run_id = self.tel.run_id
+        if self.step_flops:
+            self.tel.set_step_flops(*self.step_flops)
+        if self.is_main:
+            log.info("backend %s, %d process(es), device %s, %s, %.2fM parameters, activation checkpointing "
+                     "on blocks %s", self.backend.name, self.world, self.device, self.dtype or "fp32",
+                     self.n_params / 1e6, self.ac_blocks or "none")
+
+    # ------------------------------------------------------------ setup helpers
+    def _check_run_dir(self) -> None:
+        """A run directory with a checkpoint resumes only under the same learning-relevant config."""
+        saved = self.run_dir / "config.yaml"
+        if not saved.is_file() or latest_checkpoint(self.run_dir / "checkpoints") is None:
+            return
+        old = _flat(yaml.safe_load(saved.read_text()))
+        new = _flat(yaml.safe_load(dump_config(self.cfg)))
+        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+                   and not k.startswith(RESUMABLE_CHANGES)]
+        if changed:
+            diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+            raise ConfigError(f"{self.run_dir} holds a checkpoint trained with a different config ({diff}). "
+                              "Resume with the same config, or choose a new --run.out")
+
+    def _count_flops(self, module: TrainModule) -> tuple[int, int] | None:
+        """Matmul FLOPs of one micro-batch forward+backward, on a copy (no state is touched)."""
+        try:
+            probe = copy.deepcopy(module)
+            loader = self.data.train_loader(self.rank, self.world)
+            batch = next(iter(loader)).to(self.device)
+            counts = {k: float(v) for k, v in loss_counts(batch, self.cfg.train, self.cfg.model).items()}
+            rng = torch.get_rng_state()
+
+            def step():
+                loss, _ = probe(batch, counts, 1.0, 1.0)
+                loss.backward()
+            flops = count_flops(step)
+            torch.set_rng_state(rng)
+            return flops, batch.num_graphs
+        except Exception as exc:  # FLOPs are telemetry: never let them stop training
+            log.warning("FLOP count skipped: %s", exc)
+            return None
+
+    def _resume(self, path: Path) -> None:
+        trainer_state, rank_state = self.checkpointer.load(path, self.module, self.base_optimizer)
+        self.step = int(trainer_state["step"])
+        self.skipped = int(trainer_state["skipped"])
+        self.run_id = trainer_state.get("run_id")
+        self.schedule.load_state_dict(trainer_state["schedule"])
+        self.early.load_state_dict(trainer_state["early"])
+        self.best_metric = float(trainer_state["best_metric"])
+        if self.scaler is not None and trainer_state.get("scaler"):
+            self.scaler.load_state_dict(trainer_state["scaler"])
+        self.loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path:
+        trainer_state = {"step": self.step, "skipped": self.skipped, "run_id": self.run_id,
+                         "schedule": self.schedule.state_dict(), "early": self.early.state_dict(),
+                         "best_metric": self.best_metric,
+                         "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
+        meta = {"config": self.cfg.to_dict(), "data": self.data.metadata(), "run_id": self.run_id}
+        return self.checkpointer.save(self.step, self.module, self.base_optimizer, trainer_state,
+                                      rank_state, meta)
+
+    def export(self, name: str, metrics: dict | None = None) -> Path:
+        """Consolidated single-file model for inference (``RUN/<name>/model.pt``); collective."""
+        full = full_model_state(self.module, self.backend.name)
+        path = self.run_dir / name / "model.pt"
+        if self.is_main:
+            prefix = "model."
+            weights = {k[len(prefix):].replace("_checkpoint_wrapped_module.", ""): v
+                       for k, v in full.items() if k.startswith(prefix)}
+            export_model(path, weights, {"config": self.cfg.to_dict(), "data": self.data.metadata(),
+                                         "step": self.step, "metrics": metrics or {},
+                                         "backend": self.backend.name})
+        return path
+
+    # ------------------------------------------------------------ one optimizer step
+    def _micro_batches(self, it) -> list:
+        return [next(it) for _ in range(self.cfg.train.grad_accum)]
+
+    def train_step(self, micro: list) -> dict[str, float]:
+        t = self.cfg.train
+        micro = [b.to(self.device) for b in micro]
+        # Global element counts of every loss term over all micro-batches and ranks, before backward.
+        names = loss_term_names()
+        local = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        for b in micro:
+            c = loss_counts(b, t, self.cfg.model)
+            local += torch.tensor([float(c[n]) for n in names], dtype=torch.float64, device=self.device)
+        counts = dict(zip(names, all_reduce_(local).tolist()))
+        ds = self.backend.name == "deepspeed"
+        # DDP/FSDP2/ZeRO average gradients over ranks; DeepSpeed also divides by the accumulation steps.
+        data_scale = float(self.world * (len(micro) if ds else 1))
+        reg_scale = 1.0 if ds else 1.0 / len(micro)
+        parts_sum: dict[str, float] = {}
+        loss_sum = torch.zeros((), device=self.device)
+        for i, b in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or self.backend.name != "ddp" else self.module.no_sync()
+            with sync:
+                if ds and self.dtype is not None:
+                    for m in ("fmri", "eeg"):       # DeepSpeed bf16 does not autocast the inputs
+                        b[m].x = b[m].x.to(self.dtype)
+                with torch.autocast(self.device.type, dtype=self.dtype,
+                                    enabled=self.dtype is not None and not ds):
+                    loss, parts = self.module(b, counts, data_scale, reg_scale)
+                if ds:
+                    finite = all_reduce_(torch.tensor([float(torch.isfinite(loss))], device=self.device), "min")
+                    if finite.item() < 1:
+                        raise FloatingPointError(
+                            f"non-finite loss at step {self.step + 1} under DeepSpeed, which cannot skip a "
+                            "step; lower train.lr or use fp32, then resume from the last checkpoint")
+                    self.module.backward(loss)
+                    self.module.step()
+                elif self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            loss_sum += loss.detach() / data_scale
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+
+        if ds:
+            grad_norm = float(self.module.get_global_grad_norm() or 0.0)
+            stepped = True
+        else:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+            grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if hasattr(grad_norm_t, "full_tensor"):
+                grad_norm_t = grad_norm_t.full_tensor()
+            ok = torch.tensor([float(torch.isfinite(grad_norm_t) and torch.isfinite(loss_sum))],
+                              device=self.device)
+            stepped = all_reduce_(ok, "min").item() > 0
+            grad_norm = float(grad_norm_t)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            elif stepped:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            self.schedule.step()
+        else:
+            self.skipped += 1
+            if self.is_main:
+                log.warning("step %d: non-finite loss or gradient, step skipped on all ranks", self.step + 1)
+        self.step += 1
+        # Loss parts are this rank's share of the global mean: summing over ranks gives the global value.
+        summed = reduce_scalars({"objective": float(loss_sum), **{f"loss/{k}": v for k, v in parts_sum.items()}},
+                                op="sum")
+        # ``loss``: the unweighted sum of the reconstruction and forecast terms (global means), comparable
+        # across balancers and with ``val/loss``; ``objective``: what the optimizer minimised.
+        summed["loss"] = sum(summed[f"loss/{k}"] for k in VAL_LOSS_TERMS)
+        stats = {**summed, "grad_norm": grad_norm, "skipped_steps": float(self.skipped)}
+        balancer = self.raw.balancer
+        if self.backend.name not in ("fsdp2", "deepspeed") or balancer.mode == "none":
+            stats.update({f"balancer/{k}": v for k, v in balancer.weights().items()})
+        stats.update(self.schedule.lrs())
+        self._windows = float(sum(b.num_graphs for b in micro))
+        self._node_steps = float(sum(node_steps(b, self.cfg.model.eeg_stride) for b in micro))
+        return stats
+
+    # ------------------------------------------------------------ loop
+    def evaluate(self) -> dict[str, float]:
+        self.module.eval()
+        try:
+            loader = self.data.eval_loader("val", self.rank, self.world)
+            metrics = validate(self.module, loader, self.cfg.model, self.cfg.train, self.device, self.dtype)
+        finally:
+            self.module.train()
+        return metrics
+
+    def train(self, until: int | None = None) -> dict:
+        """Train to ``train.max_steps`` (or stop early at step ``until``, e.g. to test resume)."""
+        t = self.cfg.train
+        end = min(t.max_steps, until) if until else t.max_steps
+        self.module.train()
+        it = iter(self.loader)
+        last_eval: dict = {}
+        stop = False
+        saved_at = self.step if self.step else -1
+        while self.step < end and not stop:
+            self.tel.step_begin()
+            micro = self._micro_batches(it)
+            self.tel.data_loaded()
+            try:
+                with self.tel.maybe_profile(self.step + 1):
+                    stats = self.train_step(micro)
+            except torch.OutOfMemoryError:
+                self.tel.on_oom()
+                raise
+            self.tel.step_end(self.step, self._windows, self._node_steps)
+            if self.tel.should_flush(self.step):
+                self.tel.log(self.step, stats)
+                self.tel.flush(self.step)
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                last_eval = self.evaluate()
+                self.tel.log_eval(self.step, last_eval)
+                self.schedule.on_eval(last_eval["loss"])
+                improved, stop = self.early.update(last_eval["loss"])
+                if improved:
+                    self.best_metric = last_eval["loss"]
+                    self.export("best", {f"val/{k}": v for k, v in last_eval.items()})
+                if stop and self.is_main:
+                    log.info("early stopping at step %d: no improvement in %d evaluations", self.step,
+                             t.early_stop_patience)
+            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps or stop:
+                self.save_checkpoint()
+                saved_at = self.step
+        if saved_at != self.step:
+            self.save_checkpoint()
+        if self.step < t.max_steps and not stop:
+            return last_eval                      # interrupted on purpose: no final export
+        self.export("final", {f"val/{k}": v for k, v in last_eval.items()})
+        if self.is_main and not (self.run_dir / "best" / "model.pt").is_file():
+            # No validation improved (or none ran): the final weights are the best we have.
+            import shutil
+            (self.run_dir / "best").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.run_dir / "final" / "model.pt", self.run_dir / "best" / "model.pt")
+        self.last_eval = last_eval
+        return last_eval
+
+    def close(self) -> None:
+        tel = getattr(self, "tel", None)
+        if tel is not None:
+            tel.close()
+            if self.is_main:
+                print(summary_table(tel.last_metrics, getattr(self, "last_eval", None) or tel.last_eval))
+                print(f"run directory: {self.run_dir.resolve()}")
