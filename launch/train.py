@@ -9,6 +9,7 @@ from the newest complete checkpoint in ``--run.out``.
 import argparse
 import logging
 import sys
+import traceback
 
 from twinbrain.config import ConfigError, load_config
 from twinbrain.train.distributed import clean_exit
@@ -37,6 +38,9 @@ if __name__ == "__main__":
     code = 1
     try:
         code = main(sys.argv[1:])
+    except BaseException:  # noqa: BLE001 - print it before the hard exit below swallows it
+        traceback.print_exc()
+        code = 1
     finally:
         # Ends every worker without the flaky c10d teardown abort (shared/ENVIRONMENT.md).
         clean_exit(code)

@@ -173,3 +173,12 @@ def test_eeg_pipeline_is_causal(tmp_path):
     assert not np.allclose(outs[0].data[:, cut + 10:], outs[1].data[:, cut + 10:])
     for c in range(4):
         assert np.corrcoef(a[c], b[c])[0, 1] > 1 - 1e-6
+
+
+def test_flat_reference_channel_dropped(tmp_path):
+    rec = make_recording("01", n_channels=4, n_vols=10)
+    rec.eeg[3] = 0.0
+    root = write_dataset(tmp_path / "bids", [rec])
+    with pytest.warns(UserWarning, match=r"dropped flat EEG channel\(s\) \['Oz'\]"):
+        out = load_prepared_cohort(make_config(root, tmp_path / "store")).recordings[0]
+    assert out.channel_names == ["Fz", "Cz", "Pz"] and out.meta["dropped_channels"] == {"flat": ["Oz"]}

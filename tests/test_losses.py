@@ -152,6 +152,17 @@ def test_gaussian_head_positive_std_and_finite_nll():
     torch.testing.assert_close(gaussian_nll(mean, std, y), ref)
 
 
+def test_gaussian_std_can_be_calibrated_post_hoc():
+    from twinbrain.model.losses import gaussian_std_scale
+    mean, y = torch.randn(4, 30, 2), torch.randn(4, 30, 2) * 3
+    std, valid = torch.full_like(mean, 0.5), forecast_valid(30, 1, 2)
+    c = gaussian_std_scale(mean, std, y, valid)
+    z2 = ((y - mean) / (c * std)) ** 2
+    assert float(z2[:, valid].mean()) == pytest.approx(1.0, rel=1e-5)
+    nll = lambda s: float(gaussian_nll(mean, s, y)[:, valid].mean())
+    assert nll(c * std) < min(nll(0.9 * c * std), nll(1.1 * c * std), nll(std))
+
+
 def test_correlation_term():
     valid = forecast_valid(10, 1, 2)
     tgt = torch.randn(3, 10, 2)

@@ -253,6 +253,16 @@ def load_eeg(path: Path, *, tr: float, n_vols: int, l_freq: float, h_freq: float
     meta["dropped_channels"] = pick_eeg(raw, channels, path)
     if not np.isfinite(raw._data).all():
         raise ValueError(f"{path}: EEG contains NaN/Inf samples; interpolate or remove them before preparing")
+    # Flat channels (e.g. the online reference stored as zeros) carry nothing; drop them before
+    # re-referencing mixes them with the others.
+    flat = [n for n, f in zip(raw.ch_names, np.ptp(raw._data, axis=1) == 0) if f]
+    if flat:
+        if len(raw.ch_names) - len(flat) < 2:
+            raise ValueError(f"{path}: EEG channels {flat} are flat, fewer than 2 usable channels remain; "
+                             f"check the recording")
+        warnings.warn(f"{path}: dropped flat EEG channel(s) {flat}", stacklevel=2)
+        meta["dropped_channels"]["flat"] = flat
+        raw.drop_channels(flat)
     pos, meta["positions"] = channel_positions(raw, electrodes, coordsystem, path)
     meta["channels_without_position"] = [n for n, p in zip(raw.ch_names, pos) if not p.any()]
 
@@ -286,10 +296,7 @@ def load_eeg(path: Path, *, tr: float, n_vols: int, l_freq: float, h_freq: float
     data = raw.get_data()                             # float64 [C, S]; MNE already holds a copy
     n_out = int(round(fmri_end * sfreq_out))
     data = resample_to_clock(data, sfreq, onset, sfreq_out, n_out)
-    flat = np.ptp(data, axis=1) == 0
-    if flat.any():
-        raise ValueError(f"{path}: flat EEG channel(s) {[n for n, f in zip(raw.ch_names, flat) if f]}; "
-                         f"mark them bad in channels.tsv (status 'bad')")
     data = robust_zscore(data).astype(np.float32)
-    meta.update(l_freq=l_freq, h_freq=h_freq, onset_raw_s=onset, reference="average")
+    meta.update(l_freq=l_freq, h_freq=h_freq, onset_raw_s=onset, reference="average",
+                artefact_removal="none here: gradient/BCG cleaning must precede prepare")
     return EEGRun(data, float(sfreq_out), 0.0, list(raw.ch_names), pos.astype(np.float32), meta)

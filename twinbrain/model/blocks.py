@@ -10,18 +10,17 @@ import torch
 from torch import Tensor, nn
 
 from twinbrain.model.layers import (CausalConv, CausalSelfAttention, DynamicMessage, FeedForward,
-                                    RelationAttention)
+                                    RelationAttention, SpectralNorm)
 
 MODALITIES = ("fmri", "eeg")
 
 
 def _apply_spectral_norm(module: nn.Module) -> None:
-    """Spectral normalisation on every ``nn.Linear`` inside ``module`` (Lipschitz control of the
-    dynamics).  Note: the power iteration updates buffers in training forward passes, so a
-    checkpointed block recomputes with a slightly newer estimate; harmless, but not bit-exact."""
+    """Spectral normalisation (:class:`SpectralNorm`) on every ``nn.Linear`` inside ``module``
+    (Lipschitz control of the learned dynamics)."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     for lin in linears:
-        nn.utils.parametrizations.spectral_norm(lin)
+        nn.utils.parametrize.register_parametrization(lin, "weight", SpectralNorm(lin.weight.detach()))
 
 
 class STBlock(nn.Module):

@@ -21,6 +21,12 @@ from torch import Tensor, nn
 _NEG = -1e30  # fp32 "minus infinity" that keeps exp() and subtraction finite
 
 
+def fp32_region(t: Tensor):
+    """Context that switches autocast off, so matmul-like aggregation (bmm, sparse mm) stays fp32
+    (CUDA has no bf16 sparse mm, and neighbour sums lose precision in bf16)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def segment_softmax(logits: Tensor, index: Tensor, num_segments: int, valid: Tensor) -> Tensor:
     """Softmax over the entries of ``logits`` that share a destination ``index``.
 
@@ -145,6 +151,34 @@ class CausalSelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(n, t, hid))
 
 
+class SpectralNorm(nn.Module):
+    """Parametrization ``W -> W / sigma_max(W)`` (one power iteration per training forward), with the
+    power iteration and ``sigma`` in fp32 so bf16 parameters (FSDP2 / DeepSpeed mixed precision) and
+    autocast work; torch's own ``spectral_norm`` mixes dtypes there.  ``u``, ``v`` are buffers updated
+    in training forwards and cloned before use, so a checkpointed recompute does not invalidate
+    tensors saved for backward (it just refines the estimate once more)."""
+
+    def __init__(self, weight: Tensor, eps: float = 1e-12):
+        super().__init__()
+        self.eps = eps
+        out_f, in_f = weight.shape
+        self.register_buffer("_u", F.normalize(torch.randn(out_f), dim=0, eps=eps))
+        self.register_buffer("_v", F.normalize(torch.randn(in_f), dim=0, eps=eps))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        with fp32_region(weight):
+            w = weight.float()
+            if self.training:
+                with torch.no_grad():
+                    v = F.normalize(w.t() @ self._u.float(), dim=0, eps=self.eps)
+                    u = F.normalize(w @ v, dim=0, eps=self.eps)
+                    self._v.copy_(v)
+                    self._u.copy_(u)
+            u, v = self._u.float().clone(), self._v.float().clone()
+            sigma = torch.dot(u, w @ v)
+            return (w / sigma.clamp_min(self.eps)).to(weight.dtype)
+
+
 # ---------------------------------------------------------------- dense per-window slot layout
 # Node identity is a fixed atlas slot, unique within a window, so ``window * n_slots + node_id`` places
 # every node in a dense [B, n_slots] layout without a host sync, identically for a batch and a window.
@@ -166,12 +200,13 @@ class DynamicAdjacency(nn.Module):
     def __init__(self, n_slots: int, dim: int = 16):
         super().__init__()
         self.n_slots = n_slots
-        self.e1, self.e2 = nn.Embedding(n_slots, dim), nn.Embedding(n_slots, dim)
-        nn.init.normal_(self.e1.weight, std=0.5)
-        nn.init.normal_(self.e2.weight, std=0.5)
+        # Plain parameters (not nn.Embedding children) so ZeRO-3 gathers them with this module's forward.
+        self.e1 = nn.Parameter(0.5 * torch.randn(n_slots, dim))
+        self.e2 = nn.Parameter(0.5 * torch.randn(n_slots, dim))
 
     def forward(self, idx: Tensor, mask: Tensor, n_windows: int) -> Tensor:
-        logits = F.relu(self.e1.weight.float() @ self.e2.weight.float().t())   # [M, M]
+        with fp32_region(idx):
+            logits = F.relu(self.e1.float() @ self.e2.float().t())               # [M, M]
         present = torch.zeros(n_windows * self.n_slots, dtype=torch.bool, device=idx.device)
         present = present.index_put((idx,), mask).view(n_windows, 1, self.n_slots)
         eye = torch.eye(self.n_slots, dtype=torch.bool, device=idx.device)
@@ -197,8 +232,24 @@ class DynamicMessage(nn.Module):
         b, m = adj.shape[0], adj.shape[1]
         v = self.v(h).float().reshape(n, t * hid)
         dense = v.new_zeros(b * m, t * hid).index_copy(0, idx, v).view(b, m, t * hid)
-        mixed = torch.bmm(adj.float(), dense).view(b * m, t, hid).index_select(0, idx)
+        with fp32_region(h):
+            mixed = torch.bmm(adj.float(), dense).view(b * m, t, hid).index_select(0, idx)
         return (torch.sigmoid(self.gate(h).float()) * mixed).to(h.dtype)
+
+
+class LatentPredictor(nn.Module):
+    """Residual prediction of the next ``S`` latent steps from step ``t``: ``[N, L, H] -> [N, L, S, H]``
+    (entry ``[n, t, s]`` stands for latent step ``t + 1 + s``; reads step ``t`` only, so causal)."""
+
+    def __init__(self, hidden: int, steps: int):
+        super().__init__()
+        self.steps = steps
+        self.lin = nn.Linear(hidden, steps * hidden)
+        self.step_emb = nn.Parameter(torch.zeros(steps, hidden))
+
+    def forward(self, z: Tensor) -> Tensor:
+        n, l_len, hid = z.shape
+        return self.lin(z).view(n, l_len, self.steps, hid) + z.unsqueeze(2) + self.step_emb
 
 
 # ---------------------------------------------------------------- static graph operators
@@ -227,8 +278,8 @@ class GraphPropagation(nn.Module):
 
     def forward(self, z: Tensor, prop: Tensor) -> Tensor:
         for lin in self.lins:
-            flat = z.float().reshape(z.shape[0], -1)
-            agg = torch.sparse.mm(prop, flat).view(z.shape).to(z.dtype)
+            with fp32_region(z):
+                agg = torch.sparse.mm(prop, z.float().reshape(z.shape[0], -1)).view(z.shape).to(z.dtype)
             z = z + lin(agg)
         return z
 
@@ -256,7 +307,8 @@ def laplacian_pe(edge_index: Tensor, edge_weight: Tensor, idx: Tensor, n_windows
     lap = -dinv.unsqueeze(-1) * a * dinv.unsqueeze(-2)
     diag = torch.where(deg > 0, torch.ones_like(deg), torch.full_like(deg, 3.0))
     lap = lap + torch.diag_embed(diag)
-    _, vecs = torch.linalg.eigh(lap)                                          # ascending eigenvalues
+    with fp32_region(lap):
+        _, vecs = torch.linalg.eigh(lap)                                      # ascending eigenvalues
     vecs = vecs[..., 1:k + 1]
     sign = torch.where((vecs ** 3).sum(1, keepdim=True) >= 0, 1.0, -1.0)
     vecs = vecs * sign

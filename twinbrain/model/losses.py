@@ -57,6 +57,16 @@ def gaussian_nll(mean: Tensor, std: Tensor, target: Tensor) -> Tensor:
     return 0.5 * math.log(2 * math.pi) + torch.log(std) + 0.5 * ((target.float() - mean.float()) / std) ** 2
 
 
+def gaussian_std_scale(mean: Tensor, std: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Post-hoc calibration of a Gaussian forecast head: the scalar ``c`` that maximises the
+    likelihood of ``N(mean, (c * std)^2)`` on held-out data is ``c = sqrt(weighted mean of z^2)`` with
+    ``z = (target - mean) / std``; multiply ``forecast_std`` by it (per modality, from validation
+    windows).  ``weight`` broadcasts to ``mean`` (node mask x valid positions).  Returns a 0-dim tensor."""
+    z2 = ((target.float() - mean.float()) / std.float()) ** 2
+    w = weight.float().expand_as(z2)
+    return torch.sqrt((z2 * w).sum() / w.sum().clamp_min(1))
+
+
 def forecast_valid(t_len: int, step: int, s_steps: int, device=None) -> Tensor:
     """``[L, S * step]`` bool: entry ``[t, k]`` targets sample ``(t + 1) * step + k``, valid if ``< t_len``."""
     t = torch.arange(t_len // step, device=device).unsqueeze(1)

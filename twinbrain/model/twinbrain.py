@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twinbrain.model.blocks import MODALITIES, STBlock
-from twinbrain.model.layers import (CausalPatchEmbed, DynamicAdjacency, GraphPropagation, dense_index,
-                                    laplacian_pe, normalized_adjacency)
+from twinbrain.model.layers import (CausalPatchEmbed, DynamicAdjacency, GraphPropagation, LatentPredictor,
+                                    dense_index, laplacian_pe, normalized_adjacency)
 
 FC = {"fmri": ("fmri", "fc", "fmri"), "eeg": ("eeg", "fc", "eeg")}
 CROSS = ("eeg", "to", "fmri")
-EMBEDDING_PREFIXES = ("subject_emb.", "session_emb.", "session_gain.", "session_bias.")
+# Names contain "embed" / "session_affine": the trainer's optimizer groups match on those markers.
+EMBEDDING_PREFIXES = ("subject_embed.", "session_embed.", "session_affine.")
 
 
 @dataclass
@@ -78,16 +79,16 @@ class TwinBrain(nn.Module):
         self.node_emb = nn.ModuleDict({m: nn.Embedding(self.n_slots[m], hid) for m in MODALITIES})
         for emb in self.node_emb.values():
             nn.init.normal_(emb.weight, std=0.1)
-        self.subject_emb, self.session_emb = nn.Embedding(n_subjects, hid), nn.Embedding(n_sessions, hid)
-        nn.init.zeros_(self.subject_emb.weight)
-        nn.init.zeros_(self.session_emb.weight)
+        self.subject_embed, self.session_embed = nn.Embedding(n_subjects, hid), nn.Embedding(n_sessions, hid)
+        nn.init.zeros_(self.subject_embed.weight)
+        nn.init.zeros_(self.session_embed.weight)
         if cfg.session_affine:   # per (session, slot) input gain and offset, identity at start
-            self.session_gain = nn.ModuleDict({m: nn.Embedding(n_sessions * self.n_slots[m], 1)
-                                               for m in MODALITIES})
-            self.session_bias = nn.ModuleDict({m: nn.Embedding(n_sessions * self.n_slots[m], 1)
-                                               for m in MODALITIES})
-            for emb in [*self.session_gain.values(), *self.session_bias.values()]:
-                nn.init.zeros_(emb.weight)
+            self.session_affine = nn.ModuleDict({
+                kind: nn.ModuleDict({m: nn.Embedding(n_sessions * self.n_slots[m], 1) for m in MODALITIES})
+                for kind in ("gain", "bias")})
+            for emb in self.session_affine.modules():
+                if isinstance(emb, nn.Embedding):
+                    nn.init.zeros_(emb.weight)
         if cfg.lap_pe_dim:
             self.pe_proj = nn.ModuleDict({m: nn.Linear(cfg.lap_pe_dim, hid) for m in MODALITIES})
         if cfg.dynamic_adjacency:
@@ -104,8 +105,7 @@ class TwinBrain(nn.Module):
         # One decoder per modality serves reconstruction and forecasting: a forecast latent for step
         # t+1+s is decoded exactly like the latent of step t+1+s.
         self.decoder = nn.ModuleDict({m: nn.Linear(hid, self.step[m]) for m in MODALITIES})
-        self.predictor = nn.ModuleDict({m: nn.Linear(hid, s_steps * hid) for m in MODALITIES})
-        self.step_emb = nn.ParameterDict({m: nn.Parameter(torch.zeros(s_steps, hid)) for m in MODALITIES})
+        self.predictor = nn.ModuleDict({m: LatentPredictor(hid, s_steps) for m in MODALITIES})
         self.propagate = nn.ModuleDict({m: GraphPropagation(hid, cfg.propagation_steps) for m in MODALITIES})
         if cfg.probabilistic == "gaussian":
             self.std_head = nn.ModuleDict({m: nn.Linear(hid, self.step[m]) for m in MODALITIES})
@@ -134,7 +134,7 @@ class TwinBrain(nn.Module):
         for name, p in self.named_parameters():
             if name in emb:
                 groups["embedding"].append(name)
-            elif p.dim() < 2 or "norm" in name or name.startswith(("node_emb.", "dyn_adj.", "step_emb.")):
+            elif p.dim() < 2 or "norm" in name or name.startswith(("node_emb.", "dyn_adj.")) or "step_emb" in name:
                 groups["no_decay"].append(name)
             else:
                 groups["default"].append(name)
@@ -181,9 +181,10 @@ class TwinBrain(nn.Module):
         x = gm["x"].to(dtype)
         if self.cfg.session_affine:
             flat = gm["session"] * self.n_slots[m] + gm["node_id"]
-            x = x * (1 + self.session_gain[m](flat)).unsqueeze(1) + self.session_bias[m](flat).unsqueeze(1)
+            gain, bias = self.session_affine["gain"][m](flat), self.session_affine["bias"][m](flat)
+            x = x * (1 + gain).unsqueeze(1) + bias.unsqueeze(1)
         h = self.encode[m](x)
-        add = self.node_emb[m](gm["node_id"]) + self.subject_emb(gm["subject"]) + self.session_emb(gm["session"])
+        add = self.node_emb[m](gm["node_id"]) + self.subject_embed(gm["subject"]) + self.session_embed(gm["session"])
         if self.cfg.lap_pe_dim:
             ei, ew = g[FC[m]]
             pe = laplacian_pe(ei, ew, gm["idx"], g["n_windows"], self.n_slots[m], self.cfg.lap_pe_dim)
@@ -208,10 +209,10 @@ class TwinBrain(nn.Module):
         s_steps = self.cfg.forecast_steps
         for m in MODALITIES:
             z = self.shared(self.norm_out[m](h[m]))                               # [N, L, H]
-            n, steps, hid = z.shape
+            n, steps, _ = z.shape
             out.latent[m] = z
             out.recon[m] = self.decoder[m](z).reshape(n, steps * self.step[m], 1)
-            zf = self.predictor[m](z).view(n, steps, s_steps, hid) + z.unsqueeze(2) + self.step_emb[m]
+            zf = self.predictor[m](z)                                             # [N, L, S, H]
             if self.cfg.propagation_steps:
                 ei, ew = g[FC[m]]
                 zf = self.propagate[m](zf, normalized_adjacency(ei, ew, n))

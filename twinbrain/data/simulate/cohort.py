@@ -129,9 +129,13 @@ def _paired_runs(cfg: SimConfig, anatomy: Anatomy, params: NeuralParams, start: 
 def simulate_cohort(cfg: SimConfig) -> Cohort:
     """Simulate ``n_subjects x n_sessions`` resting-state EEG-fMRI runs with ground truth.
 
-    Each Recording: EEG ``[C, T * tr * eeg_sfreq]`` float32 (V) and fMRI ``[R, T]``
-    float32 (percent signal change), ``T = minutes * 60 / tr`` volumes, both starting
-    together (``eeg_onset_s = 0``) after a discarded burn-in of ``BURN_IN_S``.
+    Recordings (subject-major, ids "01".., task "rest", run "1"): EEG
+    ``[C, T * tr * eeg_sfreq]`` float32 in volts and fMRI ``[R, T]`` float32 in percent
+    signal change, ``T = minutes * 60 / tr`` volumes, starting together
+    (``eeg_onset_s = 0``) after a discarded burn-in of ``BURN_IN_S``.  Truth: group and
+    per-subject coupling ``[R, R]`` (j -> i), modules, lead field ``[C, R]``, and per
+    subject Δ-BOLD ``[P, R, T_resp]`` / Δ-EEG ``[P, C, T_resp * tr * eeg_sfreq]`` from
+    ``RESPONSE_S`` after a pulse onset at ``perturb_onset_s`` in paired runs.
     Same ``cfg`` -> bit-identical output.  The config is validated by
     ``twinbrain.config`` (``load_config``), not here.
     """
@@ -212,7 +216,7 @@ def _truth_meta(cfg: SimConfig, anatomy: Anatomy, subjects: list[Subject], subje
         "units": {"eeg": "V", "perturb_eeg": "V", "fmri": "percent signal change",
                   "perturb_bold": "percent signal change", "gain": "unitless (EEG = eeg_volts_per_unit * gain @ Re z)"},
         "dt_s": timing.dt, "burn_in_s": _n_tr(BURN_IN_S, cfg.tr) * cfg.tr,
-        "constants": {"rate": dynamics.RATE, "a_base": dynamics.A_BASE, "gating": dynamics.GATING,
+        "constants": {"rate": dynamics.RATE, "a_base": dynamics.A_BASE, "desync": dynamics.DESYNC,
                       "tau_slow": dynamics.TAU_SLOW, "sigma_slow": dynamics.SIGMA_SLOW,
                       "spectral_radius": connectome.SPECTRAL_RADIUS,
                       "balloon": dataclasses.asdict(BalloonParams())},

@@ -2,7 +2,7 @@
 
 Per region i (complex state z, time in seconds, W = coupling, ``W[i, j]`` = j -> i)::
 
-    dz_i = { lam [ (a_i + beta eta_i - |z_i|^2) z_i + sum_j W_ij (z_j - z_i) ] + i w_i z_i } dt
+    dz_i = { lam [ (a_i exp(beta eta_i) - |z_i|^2) z_i + sum_j W_ij (z_j - z_i) ] + i w_i z_i } dt
            + sigma sqrt(lam) dB_i
     tau d eta_i = [ -eta_i + tanh(sum_j W_ij eta_j) + I_i(t) ] dt + sigma_eta sqrt(2 tau) dB'_i
 
@@ -12,10 +12,11 @@ Per region i (complex state z, time in seconds, W = coupling, ``W[i, j]`` = j ->
 * eta: slow activity (infra-slow firing-rate fluctuation, tau = 2 s) coupled through
   the same connectome (tanh keeps it bounded at any gain).  It is the neural
   drive of BOLD, carries the perturbation input I to connected regions, and
-  gates the alpha amplitude with beta < 0: activity desynchronises alpha, so alpha
-  power and BOLD are anti-correlated as in simultaneous EEG-fMRI (Goldman et al.
-  2002; Laufs et al. 2003).  With beta < 0 the oscillators never cross the Hopf
-  point, so paired runs with shared noise converge again after a pulse.
+  gates the alpha amplitude: more activity -> stronger damping (beta > 0) -> less
+  alpha, so alpha power and BOLD are anti-correlated as in simultaneous EEG-fMRI
+  (Goldman et al. 2002; Laufs et al. 2003).  The gate multiplies a < 0, so the
+  oscillators never cross the Hopf point and paired runs with shared noise
+  converge again after a pulse; log alpha power moves ~linearly with eta.
 * a, eta, W and I are dimensionless (relative to the rate lam and the slow
   noise); a held input I raises eta by I.
 
@@ -30,16 +31,22 @@ together in one ``[G, R, Q]`` array; the only Python loop is over time steps.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+try:  # installed with scikit-learn (a nilearn dependency); optional
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover
+    threadpool_limits = None
+
 from .hemodynamics import Balloon
 
 RATE = 4.0             # lam, 1/s: relaxation rate of the fast oscillator
 A_BASE = -1.0          # bifurcation parameter (below the Hopf point)
-GATING = -0.5          # beta: alpha gating by slow activity (< 0: desynchronisation)
+DESYNC = 1.5           # beta: alpha damping grows as exp(beta * eta) with slow activity
 ALPHA_HZ = 10.0        # mean alpha frequency
 ALPHA_SPREAD_HZ = 1.0  # regional spread of the alpha frequency
 TAU_SLOW = 2.0         # s, slow activity time constant
@@ -171,6 +178,16 @@ def integrate(params: NeuralParams, state: NetworkState, rngs: list[np.random.Ge
     ``rngs[g]`` supplies group g's noise, shared by its Q copies, so paired copies
     differ only through the stimulus.  ``gain`` ``[C, R]`` projects Re(z) to EEG.
     """
+    # Every product here is small; multi-threaded BLAS only adds synchronisation,
+    # which cost 4-10x on a shared 2-core machine.
+    limit = threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
+    with limit:
+        return _integrate(params, state, rngs, timing, n_tr, gain, stimulus, record_drive)
+
+
+def _integrate(params: NeuralParams, state: NetworkState, rngs: list[np.random.Generator],
+               timing: Timing, n_tr: int, gain: np.ndarray | None, stimulus: Stimulus | None,
+               record_drive: bool) -> Segment:
     g_n, r_n, q_n = state.z.shape
     dt, spt, n_sub, blk = timing.dt, timing.samples_per_tr, timing.n_sub, timing.block
     n_steps, blocks_per_tr, dt_blk = spt * n_sub, spt // blk, timing.block_s
@@ -178,7 +195,9 @@ def integrate(params: NeuralParams, state: NetworkState, rngs: list[np.random.Ge
 
     w = params.coupling.astype(np.float32)
     w_dt = np.float32(lam_dt) * w                                              # [G, R, R]
-    lin = dt * (-RATE * params.damping() + 2j * np.pi * params.freq_hz)[..., None]  # [G, R, 1]
+    a_dt = (lam_dt * params.a)[..., None]                                     # [G, R, 1], < 0
+    d_dt = (lam_dt * params.coupling.sum(axis=2))[..., None]                  # diffusive-coupling loss
+    rot = np.exp(2j * np.pi * dt * params.freq_hz)[..., None].astype(np.complex64)  # per-step rotation
     amp = np.float32(params.noise * math.sqrt(lam_dt))
     slow_amp = SIGMA_SLOW * math.sqrt(2 * dt_blk / TAU_SLOW)
 
@@ -212,8 +231,9 @@ def integrate(params: NeuralParams, state: NetworkState, rngs: list[np.random.Ge
             if stimulus is not None and stimulus.start_s <= t_blk < stimulus.stop_s:
                 drive_in = drive_in + stimulus.weights
             eta += (dt_blk / TAU_SLOW) * (drive_in - eta) + slow_amp * slow_noise[:, b]
-            power = np.square(zr).reshape(g_n, r_n, q_n, 2).sum(axis=-1)
-            e_blk = np.exp(lin + lam_dt * (GATING * eta - power)).astype(np.complex64)
+            power = z.real ** 2 + z.imag ** 2
+            log_amp = a_dt * np.exp(DESYNC * eta) - d_dt - lam_dt * power   # per-step log-amplitude change
+            e_blk = rot * np.exp(log_amp.astype(np.float32))
             for s in range(blk):
                 if re_buf is not None:
                     re_buf[:, :, b * blk + s] = z.real.transpose(0, 2, 1)

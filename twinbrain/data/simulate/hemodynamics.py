@@ -27,7 +27,7 @@ class BalloonParams:
     theta0: float = 40.3     # 1/s, frequency offset at the outer surface of magnetised vessels (3 T)
     r0: float = 25.0         # 1/s, intravascular relaxation rate slope
     epsilon: float = 1.0     # ratio of intra- to extravascular signal
-    efficacy: float = 0.3    # neural efficacy: scales the drive into the vasodilatory signal
+    efficacy: float = 0.25   # neural efficacy: scales the drive into the vasodilatory signal
 
     @property
     def k(self) -> tuple[float, float, float]:

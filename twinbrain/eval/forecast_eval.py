@@ -1,0 +1,219 @@
+"""Forecast evaluation: the model and every baseline on the SAME held-out windows, contexts and targets.
+
+Protocol for one window of ``T_f`` TRs (``H = max(eval.horizons) <= model.forecast_steps``):
+
+* context = the first ``T_ctx = T_f - H`` TRs of BOTH modalities (EEG: ``T_ctx * samples_per_tr`` samples,
+  the same wall-clock span). The model is run on the context alone ("causal re-encoding of the context
+  only") and read at its last latent step; the full window is also run, and the largest difference
+  between the two readings is reported as a live causality check (0 up to float round-off).
+* targets = the clean signal after the context: fMRI volumes ``T_ctx + h - 1`` for ``h = 1..H``; EEG
+  samples ``T_ctx * spt + k`` for ``k < H * eeg_stride``. EEG horizon ``h`` is the model's latent step
+  ``h``: the ``eeg_stride`` samples ``[(h - 1) * stride, h * stride)`` after the context, pooled.
+* baselines see the same context arrays (signal samples: TRs for fMRI, raw EEG samples for EEG), are
+  iterated sample by sample to ``H * step`` samples and scored against the same targets with the same
+  node mask, so every model/baseline pair counts exactly the same elements (``n`` in the report).
+
+Baselines are fitted once on the training subjects' normalised training spans (:func:`train_series`).
+All sums are streaming accumulators (``MetricSet``) all-reduced at the end, so windows may be sharded
+over ranks (``rank`` / ``world_size``) and the numbers are global.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch_geometric.data import Batch
+
+from twinbrain.data.timing import channel_mask, eeg_span, span_volumes, volumes
+from twinbrain.eval.baselines import build_baselines, fit_baselines
+from twinbrain.eval.metrics import MetricSet, all_reduce_sum, skill
+
+MODALITIES = ("fmri", "eeg")
+
+
+def select_windows(n_windows: int, max_windows: int) -> np.ndarray:
+    """Indices (dataset order) of the evaluated windows, ``[W]`` int64: all when ``max_windows == 0``,
+    else ``max_windows`` evenly spaced ones (so every held-out subject keeps windows)."""
+    if max_windows <= 0 or max_windows >= n_windows:
+        return np.arange(n_windows, dtype=np.int64)
+    return np.unique(np.linspace(0, n_windows - 1, max_windows).round().astype(np.int64))
+
+
+def train_series(dm, modality: str) -> list[np.ndarray]:
+    """Normalised training spans of ``dm`` (training subjects only): one float64 ``[N, T]`` per span, in
+    TRs (fMRI) or EEG samples, z-scored with that recording's statistics exactly as the windows are
+    (missing slots are 0)."""
+    out = []
+    for i, s, e in dm.split.train:
+        rec, st = dm.cohort.recordings[i], dm.stats.per_rec[i]
+        v0, v1 = span_volumes(rec, s, e)
+        if modality == "fmri":
+            x, mean, std, mask = rec.fmri[:, v0:v1], st.fmri_mean, st.fmri_std, np.asarray(rec.region_mask, bool)
+        else:
+            s0, s1 = eeg_span(rec, v0, v1)
+            x, mean, std, mask = rec.eeg[:, s0:s1], st.eeg_mean, st.eeg_std, channel_mask(rec)
+        z = (np.asarray(x, np.float64) - mean[:, None]) / std[:, None]
+        z[~mask] = 0.0
+        out.append(z)
+    return out
+
+
+def truncate(data, t_ctx: int, spt: int):
+    """Shallow copy of one window (``HeteroData``) cut to its first ``t_ctx`` TRs in both modalities
+    (``x`` and ``y``; fMRI ``[N_f, t_ctx, 1]``, EEG ``[N_e, t_ctx * spt, 1]``). Graph and ids are shared."""
+    out = copy.copy(data)
+    for m, n in (("fmri", t_ctx), ("eeg", t_ctx * spt)):
+        out[m].x = data[m].x[:, :n]
+        out[m].y = data[m].y[:, :n]
+    return out
+
+
+class CovAccumulator:
+    """Streaming covariance of ``[N]``-variate series (for FC): sums of ``x``, ``x xᵀ`` and the count."""
+
+    def __init__(self, n: int):
+        self.n = torch.zeros((), dtype=torch.float64)
+        self.s = torch.zeros(n, dtype=torch.float64)
+        self.ss = torch.zeros(n, n, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        """``x [N, T]``: T new samples of the N series."""
+        x = x.detach().to("cpu", torch.float64)
+        self.n += x.shape[1]
+        self.s += x.sum(1)
+        self.ss += x @ x.T
+
+    def all_reduce(self) -> "CovAccumulator":
+        self.n, self.s, self.ss = all_reduce_sum([self.n, self.s, self.ss])
+        return self
+
+    def corr(self) -> np.ndarray:
+        """``[N, N]`` Pearson correlation (NaN rows for constant series)."""
+        n = float(self.n.clamp_min(1))
+        cov = self.ss / n - torch.outer(self.s, self.s) / n ** 2
+        sd = cov.diagonal().clamp_min(0).sqrt()
+        return (cov / torch.outer(sd, sd)).numpy()
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
+def _series(ms: MetricSet, m: str, horizons: list[int], names: tuple[str, ...]) -> dict[str, list]:
+    res = ms.compute()
+    return {k: [_finite(res[(m, k, h)]) for h in horizons] for k in names if (m, k, horizons[0]) in res}
+
+
+@torch.no_grad()
+def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 8, mlp: bool = True,
+                       rank: int = 0, world_size: int = 1) -> dict:
+    """Model vs baselines on ``split`` of a set-up ``DataModule`` (see the module docstring).
+
+    Args:
+        model: a ``TwinBrain`` in eval mode on ``device``. cfg: the run's ``Config``.
+        batch_size: windows per forward pass. mlp: also fit and run the MLP baseline.
+        rank, world_size: shard the windows (``window[rank::world_size]``); results are all-reduced.
+    Returns a JSON-ready dict: ``protocol``, ``forecast[m]`` (per-horizon lists for the model, every
+    baseline and the skill scores), ``reconstruction[m]``, ``causality[m]`` (max |full - truncated|),
+    and ``fc`` (``model`` / ``empirical`` ``[N_f, N_f]`` numpy arrays for the validity section).
+    """
+    e, mc = cfg.eval, cfg.model
+    ds = dm.dataset(split)
+    if len(ds) == 0:
+        raise ValueError(f"split '{split}' has no window to evaluate (data.split={cfg.data.split})")
+    horizons = sorted(set(int(h) for h in e.horizons))
+    h_max, s_steps, spt = horizons[-1], mc.forecast_steps, dm.samples_per_tr
+    t_f = volumes(cfg.data.window_s, dm.tr, "data.window_s")
+    t_ctx = t_f - h_max
+    if t_ctx < max(e.ar_order, 2):
+        raise ValueError(f"windows of {t_f} TRs leave {t_ctx} context TRs for horizons up to {h_max}; need "
+                         f"at least {max(e.ar_order, 2)} (eval.ar_order); use longer windows or shorter horizons")
+    step = {"fmri": 1, "eeg": mc.eeg_stride}
+    ctx_len = {"fmri": t_ctx, "eeg": t_ctx * spt}
+    lat_ctx = {"fmri": t_ctx, "eeg": t_ctx * spt // mc.eeg_stride}     # latent steps in the context
+    hsel = torch.tensor([h - 1 for h in horizons])
+    prob = mc.probabilistic == "gaussian"
+
+    base = {m: fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))
+            for m in MODALITIES}
+    names = list(base["fmri"])
+    sets = {"model": MetricSet(MODALITIES, horizons, probabilistic=prob)}
+    sets.update({b: MetricSet(MODALITIES, horizons) for b in names})
+    recon = MetricSet(MODALITIES)
+    diff = torch.zeros(len(MODALITIES), dtype=torch.float64)
+    fc_model, fc_emp = CovAccumulator(dm.n_fmri_slots), CovAccumulator(dm.n_fmri_slots)
+    present = torch.ones(dm.n_fmri_slots, dtype=torch.bool)
+
+    all_idx = select_windows(len(ds), e.max_windows)
+    idx = all_idx[rank::world_size]
+    for c0 in range(0, len(idx), batch_size):
+        datas = [ds[int(i)] for i in idx[c0:c0 + batch_size]]
+        b = len(datas)
+        full = Batch.from_data_list(datas).to(device)
+        ctx = Batch.from_data_list([truncate(d, t_ctx, spt) for d in datas]).to(device)
+        out_full, out_ctx = model(full), model(ctx)
+        for j, m in enumerate(MODALITIES):
+            f = h_max * step[m]
+            y = full[m].y[..., 0].float().view(b, -1, t_f * (1 if m == "fmri" else spt))   # [B, N, T_m]
+            n = y.shape[1]
+            keep = full[m].mask.bool().view(b, n)                                           # [B, N]
+            c = ctx_len[m]
+            target = y[:, :, c:c + f]                                                       # [B, N, H*step]
+
+            def hv(x: torch.Tensor) -> torch.Tensor:    # [B, N, H*step] -> [B, N, step, len(horizons)]
+                return x.reshape(b, n, h_max, step[m]).transpose(-1, -2)[..., hsel.to(x.device)]
+
+            mask = keep[:, :, None, None]
+            pred = out_ctx.forecast[m].float().view(b, n, lat_ctx[m], s_steps * step[m])[:, :, -1, :f]
+            std = None
+            if prob:
+                std = hv(out_ctx.forecast_std[m].float().view(b, n, lat_ctx[m], -1)[:, :, -1, :f])
+            sets["model"].update(m, hv(pred), hv(target), mask, std=std)
+            l_full = out_full.forecast[m].shape[1]
+            same = out_full.forecast[m].float().view(b, n, l_full, -1)[:, :, lat_ctx[m] - 1, :f]
+            diff[j] = max(float(diff[j]), float((same - pred).abs().max()))
+            ctx_np = y[:, :, :c].cpu().numpy()
+            for name, bl in base[m].items():
+                bp = torch.as_tensor(bl.predict(ctx_np, f), dtype=torch.float32, device=y.device)
+                sets[name].update(m, hv(bp), hv(target), mask)
+            recon.update(m, out_full.recon[m].float()[..., 0].view(b, n, -1), y, keep[:, :, None])
+            if m == "fmri":      # one-step-ahead forecast series over the full window, for model FC
+                one = out_full.forecast[m].float().view(b, n, l_full, -1)[:, :, :-1, 0]     # [B, N, T_f - 1]
+                for w in range(b):
+                    fc_model.update(one[w])
+                    fc_emp.update(y[w, :, 1:])
+                present &= keep.all(0).cpu()
+
+    for s in [*sets.values(), recon]:
+        s.all_reduce()
+    fc_model.all_reduce()
+    fc_emp.all_reduce()
+    (diff,) = all_reduce_sum([diff])        # several ranks: the sum bounds the max from above
+    var_name = next(k for k in names if k.startswith("var"))
+    metric_names = ("r2", "pearson", "mse", "n", "crps", "coverage_50", "coverage_90")
+    forecast = {}
+    for m in MODALITIES:
+        mod = _series(sets["model"], m, horizons, metric_names)
+        bls = {k: _series(sets[k], m, horizons, ("r2", "pearson", "mse", "n")) for k in names}
+        model_r2 = np.array([np.nan if v is None else v for v in mod["r2"]], dtype=np.float64)
+        sk = {}
+        for against in ("persistence", var_name):
+            base_r2 = np.array([np.nan if v is None else v for v in bls[against]["r2"]], dtype=np.float64)
+            sk[against] = [_finite(v) for v in np.atleast_1d(skill(model_r2, base_r2))]
+        forecast[m] = {"horizons": horizons, "unit": "TR" if m == "fmri" else f"{mc.eeg_stride} EEG samples",
+                       "model": mod, "baselines": bls, "skill": sk}
+    rec = recon.compute()
+    reconstruction = {m: {"r2": _finite(rec[(m, "r2", 0)]), "pearson": _finite(rec[(m, "pearson", 0)]),
+                          "n": rec[(m, "n", 0)]} for m in MODALITIES}
+    protocol = {"split": split, "window_trs": t_f, "context_trs": t_ctx, "context_eeg_samples": t_ctx * spt,
+                "horizons": horizons, "forecast_steps": s_steps, "eeg_stride": mc.eeg_stride,
+                "samples_per_tr": spt, "tr_s": dm.tr, "n_windows": int(len(all_idx)),
+                "n_windows_in_split": len(ds), "max_windows": e.max_windows, "baselines": names,
+                "var_baseline": var_name, "ar_order": e.ar_order, "ridge_alpha": e.ridge_alpha,
+                "probabilistic": prob, "subjects": list(dm.split.subjects.get(split, [])),
+                "window_index": [int(i) for i in all_idx]}
+    return {"protocol": protocol, "forecast": forecast, "reconstruction": reconstruction,
+            "causality": {m: float(diff[j]) for j, m in enumerate(MODALITIES)},
+            "fc": {"model": fc_model.corr(), "empirical": fc_emp.corr(), "present": present.numpy()}}

@@ -1,0 +1,207 @@
+"""``twinbrain twin VERB --checkpoint P ...``: ask a trained twin and write arrays, JSON and figures.
+
+Verbs (every one takes ``--checkpoint``, ``--out DIR`` (default ``RUN/twin/<verb>``), ``--device``,
+``--subject``, ``--split``, ``--window``):
+
+    forecast     [--steps S]                                   forecast_<m>.npy, forecast.json, forecast.png
+    perturb      --targets 0,5|NAME [--amplitude A] [--duration D] [--onset O] [--modality M] [--num-steps N]
+                                                               {baseline,perturbed,delta}_<m>.npy, perturb.json,
+                                                               response.png, brain.png
+    ec           [--modality M] [--amplitude A] [--absolute] [--horizon H] [--max-windows W]
+                                                               ec.npy, ec.json (node names), ec.png
+    personalize  --subject NEW [--steps] [--lr] [--adapt-fraction] [--section.key VALUE ...]
+                 (overrides describe where the new subject's data are, e.g. --sim.n_subjects 9 for
+                 simulated subject 09, or --data.bids_root DIR)   model.pt, personalize.json
+    attribute    --target NODE [--modality M] [--horizon H] [--method grad_x_input|integrated_gradients]
+                 [--ig-steps K] [--at-step T]                  attr_<m>.npy, attribute.json, attribute.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from twinbrain.config import ConfigError, config_from_dict, parse_overrides
+from twinbrain.twin.loader import CheckpointError
+
+VERBS = ("forecast", "perturb", "ec", "personalize", "attribute")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twinbrain twin", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("verb", choices=VERBS)
+    p.add_argument("--checkpoint", required=True, help="export: RUN/best/model.pt (or RUN, RUN/best)")
+    p.add_argument("--out", help="output folder (default RUN/twin/<verb>)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--subject", help="subject id (personalize: the NEW subject)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--window", type=int, default=0, help="index of the window among the selected ones")
+    p.add_argument("--steps", type=int, help="forecast steps (forecast) / optimisation steps (personalize)")
+    p.add_argument("--modality", default="fmri", choices=["fmri", "eeg"])
+    p.add_argument("--targets", help="comma-separated node slots or names to stimulate")
+    p.add_argument("--amplitude", type=float, default=1.0, help="stimulus, z-units of the node's signal")
+    p.add_argument("--duration", type=int, default=1, help="stimulus length in input steps (TRs / samples)")
+    p.add_argument("--onset", type=int, help="first stimulated input step (default: T - duration)")
+    p.add_argument("--num-steps", type=int, help="perturb: forecast steps (> S rolls out)")
+    p.add_argument("--horizon", type=int, default=1, help="ec: steps averaged; attribute: step explained")
+    p.add_argument("--absolute", action="store_true", help="ec: |EC| instead of signed")
+    p.add_argument("--max-windows", type=int, default=16, help="ec: windows averaged (0 = all)")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--adapt-fraction", type=float, default=0.5)
+    p.add_argument("--target", help="attribute: node slot or name")
+    p.add_argument("--method", default="grad_x_input", choices=["grad_x_input", "integrated_gradients"])
+    p.add_argument("--ig-steps", type=int, default=32)
+    p.add_argument("--at-step", type=int, help="attribute: latent step the forecast is made at (default last)")
+    return p
+
+
+def _out_dir(args, twin) -> Path:
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path(twin.path).resolve().parent.parent / "twin" / args.verb
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _dump(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _window(twin, args):
+    ws = twin.windows(subject=args.subject, split=args.split)
+    if not 0 <= args.window < len(ws):
+        raise ValueError(f"--window {args.window}: split '{args.split}' has {len(ws)} windows")
+    return ws[args.window]
+
+
+def _forecast(twin, args, out: Path) -> str:
+    from twinbrain.twin.plots import plot_forecast
+    w = _window(twin, args)
+    f = twin.forecast(w, args.steps)
+    for k in ("fmri", "eeg", "fmri_std", "eeg_std"):
+        if k in f:
+            np.save(out / f"forecast_{k}.npy", f[k])
+    _dump(out / "forecast.json", {"subject": args.subject, "split": args.split, "window": args.window,
+                                  "steps": f["steps"], "tr": f["tr"], "eeg_sfreq": f["eeg_sfreq"], "units": "z",
+                                  "shapes": {k: list(f[k].shape) for k in ("fmri", "eeg")},
+                                  "region_names": twin.node_names("fmri"), "channel_names": twin.node_names("eeg")})
+    plot_forecast(w["fmri"].x[..., 0].numpy(), f["fmri"], out / "forecast.png", twin.tr, std=f.get("fmri_std"),
+                  names=twin.node_names("fmri"), title="fMRI forecast (z)")
+    return f"forecast of {f['steps']} steps: fMRI {f['fmri'].shape}, EEG {f['eeg'].shape} -> {out}"
+
+
+def _perturb(twin, args, out: Path) -> str:
+    from twinbrain.twin.plots import plot_brain, plot_response
+    if not args.targets:
+        raise ValueError("perturb needs --targets (comma-separated slots or names)")
+    w = _window(twin, args)
+    res = twin.perturb(w, args.targets.split(","), amplitude=args.amplitude, duration_steps=args.duration,
+                       onset=args.onset, modality=args.modality, num_steps=args.num_steps)
+    for kind in ("baseline", "perturbed", "delta"):
+        for m, arr in res[kind].items():
+            np.save(out / f"{kind}_{m}.npy", arr)
+    d = res["delta"][args.modality]
+    peak = np.abs(d).max(1)
+    top = [int(i) for i in np.argsort(-peak, kind="stable")[:5]]
+    names = twin.node_names(args.modality)
+    info = {k: v for k, v in res.items() if k not in ("baseline", "perturbed", "delta")}
+    info["top_responders"] = [{"node": i, "name": names[i], "peak_abs_delta": float(peak[i])} for i in top]
+    _dump(out / "perturb.json", info)
+    plot_response(res, out / "response.png")
+    if args.modality == "fmri":
+        rel = ("fmri", "fc", "fmri")
+        plot_brain(d.mean(1), w["fmri"].pos.numpy(), out / "brain.png", w[rel].edge_index.numpy(),
+                   w[rel].edge_weight.numpy(), names=names, highlight=res["targets"],
+                   title="mean Δ fMRI forecast", label="Δ (z)")
+    return (f"stimulated {res['target_names']} ({args.modality}, amplitude {args.amplitude:g}); top responders: "
+            + ", ".join(f"{names[i]} {peak[i]:.3g}" for i in top) + f" -> {out}")
+
+
+def _ec(twin, args, out: Path) -> str:
+    from twinbrain.twin.plots import plot_ec
+    ws = twin.windows(subject=args.subject, split=args.split)
+    if args.max_windows:
+        ws = ws[:args.max_windows]
+    ec = twin.effective_connectivity(ws, modality=args.modality, amplitude=args.amplitude,
+                                     signed=not args.absolute, horizon=args.horizon)
+    names = twin.node_names(args.modality)
+    np.save(out / "ec.npy", ec)
+    info = {"modality": args.modality, "names": names, "convention": "ec[i, j] = mean forecast change of node i "
+            "per unit stimulus (z) of node j", "signed": not args.absolute, "amplitude": args.amplitude,
+            "horizon": args.horizon, "windows": len(ws), "split": args.split, "subject": args.subject}
+    truth = twin.truth() if args.modality == "fmri" else None
+    line = ""
+    if truth is not None:
+        from twinbrain.eval.validity import offdiag_pearson
+        info["truth_coupling_pearson_offdiag"] = offdiag_pearson(ec, truth.coupling)
+        line = f"; off-diagonal Pearson r with the true coupling {info['truth_coupling_pearson_offdiag']:.3f}"
+    _dump(out / "ec.json", info)
+    modules = twin.modules() if args.modality == "fmri" else None
+    plot_ec(ec, names, out / "ec.png", modules=modules, title=f"{args.modality} effective connectivity")
+    return f"EC {ec.shape} from {len(ws)} windows{line} -> {out}"
+
+
+def _personalize(twin, args, overrides: list[str], out: Path) -> str:
+    from twinbrain.data.source import load_cohort
+    from twinbrain.twin.personalize import summary
+    if not args.subject:
+        raise ValueError("personalize needs --subject (the new subject's id)")
+    values = twin.cfg.to_dict()
+    _merge(values, parse_overrides(overrides))
+    cohort = load_cohort(config_from_dict(values))
+    new, report = twin.personalize(cohort, subject=args.subject, steps=args.steps or 100, lr=args.lr,
+                                   adapt_fraction=args.adapt_fraction)
+    path = new.save(out / "model.pt")
+    _dump(out / "personalize.json", report)
+    return summary(report) + f"\npersonalised twin -> {path}"
+
+
+def _attribute(twin, args, out: Path) -> str:
+    from twinbrain.twin.plots import plot_attribution
+    if args.target is None:
+        raise ValueError("attribute needs --target (node slot or name)")
+    w = _window(twin, args)
+    res = twin.attribute(w, args.target, modality=args.modality, horizon=args.horizon, method=args.method,
+                         steps=args.ig_steps, at_step=args.at_step)
+    for m in ("fmri", "eeg"):
+        np.save(out / f"attr_{m}.npy", res[m])
+    _dump(out / "attribute.json", {k: v for k, v in res.items() if k not in ("fmri", "eeg")})
+    plot_attribution(res["fmri"], out / "attribute.png", twin.tr, names=twin.node_names("fmri"),
+                     title=f"{res['method']}: {res['modality']} {res['target_name']}, horizon {res['horizon']}")
+    return f"attribution of {res['target_name']} ({res['method']}), value {res['value']:.4g} -> {out}"
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def main(argv: list[str] | None = None) -> int:
+    from twinbrain.twin.twin import Twin
+    args, rest = _parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if rest and args.verb != "personalize":
+            raise ValueError(f"unrecognised arguments {rest} (config overrides are only for personalize)")
+        twin = Twin.from_checkpoint(args.checkpoint, args.device)
+        out = _out_dir(args, twin)
+        if args.verb == "personalize":
+            print(_personalize(twin, args, rest, out))
+        else:
+            print({"forecast": _forecast, "perturb": _perturb, "ec": _ec, "attribute": _attribute}[args.verb](
+                twin, args, out))
+    except (ValueError, CheckpointError, ConfigError) as exc:
+        print(f"twinbrain twin {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,262 @@
+"""Few-shot personalisation: add a new subject to a trained twin by training only its embedding rows.
+
+The model gets one new ``subject_emb`` row and one new ``session_emb`` row per session of the new subject
+(and the matching rows of the session affine layer, if the model has one), all starting at zero, which
+is exactly how the model treats an unseen subject (the population model). Every other parameter, and
+every old row, is frozen: their gradients are masked, the optimizer is Adam without weight decay, so
+they stay bit-identical. The objective is the training loss on reconstruction + forecasting
+(``fmri_recon + fmri_forecast + eeg_recon + eeg_forecast``, :func:`twinbrain.model.loss_terms` normalised
+by counts, weighted by ``train.forecast_weight``).
+
+Each recording of the new subject is split chronologically: the first ``adapt_fraction`` of its span
+gives the adaptation windows (and the z-scoring statistics, so the held-out part is never seen), the
+rest gives held-out windows; the report compares held-out forecast loss and R² before and after.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch_geometric.data import Batch, HeteroData
+
+from twinbrain.data.graph import build_run_graph
+from twinbrain.data.timing import common_span, samples_per_tr
+from twinbrain.data.types import Cohort, Recording
+from twinbrain.data.windows import NormStats, RecStats, Split, WindowDataset, compute_norm_stats
+from twinbrain.eval.metrics import R2Accumulator, skill
+from twinbrain.model import (build_model, forecast_targets, forecast_valid, loss_counts, loss_terms, normalise,
+                             term_weight)
+
+MODALITIES = ("fmri", "eeg")
+TERMS = ("fmri_recon", "fmri_forecast", "eeg_recon", "eeg_forecast")
+
+
+# ------------------------------------------------------------------ windows of new recordings
+
+def _as_recordings(data, subject: str | None) -> list[Recording]:
+    recs = data.recordings if isinstance(data, Cohort) else [data] if isinstance(data, Recording) else list(data)
+    if subject is not None:
+        recs = [r for r in recs if r.subject == str(subject)]
+    subs = sorted({r.subject for r in recs})
+    if len(subs) != 1:
+        raise ValueError(f"personalisation needs the recordings of exactly one subject, got {subs or 'none'}; "
+                         f"pass subject=... to pick one")
+    return recs
+
+
+def _check_geometry(twin, recs: list[Recording]) -> None:
+    for r in recs:
+        r.check()
+        if r.region_names != twin.node_names("fmri") or r.channel_names != twin.node_names("eeg"):
+            raise ValueError(f"{r.key}: region/channel slots differ from the model's; map the recording onto the "
+                             f"same atlas ({twin.n_nodes('fmri')} regions) and channel list first")
+        if abs(r.tr - twin.tr) > 1e-9 or samples_per_tr(r) != twin.samples_per_tr:
+            raise ValueError(f"{r.key}: TR {r.tr} s / {samples_per_tr(r)} EEG samples per TR differ from the "
+                             f"model's ({twin.tr} s / {twin.samples_per_tr}); resample first")
+
+
+def _graphs(twin, recs: list[Recording], spans: list[tuple[int, float, float]]):
+    """Group scope: the training cohort's group graph. Run scope: each recording's own graph, fitted on
+    its adaptation span only."""
+    if twin.cfg.graph.scope == "group":
+        return twin.data.group_graph
+    band = (twin.cfg.data.eeg_l_freq, twin.cfg.data.eeg_h_freq)
+    return {i: build_run_graph(recs[i], (s, e), twin.cfg.graph, band) for i, s, e in spans}
+
+
+def _dataset(twin, recs, spans, stats: NormStats, graphs, maps) -> list[HeteroData]:
+    ds = WindowDataset(Cohort(recs), spans, graphs, stats, maps[0], maps[1],
+                       window_s=twin.cfg.data.window_s, stride_s=twin.cfg.data.stride_s)
+    return [ds[i] for i in range(len(ds))]
+
+
+def recording_windows(twin, recordings, spans=None) -> list[HeteroData]:
+    """Windows of recordings of a subject the twin knows but whose data are not in the training cohort
+    (a personalised subject). Statistics: the personalisation record's, else the recording's own
+    ``spans`` (default: whole span). ``spans``: ``[(rec_index, start_s, end_s)]`` into ``recordings``."""
+    recs = [recordings] if isinstance(recordings, Recording) else list(getattr(recordings, "recordings", recordings))
+    _check_geometry(twin, recs)
+    missing = sorted({r.subject for r in recs} - set(twin.meta["subject_map"]))
+    if missing:
+        raise ValueError(f"subjects {missing} are not in the model; personalise it first (Twin.personalize)")
+    spans = spans or [(i, *common_span(r)) for i, r in enumerate(recs)]
+    record = twin.meta.get("personalized", {})
+    per = {}
+    for i, r in enumerate(recs):
+        saved = record.get(r.subject, {}).get("norm_stats", {}).get(r.key)
+        per[i] = RecStats.from_dict(saved) if saved else None
+    if any(v is None for v in per.values()):
+        own = compute_norm_stats(Cohort(recs), Split(train=list(spans), val=[], test=[]))
+        per = {i: v or own.per_rec[i] for i, v in per.items()}
+    stats = NormStats(per, next(iter(per.values())))
+    return _dataset(twin, recs, spans, stats, _graphs(twin, recs, spans),
+                    (twin.meta["subject_map"], twin.meta["session_map"]))
+
+
+# ------------------------------------------------------------------ model surgery
+
+def extend_model(twin, n_new_subjects: int, n_new_sessions: int):
+    """A copy of the model with ``n_new_subjects`` subject and ``n_new_sessions`` session rows appended to
+    every embedding indexed by them (zeros); everything else copied. Returns ``(model, first_new_row)``
+    where ``first_new_row[name]`` is the first new row of each grown parameter."""
+    old = twin.model
+    sd = old.state_dict()
+    n_sub, n_ses = len(twin.meta["subject_map"]), len(twin.meta["session_map"])
+    new = build_model(twin.cfg, n_subjects=n_sub + n_new_subjects, n_sessions=n_ses + n_new_sessions,
+                      n_fmri_slots=twin.n_nodes("fmri"), n_eeg_slots=twin.n_nodes("eeg"),
+                      samples_per_tr=twin.samples_per_tr)
+    grown_ok = set(new.embedding_parameter_names())
+    state, first = {}, {}
+    for k, v in new.state_dict().items():
+        if sd[k].shape == v.shape:
+            state[k] = sd[k].clone()
+        elif k in grown_ok and sd[k].shape[1:] == v.shape[1:]:   # old rows kept, new rows zero
+            state[k] = torch.cat([sd[k].to(v.device), torch.zeros_like(v[sd[k].shape[0]:])])
+            first[k] = sd[k].shape[0]
+        else:
+            raise RuntimeError(f"cannot extend '{k}' from {tuple(sd[k].shape)} to {tuple(v.shape)}: only "
+                               f"subject/session embeddings may grow with new subjects")
+    new.load_state_dict(state, strict=True)
+    return new.to(twin.device).eval(), first
+
+
+def _trainable(model, first: dict[str, int]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, row mask) of every grown embedding (new rows 1, old rows 0); freezes everything else."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = []
+    for name, p in model.named_parameters():
+        if name in first:
+            mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), device=p.device)
+            mask[first[name]:] = 1.0
+            p.requires_grad_(True)
+            out.append((p, mask))
+    return out
+
+
+def _objective(batch, out, cfg) -> torch.Tensor:
+    parts = normalise(loss_terms(batch, out, cfg.train, cfg.model), loss_counts(batch, cfg.train, cfg.model))
+    return sum(term_weight(k, cfg.train) * parts[k] for k in TERMS)
+
+
+@torch.no_grad()
+def heldout_scores(model, windows: list[HeteroData], cfg, batch_size: int = 8) -> dict[str, float]:
+    """Forecast loss (mean of ``train.loss`` over valid forecast entries, per modality and summed) and
+    forecast R² (all horizons pooled, and horizon 1) with persistence skill at horizon 1."""
+    s_steps, device = cfg.model.forecast_steps, next(model.parameters()).device
+    sums = {k: 0.0 for k in TERMS}
+    counts = {k: 0.0 for k in TERMS}
+    acc = {(m, k): R2Accumulator() for m in MODALITIES for k in ("all", "h1", "persist_h1")}
+    for a in range(0, len(windows), batch_size):
+        batch = Batch.from_data_list(windows[a:a + batch_size]).to(device)
+        out = model(batch)
+        for k, (s, c) in loss_terms(batch, out, cfg.train, cfg.model).items():
+            if k in sums:
+                sums[k] += float(s)
+                counts[k] += float(c)
+        for m in MODALITIES:
+            step = 1 if m == "fmri" else cfg.model.eeg_stride
+            y = batch[m].y[..., 0].float()
+            tgt = forecast_targets(y, step, s_steps)
+            valid = batch[m].mask.bool()[:, None, None] & forecast_valid(y.shape[1], step, s_steps, device)[None]
+            pred = out.forecast[m].float()
+            acc[m, "all"].update(pred, tgt, valid)
+            acc[m, "h1"].update(pred[..., :step], tgt[..., :step], valid[..., :step])
+            held = y[:, step - 1::step][:, :, None].expand(-1, -1, step)          # last sample of step t, held
+            acc[m, "persist_h1"].update(held, tgt[..., :step], valid[..., :step])
+    res = {k: sums[k] / max(counts[k], 1.0) for k in TERMS}
+    res["forecast_loss"] = res["fmri_forecast"] + res["eeg_forecast"]
+    for m in MODALITIES:
+        res[f"{m}_r2"] = float(acc[m, "all"].compute())
+        res[f"{m}_r2_h1"] = float(acc[m, "h1"].compute())
+        res[f"{m}_skill_h1"] = float(skill(res[f"{m}_r2_h1"], float(acc[m, "persist_h1"].compute())))
+    return res
+
+
+# ------------------------------------------------------------------ personalisation
+
+def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr: float = 1e-2,
+                adapt_fraction: float = 0.5, batch_size: int | None = None, seed: int = 0):
+    """Add a new subject from ``data`` (Recording, list of Recordings or Cohort) -> ``(Twin, report)``.
+
+    ``steps`` Adam steps at learning rate ``lr`` on random batches of ``batch_size`` (default
+    ``train.batch_size``) adaptation windows. The returned Twin shares the config, has the extended
+    embeddings and maps (``subject_map[subject] = previous size``) and a ``metadata['personalized']``
+    record (recordings, statistics, spans, report); :meth:`Twin.save` writes it as a normal export.
+    ``report``: ``before`` / ``after`` held-out scores (:func:`heldout_scores`), window counts, losses.
+    """
+    from twinbrain.twin.twin import Twin
+    if not 0.0 < adapt_fraction < 1.0:
+        raise ValueError(f"adapt_fraction must be in (0, 1), got {adapt_fraction}")
+    recs = _as_recordings(data, subject)
+    _check_geometry(twin, recs)
+    sub = recs[0].subject
+    if sub in twin.meta["subject_map"]:
+        raise ValueError(f"subject '{sub}' is already in the model (index {twin.meta['subject_map'][sub]}); "
+                         f"personalisation adds a NEW subject — rename it or use the existing twin")
+    cfg = twin.cfg
+    adapt, held = [], []
+    for i, r in enumerate(recs):
+        s, e = common_span(r)
+        cut = s + adapt_fraction * (e - s)
+        adapt.append((i, s, cut))
+        held.append((i, cut, e))
+    stats = compute_norm_stats(Cohort(recs), Split(train=adapt, val=[], test=held))
+    meta = copy.deepcopy(twin.meta)
+    n_sub, n_ses = len(meta["subject_map"]), len(meta["session_map"])
+    sessions = sorted({f"{sub}/{r.session}" for r in recs})
+    meta["subject_map"][sub] = n_sub
+    meta["session_map"].update({k: n_ses + q for q, k in enumerate(sessions)})
+    graphs = _graphs(twin, recs, adapt)
+    maps = (meta["subject_map"], meta["session_map"])
+    w_adapt = _dataset(twin, recs, adapt, stats, graphs, maps)
+    w_held = _dataset(twin, recs, held, stats, graphs, maps)
+    if not w_adapt or not w_held:
+        raise ValueError(f"subject '{sub}': {len(w_adapt)} adaptation / {len(w_held)} held-out windows of "
+                         f"{cfg.data.window_s} s; record at least {2 * cfg.data.window_s / 60:.1f} min or change "
+                         f"adapt_fraction")
+
+    model, first = extend_model(twin, 1, len(sessions))
+    bs = batch_size or cfg.train.batch_size
+    before = heldout_scores(model, w_held, cfg, bs)
+    params = _trainable(model, first)
+    opt = torch.optim.Adam([p for p, _ in params], lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(int(steps)):
+        pick = torch.randperm(len(w_adapt), generator=gen)[:bs].tolist()
+        batch = Batch.from_data_list([w_adapt[i] for i in pick]).to(twin.device)
+        loss = _objective(batch, model(batch), cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p, mask in params:          # only the new rows learn
+            p.grad.mul_(mask)
+        opt.step()
+        losses.append(float(loss.detach()))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    after = heldout_scores(model, w_held, cfg, bs)
+    report = {"subject": sub, "subject_index": n_sub, "sessions": sessions, "recordings": [r.key for r in recs],
+              "n_adapt_windows": len(w_adapt), "n_heldout_windows": len(w_held), "steps": int(steps), "lr": lr,
+              "adapt_fraction": adapt_fraction, "train_loss_first": losses[0] if losses else float("nan"),
+              "train_loss_last": losses[-1] if losses else float("nan"), "before": before, "after": after,
+              "improvement": before["forecast_loss"] - after["forecast_loss"]}
+    meta.setdefault("personalized", {})[sub] = {
+        "recordings": [r.key for r in recs],
+        "norm_stats": {r.key: stats.per_rec[i].to_dict() for i, r in enumerate(recs)},
+        "adapt_spans": [[r.key, s, e] for (i, s, e), r in zip(adapt, recs)],
+        "heldout_spans": [[r.key, s, e] for (i, s, e), r in zip(held, recs)],
+        "report": {k: v for k, v in report.items() if k not in ("before", "after")} | {
+            "before": before, "after": after}}
+    return Twin(model, cfg, meta, path=None, data=twin._data), report
+
+
+def summary(report: dict) -> str:
+    """One line per score: before -> after."""
+    lines = [f"subject {report['subject']}: {report['n_adapt_windows']} adaptation / "
+             f"{report['n_heldout_windows']} held-out windows, {report['steps']} steps"]
+    for k in ("forecast_loss", "fmri_forecast", "eeg_forecast", "fmri_r2", "eeg_r2", "fmri_skill_h1"):
+        b, a = report["before"][k], report["after"][k]
+        lines.append(f"  {k:15s} {b: .4f} -> {a: .4f}")
+    return "\n".join(lines)

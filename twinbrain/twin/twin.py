@@ -1,0 +1,309 @@
+"""The Twin API: ask a trained TwinBrain model questions.
+
+    twin = Twin.from_checkpoint("runs/x/best/model.pt")
+    w = twin.windows(subject="03", split="test")[0]      # HeteroData, z-scored with the checkpoint's stats
+    f = twin.forecast(w)                                 # {'fmri': [N_f, S], 'eeg': [N_e, S * eeg_stride]}
+    p = twin.perturb(w, targets=[0, 5], amplitude=1.0)   # baseline / perturbed / delta for every node
+    ec = twin.effective_connectivity(twin.windows(split="test"))   # [N, N], ec[i, j] = effect of j on i
+    new, report = twin.personalize(recordings_of_new_subject)
+    a = twin.attribute(w, target_node=3)                 # {'fmri': [N_f, T_f], 'eeg': [N_e, T_e]}
+
+Units: every signal is in z-units of its node (the recording's normalisation statistics, stored in the
+checkpoint); time axes are explicit (fMRI in TRs of ``tr`` s, EEG in samples at ``eeg_sfreq`` Hz).
+Conventions are documented in docs/TWIN.md.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_geometric.data import Batch, HeteroData
+
+from twinbrain.twin import perturb as _pt
+from twinbrain.twin.loader import load_export, save_export
+
+log = logging.getLogger(__name__)
+MODALITIES = ("fmri", "eeg")
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).numpy()
+
+
+class Twin:
+    """A trained model with its config and data metadata. Build with :meth:`from_checkpoint`.
+
+    ``data`` (optional): a set-up ``DataModule`` for the cohort the config describes (built lazily).
+    """
+
+    def __init__(self, model, config, metadata: dict, *, path: Path | None = None, data=None):
+        self.model = model.eval()
+        self.cfg, self.meta, self.path, self._data = config, metadata, path, data
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None) -> "Twin":
+        """Strictly load an export (see :func:`twinbrain.twin.loader.load_export`)."""
+        lm = load_export(path, device)
+        return cls(lm.model, lm.config, lm.metadata, path=lm.path)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def forecast_steps(self) -> int:
+        """``S``: steps predicted by one forward pass (fMRI TRs; EEG latent steps)."""
+        return int(self.cfg.model.forecast_steps)
+
+    @property
+    def samples_per_tr(self) -> int:
+        return int(self.meta["samples_per_tr"])
+
+    @property
+    def tr(self) -> float:
+        return float(self.meta["tr"])
+
+    @property
+    def eeg_sfreq(self) -> float:
+        return self.samples_per_tr / self.tr
+
+    def step_samples(self, modality: str) -> int:
+        """Signal samples per forecast step: 1 for fMRI (one TR), ``eeg_stride`` for EEG."""
+        return 1 if _check_modality(modality) == "fmri" else int(self.cfg.model.eeg_stride)
+
+    def sample_period_s(self, modality: str) -> float:
+        """Seconds per input sample: ``tr`` for fMRI, ``1 / eeg_sfreq`` for EEG."""
+        return self.tr if _check_modality(modality) == "fmri" else 1.0 / self.eeg_sfreq
+
+    def n_nodes(self, modality: str) -> int:
+        return int(self.meta["n_fmri_slots" if _check_modality(modality) == "fmri" else "n_eeg_slots"])
+
+    def node_names(self, modality: str) -> list[str]:
+        return list(self.meta["region_names" if _check_modality(modality) == "fmri" else "channel_names"])
+
+    def node_index(self, modality: str, targets) -> list[int]:
+        """Slots of ``targets``: an int slot, a node name, or a list of them."""
+        names = self.node_names(modality)
+        items = targets if isinstance(targets, (list, tuple, np.ndarray, torch.Tensor)) else [targets]
+        out = []
+        for t in items:
+            t = t.item() if hasattr(t, "item") else t
+            if isinstance(t, str) and t not in names and t.lstrip("-").isdigit():
+                t = int(t)
+            if isinstance(t, str):
+                if t not in names:
+                    raise ValueError(f"unknown {modality} node '{t}'; names are {names[:8]}...")
+                out.append(names.index(t))
+            elif 0 <= int(t) < len(names):
+                out.append(int(t))
+            else:
+                raise ValueError(f"{modality} node {t} is out of range: slots are 0..{len(names) - 1}")
+        if not out:
+            raise ValueError("no target node given")
+        return out
+
+    # ------------------------------------------------------------------ data
+    @property
+    def data(self):
+        """``DataModule`` of the cohort the checkpoint's config describes (simulated cohorts regenerate
+        deterministically from ``sim.seed``); checked against the checkpoint's maps and recordings."""
+        if self._data is None:
+            from twinbrain.data.module import DataModule
+            dm = DataModule(self.cfg).setup()
+            self._check_data(dm)
+            self._data = dm
+        return self._data
+
+    def _check_data(self, dm) -> None:
+        got, want = dm.metadata(), self.meta
+        where = self.path or "the checkpoint"
+        for key in ("n_fmri_slots", "n_eeg_slots", "samples_per_tr", "region_names", "channel_names"):
+            if got[key] != want[key]:
+                raise ValueError(f"{where}: the data its config describes no longer match the model ({key} "
+                                 f"differs); point data.* at the cohort the model was trained on")
+        if "recordings" in want and got["recordings"] != want["recordings"]:
+            raise ValueError(f"{where}: trained on recordings {want['recordings'][:4]}..., the config now "
+                             f"gives {got['recordings'][:4]}...; the cohort changed, windows would be wrong")
+        for key in ("subject_map", "session_map"):
+            bad = [k for k, v in got[key].items() if want[key].get(k) != v]
+            if bad:
+                raise ValueError(f"{where}: {key} entries {bad[:4]} differ from the checkpoint's")
+        if "norm_stats" in want and got["norm_stats"] != want["norm_stats"]:
+            log.warning("%s: normalisation statistics recomputed from the data differ from the saved ones "
+                        "(regenerated or re-prepared data?); using the checkpoint's", where)
+
+    def windows(self, subject: str | None = None, split: str = "test") -> list[HeteroData]:
+        """Windows of ``split`` ('train' | 'val' | 'test' | 'all') of the cohort, optionally of one
+        ``subject``, z-scored with the checkpoint's statistics, in dataset order (recording, start)."""
+        from twinbrain.data.windows import NormStats, WindowDataset
+        dm = self.data
+        saved = self.meta.get("split")
+        names = ("train", "val", "test") if split == "all" else (split,)
+        if any(n not in ("train", "val", "test") for n in names):
+            raise ValueError(f"unknown split '{split}'; use train, val, test or all")
+        spans = [tuple(s) for n in names for s in (saved[n] if saved else dm.split.spans(n))]
+        spans = [(int(i), float(s), float(e)) for i, s, e in spans]
+        recs = dm.cohort.recordings
+        if subject is not None:
+            spans = [sp for sp in spans if recs[sp[0]].subject == str(subject)]
+            if not spans:
+                raise ValueError(f"subject '{subject}' has no window in split '{split}' (subjects per split: "
+                                 f"{dm.split.subjects}); for a subject outside the cohort use windows_from()")
+        stats = NormStats.from_dict(self.meta["norm_stats"]) if "norm_stats" in self.meta else dm.stats
+        ds = WindowDataset(dm.cohort, spans, dm.graphs, stats, self.meta["subject_map"], self.meta["session_map"],
+                           window_s=self.cfg.data.window_s, stride_s=self.cfg.data.stride_s)
+        return [ds[i] for i in range(len(ds))]
+
+    def windows_from(self, recordings, spans=None) -> list[HeteroData]:
+        """Windows of recordings outside the training cohort (e.g. a personalised subject). Statistics come
+        from the subject's personalisation record if there is one, else from each recording's own span."""
+        from twinbrain.twin.personalize import recording_windows
+        return recording_windows(self, recordings, spans)
+
+    # ------------------------------------------------------------------ batches
+    def check_slots(self, batch) -> None:
+        """Every window must hold all atlas slots in slot order (as ``WindowDataset`` builds them)."""
+        b = batch.subject.numel()
+        for m in MODALITIES:
+            n = self.n_nodes(m)
+            ids = batch[m].node_id if "node_id" in batch[m] else None
+            if batch[m].x.shape[0] != b * n or (ids is not None and not torch.equal(
+                    ids.cpu(), torch.arange(n).repeat(b))):
+                raise ValueError(f"{m}: the twin needs every window to hold all {n} slots in slot order "
+                                 f"(node_id 0..{n - 1}), as WindowDataset builds them; mask missing slots")
+
+    def batch(self, windows) -> tuple[Batch, bool]:
+        """HeteroData | list[HeteroData] | Batch -> (Batch on the model's device, was_single_window)."""
+        single = isinstance(windows, HeteroData) and not isinstance(windows, Batch)
+        if isinstance(windows, Batch):
+            batch = windows
+        elif single:
+            batch = Batch.from_data_list([windows])
+        else:
+            batch = Batch.from_data_list(list(windows))
+        batch = batch.to(self.device)
+        self.check_slots(batch)
+        return batch, single
+
+    def _shape(self, x: torch.Tensor, n_win: int, single: bool, m: str) -> np.ndarray:
+        out = _np(x).reshape(n_win, self.n_nodes(m), -1)
+        return out[0] if single else out
+
+    def predict(self, batch, steps: int, need=MODALITIES) -> dict[str, torch.Tensor]:
+        """Differentiable forecasts ``{m: [B * N, steps * step]}`` (roll-out beyond ``S``; see
+        :func:`twinbrain.twin.perturb.predict`)."""
+        return _pt.predict(self.model, batch, steps, spt=self.samples_per_tr, stride=self.step_samples("eeg"),
+                           need=need)
+
+    # ------------------------------------------------------------------ questions
+    @torch.no_grad()
+    def forecast(self, windows, steps: int | None = None) -> dict:
+        """Forecast the ``steps`` (<= ``S``) steps after the whole given context window.
+
+        Returns ``{'fmri': [N_f, steps] (TRs), 'eeg': [N_e, steps * eeg_stride] (samples)}`` in z-units,
+        plus ``'fmri_std'``, ``'eeg_std'`` for a Gaussian head; a leading ``[B]`` axis for several windows.
+        Step ``k`` starts ``k`` TRs (fMRI) / ``k * eeg_stride`` samples (EEG) after the context end.
+        """
+        steps = self.forecast_steps if steps is None else int(steps)
+        if not 1 <= steps <= self.forecast_steps:
+            raise ValueError(f"steps={steps}: the model forecasts 1..{self.forecast_steps} steps per pass "
+                             f"(model.forecast_steps); for longer horizons use Twin.rollout(window, steps) "
+                             f"or perturb(..., num_steps=...), which feed forecasts back as inputs")
+        return self.rollout(windows, steps)
+
+    @torch.no_grad()
+    def rollout(self, windows, steps: int) -> dict:
+        """Like :meth:`forecast` for any ``steps``: beyond ``S`` forecasts are fed back autoregressively
+        (no ``*_std`` then)."""
+        batch, single = self.batch(windows)
+        pred = self.predict(batch, int(steps))
+        n_win = batch.subject.numel()
+        res = {k: self._shape(v, n_win, single, k.split("_")[0]) for k, v in pred.items()}
+        res.update(steps=int(steps), tr=self.tr, eeg_sfreq=self.eeg_sfreq, units="z")
+        return res
+
+    @torch.no_grad()
+    def perturb(self, window, targets, amplitude: float = 1.0, duration_steps: int = 1, onset: int | None = None,
+                modality: str = "fmri", num_steps: int | None = None) -> dict:
+        """Virtual stimulation: add ``amplitude`` (z-units) to the input of ``targets`` (slots or names of
+        ``modality``) over input steps ``[onset, onset + duration_steps)`` of the context (fMRI: TRs, EEG:
+        samples; default onset ``T - duration_steps``, i.e. the pulse ends on the last context step).
+
+        Returns ``{'baseline' | 'perturbed' | 'delta': {'fmri': [N_f, num_steps], 'eeg': [N_e, num_steps *
+        eeg_stride]}, ...}`` for every node (leading ``[B]`` for several windows). ``num_steps`` (default
+        ``S``) counts forecast steps of each modality; beyond ``S`` both runs are rolled out by feeding
+        their own forecasts back as inputs (:func:`twinbrain.twin.perturb.predict`).
+        """
+        modality = _check_modality(modality)
+        steps = self.forecast_steps if num_steps is None else int(num_steps)
+        batch, single = self.batch(window)
+        slots = self.node_index(modality, targets)
+        n_win, n = batch.subject.numel(), self.n_nodes(modality)
+        t_len = batch[modality].x.shape[1]
+        start = t_len - duration_steps if onset is None else int(onset)
+        copies = torch.arange(n_win).repeat_interleave(len(slots))
+        stim = _pt.stimulate(batch, modality, n, copies, torch.tensor(slots * n_win), amplitude, start,
+                             duration_steps)
+        base, pert = self.predict(batch, steps), self.predict(stim, steps)
+        out = {"baseline": {}, "perturbed": {}, "delta": {}}
+        for m in MODALITIES:
+            out["baseline"][m] = self._shape(base[m], n_win, single, m)
+            out["perturbed"][m] = self._shape(pert[m], n_win, single, m)
+            out["delta"][m] = out["perturbed"][m] - out["baseline"][m]
+        period = self.sample_period_s(modality)
+        out.update(targets=slots, target_names=[self.node_names(modality)[s] for s in slots], modality=modality,
+                   amplitude=float(amplitude), onset=start, duration_steps=int(duration_steps), num_steps=steps,
+                   rollout=steps > self.forecast_steps, onset_s=(start - t_len) * period, tr=self.tr,
+                   eeg_sfreq=self.eeg_sfreq, units="z")
+        return out
+
+    def effective_connectivity(self, windows, modality: str = "fmri", amplitude: float = 1.0, signed: bool = True,
+                               horizon: int = 1, onset: int | None = None, duration_steps: int = 1,
+                               batch_size: int = 64) -> np.ndarray:
+        """``[N, N]`` matrix, ``ec[i, j]`` = mean forecast change of node ``i`` per unit stimulus of node ``j``
+        (averaged over ``windows`` and forecast steps ``1..horizon``); ``|ec|`` if ``signed=False``.
+        Rows/columns follow :meth:`node_names`. Batched; see :func:`twinbrain.twin.perturb.effective_connectivity`."""
+        ws = [windows] if isinstance(windows, HeteroData) and not isinstance(windows, Batch) else \
+            (windows.to_data_list() if isinstance(windows, Batch) else list(windows))
+        if not ws:
+            raise ValueError("effective_connectivity needs at least one window")
+        return _pt.effective_connectivity(self, ws, _check_modality(modality), amplitude, signed, int(horizon),
+                                          onset, int(duration_steps), int(batch_size))
+
+    def attribute(self, window, target_node, modality: str = "fmri", horizon: int = 1,
+                  method: str = "grad_x_input", steps: int = 32, at_step: int | None = None) -> dict:
+        """Attribution of one forecast to every input node and time; see :mod:`twinbrain.twin.attribution`."""
+        from twinbrain.twin.attribution import attribute
+        return attribute(self, window, target_node, _check_modality(modality), int(horizon), method, int(steps),
+                         at_step)
+
+    def personalize(self, data, **kwargs):
+        """Few-shot personalisation to a new subject -> ``(Twin, report)``; see
+        :func:`twinbrain.twin.personalize.personalize`."""
+        from twinbrain.twin.personalize import personalize
+        return personalize(self, data, **kwargs)
+
+    def save(self, path) -> Path:
+        """Write this twin in the export format (loadable by :meth:`from_checkpoint`)."""
+        return save_export(path, self.model, self.cfg, self.meta)
+
+    def truth(self):
+        """The cohort's ``GroundTruth`` (simulated data) or None."""
+        return self.data.truth
+
+    def modules(self) -> np.ndarray | None:
+        """``[N_f]`` network label per region if the data know it (simulator / atlas), else None."""
+        rec = self.data.cohort.recordings[0]
+        if rec.modules is not None:
+            return np.asarray(rec.modules)
+        truth = self.data.truth
+        return None if truth is None else np.asarray(truth.modules)
+
+
+def _check_modality(modality: str) -> str:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality '{modality}' is not one of {MODALITIES}")
+    return modality
