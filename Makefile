@@ -4,7 +4,6 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 RUN     ?= runs/quickstart
-export OMP_NUM_THREADS ?= 1
 
 .PHONY: train test smoke smoke-ddp install clean
 
@@ -20,17 +19,17 @@ install: $(STAMP)
 
 # Main job: train a twin on the built-in simulated cohort, evaluate it on held-out subjects.
 train: $(STAMP)
-	$(BIN)/twinbrain train --config configs/quickstart.yaml --run.out $(RUN)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(BIN)/twinbrain train --config configs/quickstart.yaml --run.out $(RUN)
 	$(BIN)/twinbrain evaluate --checkpoint $(RUN)/best/model.pt
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m pytest -q
 
 smoke: $(STAMP)
 	$(BIN)/twinbrain train --config configs/smoke.yaml --run.out runs/smoke
 
 smoke-ddp: $(STAMP)
-	$(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes 2 \
+	OMP_NUM_THREADS=1 $(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes 2 \
 		launch/train.py --config configs/smoke.yaml --run.out runs/smoke-ddp
 
 clean:

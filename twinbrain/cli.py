@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +20,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_config(args, overrides) -> int:
     cfg = load_config(args.config, overrides)
-    if args.print or True:
-        print(dump_config(cfg), end="")
+    print(dump_config(cfg), end="")   # --print is accepted for clarity; printing is what this verb does
     return 0
 
 
@@ -38,9 +38,15 @@ def _cmd_simulate(args, overrides) -> int:
 def _cmd_prepare(args, overrides) -> int:
     from .data.prepare import prepare
 
+    from .data.prepare import PrepareError
+
     cfg = load_config(args.config, overrides)
-    report = prepare(cfg, progress=True)
-    print(report.summary() if hasattr(report, "summary") else report)
+    try:
+        report = prepare(cfg, progress=True)
+    except PrepareError as exc:
+        print(f"prepare failed:\n{exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
     return 0
 
 
@@ -125,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, ValueError) as exc:
+        # Bad input (missing files, wrong shapes, NaNs, mismatched rates): the message names the
+        # file and the fix; a traceback would only bury it.
+        if os.environ.get("TWINBRAIN_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -458,6 +458,10 @@ def validate_config(cfg: Config) -> None:
                  f"{g.k_cross} cross-modal targets per channel but only {s.n_regions} regions")
         _require(s.n_perturb <= s.n_regions, "sim.n_perturb", f"{s.n_perturb} > sim.n_regions={s.n_regions}")
         _require(s.n_modules <= s.n_regions, "sim.n_modules", f"{s.n_modules} > sim.n_regions={s.n_regions}")
+    if d.source in ("bids", "store"):
+        _require(0 < d.eeg_l_freq < d.eeg_h_freq < d.eeg_sfreq / 2, "data.eeg_h_freq",
+                 f"band-pass {d.eeg_l_freq}-{d.eeg_h_freq} Hz must satisfy 0 < l_freq < h_freq < "
+                 f"eeg_sfreq/2 = {d.eeg_sfreq / 2} Hz")
     if d.source == "bids":
         _require(bool(d.bids_root), "data.bids_root", "data.source is 'bids' but no data.bids_root was given")
     if d.source == "store":

@@ -196,13 +196,13 @@ class DataModule:
                 "split": self.split.to_dict(), "recordings": [r.key for r in self.cohort.recordings]}
 
     # -------------------------------------------------------------- loaders
-    def train_loader(self, rank: int = 0, world_size: int = 1) -> WindowLoader:
+    def train_loader(self, rank: int = 0, world_size: int = 1, device=None) -> WindowLoader:
         """Infinite, shuffled, augmented batches of ``train.batch_size`` windows for ``rank``."""
         ds = self.train_dataset
         sampler = WindowSampler(len(ds), self.cfg.train.batch_size, world_size, rank, seed=self.cfg.train.seed,
                                 shuffle=True, bucket_keys=ds.sizes(), pad="wrap")
         return WindowLoader(ds, sampler, augment=self.cfg.data, seed=self.cfg.train.seed,
-                            num_workers=self.cfg.data.num_workers, infinite=True)
+                            num_workers=self.cfg.data.num_workers, infinite=True, device=device)
 
     def eval_loader(self, split: str = "val", rank: int = 0, world_size: int = 1,
                     batch_size: int | None = None) -> WindowLoader:

@@ -142,9 +142,10 @@ def augment_batch(batch, augment: DataConfig, generator: torch.Generator | None 
         out = causal_moving_average(x, int(augment.augment_smooth), dim=1)
         if augment.augment_offset > 0:
             out = out + augment.augment_offset * torch.randn(x.shape[0], 1, x.shape[2], generator=generator,
-                                                             dtype=x.dtype)
+                                                             dtype=x.dtype, device=x.device)
         if augment.augment_noise > 0:
-            out = out + augment.augment_noise * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            out = out + augment.augment_noise * torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                                           device=x.device)
         mask = batch[m].mask.view(-1, 1, 1).to(x.dtype)
         batch[m].x = out * mask
     return batch
@@ -185,8 +186,11 @@ class WindowLoader:
     """
 
     def __init__(self, dataset, sampler: WindowSampler, *, augment: DataConfig | None = None, seed: int = 0,
-                 num_workers: int = 0, infinite: bool = True):
+                 num_workers: int = 0, infinite: bool = True, device: torch.device | str | None = None):
         self.dataset, self.sampler, self.augment = dataset, sampler, augment
+        # Batches are moved to ``device`` before augmentation, so the noise is drawn there (on a GPU the
+        # host-side random draws were half of the step time); the seed per batch keeps resume exact.
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.seed, self.num_workers, self.infinite = int(seed), int(num_workers), infinite
 
     def __len__(self) -> int:
@@ -208,7 +212,8 @@ class WindowLoader:
 
     def _generator(self, epoch: int, position: int) -> torch.Generator:
         seq = np.random.SeedSequence([self.seed, self.sampler.rank, epoch, position])
-        return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+        return torch.Generator(device=self.device).manual_seed(
+            int(seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
 
     def __iter__(self):
         if not self.infinite:
@@ -227,6 +232,8 @@ class WindowLoader:
             batch = next(clean) if clean is not None else _collate_clean([self.dataset[i] for i in idx])
             if is_pad and self.sampler.pad == "dummy":
                 batch.weight = torch.zeros_like(batch.weight)
+            if self.device.type != "cpu":
+                batch = batch.to(self.device, non_blocking=True)
             if _active(self.augment):
                 augment_batch(batch, self.augment, self._generator(epoch, pos))
             # The state now names the batch AFTER the one being handed out.

@@ -136,8 +136,9 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     hsel = torch.tensor([h - 1 for h in horizons])
     prob = mc.probabilistic == "gaussian"
 
-    base = {m: fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))
-            for m in MODALITIES}
+    with torch.enable_grad():           # the MLP baseline trains by gradient descent
+        base = {m: fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))
+                for m in MODALITIES}
     names = list(base["fmri"])
     sets = {"model": MetricSet(MODALITIES, horizons, probabilistic=prob)}
     sets.update({b: MetricSet(MODALITIES, horizons) for b in names})

@@ -107,6 +107,11 @@ class TwinBrain(nn.Module):
         self.decoder = nn.ModuleDict({m: nn.Linear(hid, self.step[m]) for m in MODALITIES})
         self.predictor = nn.ModuleDict({m: LatentPredictor(hid, s_steps) for m in MODALITIES})
         self.propagate = nn.ModuleDict({m: GraphPropagation(hid, cfg.propagation_steps) for m in MODALITIES})
+        # Persistence anchor: the forecast is a learned gain times the last observed sample of the step
+        # plus the decoded prediction, so an untrained twin starts at persistence for the slow BOLD
+        # signal (gain 1) and learns departures from it; oscillatory EEG starts without it (gain 0).
+        self.anchor = nn.ParameterDict({"fmri": nn.Parameter(torch.ones(1)),   # 1-D: FSDP2 cannot shard scalars
+                                        "eeg": nn.Parameter(torch.zeros(1))})
         if cfg.probabilistic == "gaussian":
             self.std_head = nn.ModuleDict({m: nn.Linear(hid, self.step[m]) for m in MODALITIES})
 
@@ -217,7 +222,9 @@ class TwinBrain(nn.Module):
                 ei, ew = g[FC[m]]
                 zf = self.propagate[m](zf, normalized_adjacency(ei, ew, n))
             out.latent_forecast[m] = zf                                           # [N, L, S, H]
-            out.forecast[m] = self.decoder[m](zf).reshape(n, steps, s_steps * self.step[m])
+            fc = self.decoder[m](zf).reshape(n, steps, s_steps * self.step[m])
+            last = g[m]["x"][:, self.step[m] - 1::self.step[m], 0][:, :steps]      # [N, L] input at end of step
+            out.forecast[m] = fc + self.anchor[m].to(fc.dtype) * last.to(fc.dtype).unsqueeze(-1)
             if out.forecast_std is not None:
                 std = F.softplus(self.std_head[m](zf).float()) + 1e-3
                 out.forecast_std[m] = std.reshape(n, steps, s_steps * self.step[m])

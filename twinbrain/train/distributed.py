@@ -94,7 +94,8 @@ def make_accelerator():
     from accelerate.utils import InitProcessGroupKwargs
 
     hide_sharding_env()
-    use_cpu = not torch.cuda.is_available()
+    # configs/accelerate/cpu.yaml sets ACCELERATE_USE_CPU: honour it on GPU machines too (gloo, no NCCL).
+    use_cpu = not torch.cuda.is_available() or _truthy(os.environ.get("ACCELERATE_USE_CPU"))
     handlers = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if use_cpu:

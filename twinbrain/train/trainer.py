@@ -93,7 +93,7 @@ class Trainer:
         module = TrainModule(model, balancer, t, cfg.model).to(self.device)
         self.raw = module
 
-        self.loader = d.train_loader(self.rank, self.world)
+        self.loader = d.train_loader(self.rank, self.world, device=self.device)
         self.step_flops = self._count_flops(module) if cfg.logging.flops else None
 
         # 6. wrapping and optimizer
@@ -164,7 +164,7 @@ class Trainer:
         """Matmul FLOPs of one micro-batch forward+backward, on a copy (no state is touched)."""
         try:
             probe = copy.deepcopy(module)
-            loader = self.data.train_loader(self.rank, self.world)
+            loader = self.data.train_loader(self.rank, self.world, device=self.device)
             batch = next(iter(loader)).to(self.device)
             counts = {k: float(v) for k, v in loss_counts(batch, self.cfg.train, self.cfg.model).items()}
             rng = torch.get_rng_state()

@@ -112,7 +112,7 @@ def _perturb(twin, args, out: Path) -> str:
     info = {k: v for k, v in res.items() if k not in ("baseline", "perturbed", "delta")}
     info["top_responders"] = [{"node": i, "name": names[i], "peak_abs_delta": float(peak[i])} for i in top]
     _dump(out / "perturb.json", info)
-    plot_response(res, out / "response.png")
+    plot_response(res, out / "response.png", names=names)
     if args.modality == "fmri":
         rel = ("fmri", "fc", "fmri")
         plot_brain(d.mean(1), w["fmri"].pos.numpy(), out / "brain.png", w[rel].edge_index.numpy(),
@@ -130,17 +130,15 @@ def _ec(twin, args, out: Path) -> str:
     ec = twin.effective_connectivity(ws, modality=args.modality, amplitude=args.amplitude,
                                      signed=not args.absolute, horizon=args.horizon)
     names = twin.node_names(args.modality)
-    np.save(out / "ec.npy", ec)
-    info = {"modality": args.modality, "names": names, "convention": "ec[i, j] = mean forecast change of node i "
-            "per unit stimulus (z) of node j", "signed": not args.absolute, "amplitude": args.amplitude,
-            "horizon": args.horizon, "windows": len(ws), "split": args.split, "subject": args.subject}
+    info = {"signed": not args.absolute, "amplitude": args.amplitude, "horizon": args.horizon, "windows": len(ws),
+            "split": args.split, "subject": args.subject}
     truth = twin.truth() if args.modality == "fmri" else None
     line = ""
     if truth is not None:
         from twinbrain.eval.validity import offdiag_pearson
         info["truth_coupling_pearson_offdiag"] = offdiag_pearson(ec, truth.coupling)
         line = f"; off-diagonal Pearson r with the true coupling {info['truth_coupling_pearson_offdiag']:.3f}"
-    _dump(out / "ec.json", info)
+    twin.save_ec(ec, out / "ec.npy", args.modality, **info)
     modules = twin.modules() if args.modality == "fmri" else None
     plot_ec(ec, names, out / "ec.png", modules=modules, title=f"{args.modality} effective connectivity")
     return f"EC {ec.shape} from {len(ws)} windows{line} -> {out}"

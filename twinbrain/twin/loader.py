@@ -14,6 +14,7 @@ and the keys. This module knows nothing of the trainer (it never imports ``twinb
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,12 @@ def load_export(path: str | Path, device: str | torch.device | None = None) -> L
     """
     path = resolve_export_path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Metadata holding e.g. numpy scalars is refused by the safe unpickler; the export is the
+            # user's own file, so read it fully (tensors and plain Python objects only are expected).
+            payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unreadable / truncated / not a torch file
         raise CheckpointError(f"{path}: cannot read the export ({type(exc).__name__}: {exc}); "
                               f"the file is truncated or not a TwinBrain export") from exc

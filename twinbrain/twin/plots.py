@@ -65,7 +65,8 @@ def plot_ec(ec: np.ndarray, names: list[str], path, modules=None, title: str = "
     return _save(fig, path)
 
 
-def plot_response(result: dict, path, modality: str | None = None, top: int = 5, window: int = 0) -> Path:
+def plot_response(result: dict, path, modality: str | None = None, top: int = 5, window: int = 0,
+                  names: list[str] | None = None) -> Path:
     """Δforecast over time after the context end for the ``top`` nodes with the largest peak |Δ|
     (``result`` from :meth:`Twin.perturb`); the stimulated nodes are drawn dashed."""
     m = modality or result["modality"]
@@ -79,9 +80,10 @@ def plot_response(result: dict, path, modality: str | None = None, top: int = 5,
     fig, ax = plt.subplots(figsize=(7, 4))
     for i in picks:
         style = "--" if (m == result["modality"] and i in result["targets"]) else "-"
-        ax.plot(t, delta[i], style, marker="o" if delta.shape[1] <= 20 else None, ms=3, label=f"node {i}")
+        ax.plot(t, delta[i], style, marker="o" if delta.shape[1] <= 20 else None, ms=3,
+                label=names[i] if names else f"node {i}")
     ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xlabel("time after context end (s)")
+    ax.set_xlabel("forecast step start, s after context end")
     ax.set_ylabel(f"Δ {m} forecast (z)")
     names = ", ".join(result.get("target_names", []))
     ax.set_title(f"response to {result['modality']} stimulus of {names} (amplitude {result['amplitude']:g})")

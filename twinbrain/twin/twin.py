@@ -14,6 +14,7 @@ Conventions are documented in docs/TWIN.md.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from twinbrain.twin.loader import load_export, save_export
 
 log = logging.getLogger(__name__)
 MODALITIES = ("fmri", "eeg")
+EC_CONVENTION = ("ec[i, j] = mean change of node i's forecast per unit stimulus of node j (row = target, "
+                 "column = source; GroundTruth.coupling convention)")
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -272,6 +275,18 @@ class Twin:
             raise ValueError("effective_connectivity needs at least one window")
         return _pt.effective_connectivity(self, ws, _check_modality(modality), amplitude, signed, int(horizon),
                                           onset, int(duration_steps), int(batch_size))
+
+    def save_ec(self, ec: np.ndarray, path, modality: str = "fmri", **info) -> tuple[Path, Path]:
+        """Write ``ec [N, N]`` to ``path`` (.npy) and, beside it (.json), the node names (row i / column j
+        order), the sign convention and ``info`` (amplitude, horizon, ...). Returns both paths."""
+        path = Path(path).with_suffix(".npy")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.asarray(ec))
+        meta = {"modality": modality, "names": self.node_names(modality), "shape": list(np.shape(ec)),
+                "convention": EC_CONVENTION, "units": "forecast z-units per stimulus z-unit", **info}
+        side = path.with_suffix(".json")
+        side.write_text(json.dumps(meta, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+        return path, side
 
     def attribute(self, window, target_node, modality: str = "fmri", horizon: int = 1,
                   method: str = "grad_x_input", steps: int = 32, at_step: int | None = None) -> dict:
