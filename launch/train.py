@@ -13,7 +13,7 @@ import traceback
 
 from twinbrain.config import ConfigError, load_config
 from twinbrain.train.distributed import clean_exit
-from twinbrain.train.trainer import Trainer
+from twinbrain.train.trainer import run_training
 
 
 def main(argv: list[str]) -> int:
@@ -26,11 +26,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    run_training(cfg)
     return 0
 
 

@@ -51,14 +51,9 @@ def _cmd_prepare(args, overrides) -> int:
 
 
 def _cmd_train(args, overrides) -> int:
-    from .train.trainer import Trainer
+    from .train.trainer import run_training
 
-    cfg = load_config(args.config, overrides)
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    run_training(load_config(args.config, overrides))
     return 0
 
 

@@ -373,3 +373,12 @@ class Trainer:
             if self.is_main:
                 print(summary_table(tel.last_metrics, getattr(self, "last_eval", None) or tel.last_eval))
                 print(f"run directory: {self.run_dir.resolve()}")
+
+
+def run_training(cfg: Config) -> dict:
+    """Build the trainer, train, close: the whole job behind ``launch/train.py`` and ``twinbrain train``."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
