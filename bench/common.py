@@ -434,3 +434,19 @@ def _synthetic_data_module(a):
     cfg.graph.k_fmri, cfg.graph.k_eeg, cfg.graph.k_cross = a.k_fmri, a.k_eeg, a.k_cross
     cfg.model.eeg_patch = cfg.model.eeg_stride = a.eeg_stride
     return DataModule(cfg, Cohort(recs)).setup()
+
+
+def measure_full_step(a, windows: int, device: torch.device, dtype: torch.dtype | None, repeats: int,
+                      warmup: int = 1, checkpointing: bool = False) -> tuple:
+    """``(peak bytes | OOM, median s/step | OOM)`` of one full train step at ``windows`` per batch."""
+    try:
+        step = full_model_step(a, windows, device, dtype, checkpointing=checkpointing)
+        t = median(time_round_robin({"s": step}, device, repeats, warmup=warmup)["s"])
+        mem = peak_memory(step, device) if t != OOM else OOM
+    except RuntimeError as exc:
+        if not is_oom(exc):
+            raise
+        t = mem = OOM
+    step = None
+    free_memory(device)
+    return mem, t

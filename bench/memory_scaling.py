@@ -23,17 +23,7 @@ from common import OOM
 
 def measure(a, device, dtype, ckpt: bool, repeats: int) -> tuple:
     """(peak bytes | 'OOM', median s/step | 'OOM') of one full train step."""
-    try:
-        step = common.full_model_step(a, a.batch, device, dtype, checkpointing=ckpt)
-        t = common.median(common.time_round_robin({"s": step}, device, repeats, warmup=1)["s"])
-        mem = common.peak_memory(step, device) if t != OOM else OOM
-    except RuntimeError as exc:
-        if not common.is_oom(exc):
-            raise
-        t = mem = OOM
-    step = None
-    common.free_memory(device)
-    return mem, t
+    return common.measure_full_step(a, a.batch, device, dtype, repeats, warmup=1, checkpointing=ckpt)
 
 
 def fit(xs: list[float], ys: list, unit: str) -> str:

@@ -129,23 +129,12 @@ def run_full(a, device, dtype, deadline):
         if deadline.passed():
             rows.append([b, common.SKIPPED, "", "", "", "", ""])
             continue
-        try:
-            step = common.full_model_step(a, b, device, dtype)
-            t = common.median(common.time_round_robin({"d": step}, device, a.full_repeats, a.warmup)["d"])
-            mem = common.peak_memory(step, device) if t != OOM else OOM
-        except RuntimeError as exc:
-            if not common.is_oom(exc):
-                raise
-            t = mem = OOM
-        step = None
-        common.free_memory(device)
+        mem, t = common.measure_full_step(a, b, device, dtype, a.full_repeats, warmup=a.warmup)
         load = common.loader_batch_time(a, b, device, a.full_repeats) if a.loader else None
         share = None if load is None or t == OOM else load / (load + t)
         rows.append([b, t, t if t == OOM else b / t, t if t == OOM else b * per_window / t,
                      mem if mem == OOM else mem / common.MIB, None if load is None else 1e3 * load,
                      None if share is None else f"{100 * share:.1f} %"])
-        step = None
-        common.free_memory(device)
     return rows
 
 

@@ -16,3 +16,13 @@ def make_window():
 def make_batch():
     """Factory: ``make_batch(n_windows, seed, **make_window_kwargs) -> Batch``."""
     return batches.make_batch
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to other processes on shared cores."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,12 +11,7 @@ from twinbrain.config import TrainConfig
 from twinbrain.model import LossBalancer, loss_counts, loss_term_names, loss_terms, make_balancer, normalise
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(balancer: str):

@@ -16,12 +16,7 @@ from twinbrain.model import (ModelOutput, forecast_targets, forecast_valid, loss
 from twinbrain.model.losses import gaussian_nll, latent_targets, pearson_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _windows(n=2, **kw):

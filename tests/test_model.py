@@ -341,10 +341,4 @@ def test_build_model_accepts_full_config():
         build_model(tiny_cfg(eeg_stride=3, eeg_patch=3), 2, 2, N_F, N_E, SPT)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to other processes on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")

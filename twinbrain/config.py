@@ -378,7 +378,7 @@ def validate_config(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         _require(flat[key] in allowed, key, f"'{flat[key]}' is not one of {', '.join(allowed)}")
 
-    d, s, g, m, t, p, lg, e = cfg.data, cfg.sim, cfg.graph, cfg.model, cfg.train, cfg.parallel, cfg.logging, cfg.eval
+    d, s, g, m, t, p, e = cfg.data, cfg.sim, cfg.graph, cfg.model, cfg.train, cfg.parallel, cfg.eval
     positive = ["sim.n_subjects", "sim.n_sessions", "sim.minutes", "sim.n_regions", "sim.n_channels",
                 "sim.n_modules", "sim.tr", "sim.eeg_sfreq", "sim.dt_ms", "data.eeg_sfreq", "data.window_s",
                 "data.stride_s", "model.hidden", "model.blocks", "model.heads", "model.kernel_size",

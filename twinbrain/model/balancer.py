@@ -72,15 +72,25 @@ class LossBalancer(nn.Module):
             return len(self.names) * torch.softmax(self.logits, 0)
         return torch.ones_like(self.base)
 
+    def weighted(self, losses: dict[str, Tensor]) -> Tensor:
+        """The part of the total that is linear in the losses: ``sum_i b_i w_i L_i``."""
+        w = self.task_weights()
+        if self.mode == "gradnorm":
+            w = w.detach()          # GradNorm weights learn only from gradnorm_loss
+        return (self.base * w * self._stack(losses)).sum()
+
+    def regularizer(self) -> Tensor:
+        """The loss-independent part of the total (uncertainty weighting's ``sum_i b_i s_i``; else 0).
+
+        Kept separate so a trainer that sums the weighted part over micro-batches and ranks can add
+        the regulariser once per optimizer step."""
+        if self.mode == "uncertainty":
+            return (self.base * self.log_vars.clamp(-6.0, 6.0)).sum()
+        return torch.zeros((), device=self.base.device)
+
     def forward(self, losses: dict[str, Tensor]) -> Tensor:
         """``{term: scalar mean loss}`` -> scalar total (terms not balanced are ignored)."""
-        vec = self._stack(losses)
-        if self.mode == "uncertainty":
-            s = self.log_vars.clamp(-6.0, 6.0)
-            return (self.base * (torch.exp(-s) * vec + s)).sum()
-        if self.mode == "gradnorm":
-            return (self.base * self.task_weights().detach() * vec).sum()
-        return (self.base * vec).sum()
+        return self.weighted(losses) + self.regularizer()
 
     def weights(self) -> dict[str, float]:
         """Effective multiplier of every balanced term (prior x learned), for logging."""

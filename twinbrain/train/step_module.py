@@ -6,8 +6,7 @@ is used on every step on every rank.
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..model import loss_terms, normalise
 
@@ -37,12 +36,8 @@ class TrainModule(nn.Module):
             return out
         terms = loss_terms(batch, out, self.train_cfg, self.model_cfg)
         parts = normalise(terms, global_counts)
-        # The balancer is affine in the parts: total(parts) = sum_i w_i parts_i + R. Split it so the
-        # regulariser is counted once per optimizer step, not once per micro-batch and rank.
-        zero = {k: torch.zeros((), device=v.device) for k, v in parts.items()}
-        reg = self.balancer(zero)
-        weighted = self.balancer(parts) - reg
-        loss = data_scale * weighted + reg_scale * reg
+        # The regulariser is counted once per optimizer step, not once per micro-batch and rank.
+        loss = data_scale * self.balancer.weighted(parts) + reg_scale * self.balancer.regularizer()
         if getattr(self.balancer, "mode", "") == "gradnorm":
             shared = self.model.shared_parameter()
             loss = loss + reg_scale * self.balancer.gradnorm_loss(parts, shared)

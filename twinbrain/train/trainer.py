@@ -11,7 +11,7 @@ import copy
 import logging
 import math
 import random
-import time
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -360,7 +360,6 @@ class Trainer:
         self.export("final", {f"val/{k}": v for k, v in last_eval.items()})
         if self.is_main and not (self.run_dir / "best" / "model.pt").is_file():
             # No validation improved (or none ran): the final weights are the best we have.
-            import shutil
             (self.run_dir / "best").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.run_dir / "final" / "model.pt", self.run_dir / "best" / "model.pt")
         self.last_eval = last_eval

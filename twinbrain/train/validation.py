@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..eval.metrics import R2Accumulator, skill
-from ..model import forecast_targets, forecast_valid, loss_counts, loss_terms
+from ..model import forecast_targets, forecast_valid, loss_terms
 from .distributed import all_reduce_
 
 MODALITIES = ("fmri", "eeg")
@@ -57,10 +57,10 @@ def validate(module, loader, model_cfg, train_cfg, device, dtype) -> dict[str, f
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = module(batch)
         terms = loss_terms(batch, out, train_cfg, model_cfg)
-        counts = loss_counts(batch, train_cfg, model_cfg)
         for i, name in enumerate(VAL_LOSS_TERMS):
-            sums[2 * i] += float(terms[name][0])
-            sums[2 * i + 1] += float(counts[name])
+            total, count = terms[name]
+            sums[2 * i] += float(total)
+            sums[2 * i + 1] += float(count)
         for m in MODALITIES:
             keep = batch[m].mask.bool()
             y = batch[m].y.float()[..., 0]
