@@ -34,6 +34,24 @@ def test_subject_split_never_shares_subjects():
         split_recordings(cohort, make_config(window_s=500.0))
 
 
+def test_explicit_subject_ids_define_leave_one_subject_out_folds():
+    cohort = make_cohort(n_subjects=5, n_sessions=2)
+    seen = []
+    for held_out in cohort.subjects:
+        sp = split_recordings(cohort, make_config(test_subject_ids=[held_out]))
+        assert sp.subjects["test"] == [held_out]
+        assert held_out not in sp.subjects["train"] + sp.subjects["val"] and len(sp.subjects["val"]) == 1
+        assert {cohort.recordings[i].subject for i, _, _ in sp.test} == {held_out}
+        seen.append(held_out)
+    assert seen == cohort.subjects
+    sp = split_recordings(cohort, make_config(test_subject_ids=["01"], val_subject_ids=["03", "04"]))
+    assert sp.subjects == {"test": ["01"], "val": ["03", "04"], "train": ["00", "02"]}
+    with pytest.raises(ValueError, match="data.test_subject_ids.*not subjects"):
+        split_recordings(cohort, make_config(test_subject_ids=["99"]))
+    with pytest.raises(ValueError, match="no training"):
+        split_recordings(cohort, make_config(test_subject_ids=["00", "01", "02"], val_subject_ids=["03", "04"]))
+
+
 def test_chronological_windows_do_not_overlap_across_splits():
     cohort = make_cohort(n_subjects=2, n_vols=200)
     cfg = make_config(split="chronological", val_fraction=0.2, test_fraction=0.2)

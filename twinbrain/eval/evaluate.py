@@ -27,7 +27,7 @@ import torch
 
 from twinbrain.config import ConfigError, config_from_dict, parse_overrides
 from twinbrain.data.module import DataModule
-from twinbrain.eval.forecast_eval import MODALITIES, evaluate_forecasts
+from twinbrain.eval.forecast_eval import evaluate_forecasts
 from twinbrain.eval.twin_validity import twin_validity
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def render_markdown(report: dict) -> str:
              f"Split **{p['split']}** (subjects {', '.join(p['subjects']) or 'n/a'}), {p['n_windows']} of "
              f"{p['n_windows_in_split']} windows; window {p['window_trs']} TRs, context {p['context_trs']} TRs "
              f"(TR {p['tr_s']} s); step {report.get('step')}; {report['created']}; {report['machine']}.", ""]
-    for m in MODALITIES:
+    for m in report["forecast"]:
         f = report["forecast"][m]
         hs = f["horizons"]
         unit = "TR" if m == "fmri" else f"latent step = {p['eeg_stride']} samples"
@@ -189,7 +189,7 @@ def render_markdown(report: dict) -> str:
     rec, cau = report["reconstruction"], report["causality"]
     lines += ["## Reconstruction and causality", "",
               "| modality | reconstruction R² | max abs(full-window - context-only) forecast |", "|---|---|---|"]
-    lines += [f"| {m} | {_fmt(rec[m]['r2'])} | {cau[m]:.2e} |" for m in MODALITIES]
+    lines += [f"| {m} | {_fmt(rec[m]['r2'])} | {cau[m]:.2e} |" for m in rec]
     v = report["validity"]
     lines += ["", "## Twin validity (ground truth)", ""]
     if not v.get("available"):

@@ -29,6 +29,7 @@ from torch_geometric.data import Batch
 from twinbrain.data.timing import channel_mask, eeg_span, span_volumes, volumes
 from twinbrain.eval.baselines import build_baselines, fit_baselines
 from twinbrain.eval.metrics import MetricSet, all_reduce_sum, skill
+from twinbrain.model.losses import present_modalities
 
 MODALITIES = ("fmri", "eeg")
 
@@ -135,15 +136,16 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     lat_ctx = {"fmri": t_ctx, "eeg": t_ctx * spt // mc.eeg_stride}     # latent steps in the context
     hsel = torch.tensor([h - 1 for h in horizons])
     prob = mc.probabilistic == "gaussian"
+    mods = present_modalities(dm.n_fmri_slots, dm.n_eeg_slots)     # fMRI-only cohorts score no EEG
 
     with torch.enable_grad():           # the MLP baseline trains by gradient descent
         base = {m: fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))
-                for m in MODALITIES}
-    names = list(base["fmri"])
-    sets = {"model": MetricSet(MODALITIES, horizons, probabilistic=prob)}
-    sets.update({b: MetricSet(MODALITIES, horizons) for b in names})
-    recon = MetricSet(MODALITIES)
-    diff = torch.zeros(len(MODALITIES), dtype=torch.float64)
+                for m in mods}
+    names = list(base[mods[0]])
+    sets = {"model": MetricSet(mods, horizons, probabilistic=prob)}
+    sets.update({b: MetricSet(mods, horizons) for b in names})
+    recon = MetricSet(mods)
+    diff = torch.zeros(len(mods), dtype=torch.float64)
     fc_model, fc_emp = CovAccumulator(dm.n_fmri_slots), CovAccumulator(dm.n_fmri_slots)
     present = torch.ones(dm.n_fmri_slots, dtype=torch.bool)
 
@@ -155,7 +157,7 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
         full = Batch.from_data_list(datas).to(device)
         ctx = Batch.from_data_list([truncate(d, t_ctx, spt) for d in datas]).to(device)
         out_full, out_ctx = model(full), model(ctx)
-        for j, m in enumerate(MODALITIES):
+        for j, m in enumerate(mods):
             f = h_max * step[m]
             y = full[m].y[..., 0].float().view(b, -1, t_f * (1 if m == "fmri" else spt))   # [B, N, T_m]
             n = y.shape[1]
@@ -195,7 +197,7 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     var_name = next(k for k in names if k.startswith("var"))
     metric_names = ("r2", "pearson", "mse", "n", "crps", "coverage_50", "coverage_90")
     forecast = {}
-    for m in MODALITIES:
+    for m in mods:
         mod = _series(sets["model"], m, horizons, metric_names)
         bls = {k: _series(sets[k], m, horizons, ("r2", "pearson", "mse", "n")) for k in names}
         model_r2 = np.array([np.nan if v is None else v for v in mod["r2"]], dtype=np.float64)
@@ -207,7 +209,7 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
                        "model": mod, "baselines": bls, "skill": sk}
     rec = recon.compute()
     reconstruction = {m: {"r2": _finite(rec[(m, "r2", 0)]), "pearson": _finite(rec[(m, "pearson", 0)]),
-                          "n": rec[(m, "n", 0)]} for m in MODALITIES}
+                          "n": rec[(m, "n", 0)]} for m in mods}
     protocol = {"split": split, "window_trs": t_f, "context_trs": t_ctx, "context_eeg_samples": t_ctx * spt,
                 "horizons": horizons, "forecast_steps": s_steps, "eeg_stride": mc.eeg_stride,
                 "samples_per_tr": spt, "tr_s": dm.tr, "n_windows": int(len(all_idx)),
@@ -216,5 +218,5 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
                 "probabilistic": prob, "subjects": list(dm.split.subjects.get(split, [])),
                 "window_index": [int(i) for i in all_idx]}
     return {"protocol": protocol, "forecast": forecast, "reconstruction": reconstruction,
-            "causality": {m: float(diff[j]) for j, m in enumerate(MODALITIES)},
+            "causality": {m: float(diff[j]) for j, m in enumerate(mods)},
             "fc": {"model": fc_model.corr(), "empirical": fc_emp.corr(), "present": present.numpy()}}

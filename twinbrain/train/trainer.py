@@ -20,7 +20,7 @@ import yaml
 
 from ..config import Config, ConfigError, dump_config, save_config
 from ..data.module import DataModule
-from ..model import build_model, loss_counts, loss_term_names, make_balancer
+from ..model import build_model, loss_counts, loss_term_names, make_balancer, present_modalities
 from .checkpoint import Checkpointer, export_model, full_model_state, latest_checkpoint, rng_state, set_rng_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
@@ -86,7 +86,8 @@ class Trainer:
         model = build_model(cfg, n_subjects=len(d.subject_map), n_sessions=len(d.session_map),
                              n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots,
                              samples_per_tr=d.samples_per_tr)
-        balancer = make_balancer(t, loss_term_names())
+        self.modalities = present_modalities(d.n_fmri_slots, d.n_eeg_slots)
+        balancer = make_balancer(t, loss_term_names(self.modalities))
         self.n_params = sum(p.numel() for p in model.parameters())
         # 5. activation checkpointing (applied by us, the same under every backend)
         self.ac_blocks = apply_activation_checkpointing(model.blocks, t.activation_checkpointing, t.ac_every_k)
@@ -261,7 +262,8 @@ class Trainer:
                     loss.backward()
             loss_sum += loss.detach() / data_scale
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                if k.split("_", 1)[0] in self.modalities:      # absent modalities are not logged
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
 
         if ds:
             grad_norm = float(self.module.get_global_grad_norm() or 0.0)
@@ -296,7 +298,7 @@ class Trainer:
                                 op="sum")
         # ``loss``: the unweighted sum of the reconstruction and forecast terms (global means), comparable
         # across balancers and with ``val/loss``; ``objective``: what the optimizer minimised.
-        summed["loss"] = sum(summed[f"loss/{k}"] for k in VAL_LOSS_TERMS)
+        summed["loss"] = sum(summed[f"loss/{k}"] for k in VAL_LOSS_TERMS if f"loss/{k}" in summed)
         stats = {**summed, "grad_norm": grad_norm, "skipped_steps": float(self.skipped)}
         balancer = self.raw.balancer
         if self.backend.name not in ("fsdp2", "deepspeed") or balancer.mode == "none":
@@ -311,7 +313,8 @@ class Trainer:
         self.module.eval()
         try:
             loader = self.data.eval_loader("val", self.rank, self.world)
-            metrics = validate(self.module, loader, self.cfg.model, self.cfg.train, self.device, self.dtype)
+            metrics = validate(self.module, loader, self.cfg.model, self.cfg.train, self.device, self.dtype,
+                               self.modalities)
         finally:
             self.module.train()
         return metrics

@@ -41,14 +41,17 @@ def persistence_forecast(y: Tensor, step: int, s_steps: int) -> Tensor:
 
 
 @torch.no_grad()
-def validate(module, loader, model_cfg, train_cfg, device, dtype) -> dict[str, float]:
-    """Global validation metrics of the (wrapped) train module over one pass of ``loader``."""
+def validate(module, loader, model_cfg, train_cfg, device, dtype,
+             modalities: tuple[str, ...] = MODALITIES) -> dict[str, float]:
+    """Global validation metrics of the (wrapped) train module over one pass of ``loader``, for the
+    ``modalities`` present in the cohort."""
     s_steps = model_cfg.forecast_steps
+    terms_used = [n for n in VAL_LOSS_TERMS if n.split("_", 1)[0] in modalities]
     steps = {"fmri": 1, "eeg": model_cfg.eeg_stride}
-    r2 = {m: R2Accumulator(horizons=s_steps) for m in MODALITIES}
-    r2_pers = {m: R2Accumulator(horizons=s_steps) for m in MODALITIES}
-    r2_rec = {m: R2Accumulator() for m in MODALITIES}
-    sums = torch.zeros(len(VAL_LOSS_TERMS) * 2, dtype=torch.float64, device=device)
+    r2 = {m: R2Accumulator(horizons=s_steps) for m in modalities}
+    r2_pers = {m: R2Accumulator(horizons=s_steps) for m in modalities}
+    r2_rec = {m: R2Accumulator() for m in modalities}
+    sums = torch.zeros(len(terms_used) * 2, dtype=torch.float64, device=device)
     for batch in loader:
         batch = batch.to(device)
         if "weight" in batch:                       # padding windows contribute nothing
@@ -57,11 +60,11 @@ def validate(module, loader, model_cfg, train_cfg, device, dtype) -> dict[str, f
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = module(batch)
         terms = loss_terms(batch, out, train_cfg, model_cfg)
-        for i, name in enumerate(VAL_LOSS_TERMS):
+        for i, name in enumerate(terms_used):
             total, count = terms[name]
             sums[2 * i] += float(total)
             sums[2 * i + 1] += float(count)
-        for m in MODALITIES:
+        for m in modalities:
             keep = batch[m].mask.bool()
             y = batch[m].y.float()[..., 0]
             t_len, step = y.shape[1], steps[m]
@@ -77,12 +80,12 @@ def validate(module, loader, model_cfg, train_cfg, device, dtype) -> dict[str, f
         acc.all_reduce()
     metrics: dict[str, float] = {}
     total = 0.0
-    for i, name in enumerate(VAL_LOSS_TERMS):
+    for i, name in enumerate(terms_used):
         value = float(sums[2 * i] / sums[2 * i + 1].clamp_min(1))
         metrics[f"loss/{name}"] = value
         total += value
     metrics["loss"] = total
-    for m in MODALITIES:
+    for m in modalities:
         metrics[f"{m}/recon_r2"] = float(r2_rec[m].compute())
         model_r2, base_r2 = r2[m].compute().tolist(), r2_pers[m].compute().tolist()
         for h in range(s_steps):
