@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from tests.synth_recordings import make_cohort
@@ -58,6 +59,18 @@ def test_fmri_only_cohort_trains_validates_and_evaluates(tmp_path):
     assert all(v is not None for v in f["model"]["r2"])
     assert res["causality"]["fmri"] < 1e-5, "context-only forecast must equal the full-window forecast"
     tr.close()
+
+    # The twin answers fMRI questions and says plainly that there is no EEG to ask about.
+    from twinbrain.twin import Twin
+    twin = Twin.from_checkpoint(tmp_path / "run" / "best" / "model.pt", device="cpu")
+    windows = [dm.test_dataset[i] for i in range(2)]
+    f = twin.forecast(windows[0], steps=2)
+    assert f["fmri"].shape == (6, 2) and f["eeg"].shape == (0, 2 * cfg.model.eeg_stride)
+    p = twin.perturb(windows[0], targets=[1], num_steps=3)
+    assert p["delta"]["fmri"].shape == (6, 3) and abs(p["delta"]["fmri"][1, 0]) > 0
+    assert twin.effective_connectivity(windows).shape == (6, 6)
+    with pytest.raises(ValueError, match="no eeg nodes"):
+        twin.perturb(windows[0], targets=[0], modality="eeg")
 
 
 def test_empty_eeg_path_leaves_fmri_outputs_unchanged(make_batch, one_thread):

@@ -90,6 +90,9 @@ class Twin:
     def node_index(self, modality: str, targets) -> list[int]:
         """Slots of ``targets``: an int slot, a node name, or a list of them."""
         names = self.node_names(modality)
+        if not names:
+            raise ValueError(f"this twin has no {modality} nodes (it was trained on a cohort without "
+                             f"{modality.upper()}); target the other modality")
         items = targets if isinstance(targets, (list, tuple, np.ndarray, torch.Tensor)) else [targets]
         out = []
         for t in items:
@@ -192,7 +195,7 @@ class Twin:
         return batch, single
 
     def _shape(self, x: torch.Tensor, n_win: int, single: bool, m: str) -> np.ndarray:
-        out = _np(x).reshape(n_win, self.n_nodes(m), -1)
+        out = _np(x).reshape(n_win, self.n_nodes(m), x.shape[-1])     # x: [B * N, F]; N may be 0
         return out[0] if single else out
 
     def predict(self, batch, steps: int, need=MODALITIES) -> dict[str, torch.Tensor]:
