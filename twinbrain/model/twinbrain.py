@@ -76,7 +76,10 @@ class TwinBrain(nn.Module):
 
         self.encode = nn.ModuleDict({"fmri": nn.Linear(1, hid),
                                      "eeg": CausalPatchEmbed(1, hid, cfg.eeg_patch, cfg.eeg_stride)})
-        self.node_emb = nn.ModuleDict({m: nn.Embedding(self.n_slots[m], hid) for m in MODALITIES})
+        # Tables get at least one row: a modality absent from the cohort (0 slots) is never indexed, but
+        # FSDP2 cannot shard zero-size parameters.
+        rows = {m: max(self.n_slots[m], 1) for m in MODALITIES}
+        self.node_emb = nn.ModuleDict({m: nn.Embedding(rows[m], hid) for m in MODALITIES})
         for emb in self.node_emb.values():
             nn.init.normal_(emb.weight, std=0.1)
         self.subject_embed, self.session_embed = nn.Embedding(n_subjects, hid), nn.Embedding(n_sessions, hid)
@@ -84,7 +87,7 @@ class TwinBrain(nn.Module):
         nn.init.zeros_(self.session_embed.weight)
         if cfg.session_affine:   # per (session, slot) input gain and offset, identity at start
             self.session_affine = nn.ModuleDict({
-                kind: nn.ModuleDict({m: nn.Embedding(n_sessions * self.n_slots[m], 1) for m in MODALITIES})
+                kind: nn.ModuleDict({m: nn.Embedding(n_sessions * rows[m], 1) for m in MODALITIES})
                 for kind in ("gain", "bias")})
             for emb in self.session_affine.modules():
                 if isinstance(emb, nn.Embedding):
@@ -92,7 +95,7 @@ class TwinBrain(nn.Module):
         if cfg.lap_pe_dim:
             self.pe_proj = nn.ModuleDict({m: nn.Linear(cfg.lap_pe_dim, hid) for m in MODALITIES})
         if cfg.dynamic_adjacency:
-            self.dyn_adj = nn.ModuleDict({m: DynamicAdjacency(self.n_slots[m]) for m in MODALITIES})
+            self.dyn_adj = nn.ModuleDict({m: DynamicAdjacency(rows[m]) for m in MODALITIES})
 
         self.blocks = nn.ModuleList(
             STBlock(hid, cfg.heads, cfg.kernel_size, cfg.dropout, self.steps_per_tr, dilation=2 ** (i % 4),

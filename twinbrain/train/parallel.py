@@ -45,8 +45,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def wrap_ddp(module: nn.Module, accelerator) -> nn.Module:
-    """DDP through Accelerate. Every parameter is used every step, so no unused-parameter search."""
+def wrap_ddp(module: nn.Module, accelerator, find_unused: bool = False) -> nn.Module:
+    """DDP through Accelerate. With both modalities every parameter is used every step, so there is no
+    unused-parameter search; a cohort without one modality (``find_unused``) leaves that modality's
+    output heads out of the loss, and DDP must then look for parameters without gradients."""
+    if find_unused:
+        from accelerate.utils import DistributedDataParallelKwargs
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     return accelerator.prepare_model(module)
 
 

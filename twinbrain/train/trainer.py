@@ -109,7 +109,7 @@ class Trainer:
             if self.backend.name == "fsdp2":
                 self.module = wrap_fsdp2(module, module.model.blocks, self.backend, self.dtype)
             elif self.backend.name == "ddp":
-                self.module = wrap_ddp(module, self.accelerator)
+                self.module = wrap_ddp(module, self.accelerator, find_unused=len(self.modalities) < 2)
             else:
                 self.module = module
             self.optimizer = build_optimizer(param_groups(module.model, t, extra=module.balancer), t,
