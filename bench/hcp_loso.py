@@ -78,15 +78,12 @@ def summarise(reports: dict[str, dict]) -> dict:
         vals = f["model"]["r2"] if name == "TwinBrain" else f["baselines"][name]["r2"]
         return [math.nan if v is None else float(v) for v in vals]
 
-    table = {}
-    for name in names:
-        per = np.array([r2(rep, name) for rep in reports.values()])            # [folds, horizons]
-        table[name] = {"mean": per.mean(0).tolist(), "sd": per.std(0, ddof=1).tolist() if len(per) > 1
-                       else [math.nan] * len(horizons), "per_fold": {s: r2(rep, name) for s, rep in reports.items()}}
-    twin = np.array([r2(rep, "TwinBrain") for rep in reports.values()])
-    wins = {name: (twin > np.array([r2(rep, name) for rep in reports.values()])).sum(0).tolist()
-            for name in names[1:]}
-    p = first and next(iter(reports.values()))["protocol"]
+    per = {name: np.array([r2(rep, name) for rep in reports.values()]) for name in names}   # [folds, horizons]
+    table = {name: {"mean": v.mean(0).tolist(),
+                    "sd": v.std(0, ddof=1).tolist() if len(v) > 1 else [math.nan] * len(horizons),
+                    "per_fold": dict(zip(reports, v.tolist()))} for name, v in per.items()}
+    wins = {name: (per["TwinBrain"] > per[name]).sum(0).tolist() for name in names[1:]}
+    p = next(iter(reports.values()))["protocol"]
     return {"horizons": horizons, "folds": list(reports), "r2": table, "twin_wins": wins,
             "protocol": {k: p[k] for k in ("window_trs", "context_trs", "tr_s", "ar_order", "ridge_alpha")},
             "windows_per_fold": {s: rep["protocol"]["n_windows"] for s, rep in reports.items()},
@@ -118,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default=str(ROOT / "configs" / "hcp.yaml"))
     p.add_argument("--subjects", nargs="*", default=None, help="held-out subjects (default: all seven)")
     a = p.parse_args(argv)
-    from twinbrain.data.hcp import hcp_root, load_hcp_cohort
-    subjects = a.subjects or load_hcp_cohort(root=hcp_root()).subjects
+    from twinbrain.data.hcp import hcp_files, hcp_root
+    subjects = a.subjects or list(hcp_files(hcp_root()))
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     reports = {}

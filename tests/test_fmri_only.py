@@ -15,7 +15,8 @@ from tests.synth_recordings import make_cohort
 from tests.test_trainer import synth_cfg
 from twinbrain.data.module import DataModule
 from twinbrain.eval.forecast_eval import evaluate_forecasts
-from twinbrain.model import build_model, present_modalities
+from twinbrain.data.types import present_modalities
+from twinbrain.model import build_model
 from twinbrain.train.trainer import Trainer
 
 

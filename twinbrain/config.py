@@ -468,10 +468,11 @@ def validate_config(cfg: Config) -> None:
         _require(s.n_perturb <= s.n_regions, "sim.n_perturb", f"{s.n_perturb} > sim.n_regions={s.n_regions}")
         _require(s.n_modules <= s.n_regions, "sim.n_modules", f"{s.n_modules} > sim.n_regions={s.n_regions}")
     if d.source == "hcp":
-        from twinbrain.data.hcp import HCP_VOLUMES
+        from twinbrain.data.hcp import HCP_REGIONS, HCP_VOLUMES
         _require(d.window_s <= HCP_VOLUMES * tr, "data.window_s",
                  f"window {d.window_s} s is longer than an HCP run ({HCP_VOLUMES * tr:.0f} s)")
-        _require(g.k_fmri < 80, "graph.k_fmri", f"k-NN of {g.k_fmri} needs more than {g.k_fmri} of the 80 regions")
+        _require(g.k_fmri < HCP_REGIONS, "graph.k_fmri",
+                 f"k-NN of {g.k_fmri} needs more than {g.k_fmri} of the {HCP_REGIONS} regions")
     ids = set(d.val_subject_ids) & set(d.test_subject_ids)
     _require(not ids, "data.test_subject_ids", f"subjects {sorted(ids)} are in both val_subject_ids and "
                                                f"test_subject_ids; a subject belongs to one split")

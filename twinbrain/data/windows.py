@@ -99,11 +99,10 @@ def split_recordings(cohort: Cohort, cfg: Config) -> Split:
                 test.append((i, b2 + d.window_s, end))
         all_subjects = sorted({r.subject for r in recs})
         subj = {"train": all_subjects, "val": all_subjects if val else [], "test": all_subjects if test else []}
-        groups = subj
     split = Split(train, val, test, calib, subj)
     wanted = {"train": True,
-              "val": (len(groups["val"]) if d.split == "subject" else d.val_fraction) > 0,
-              "test": (len(groups["test"]) if d.split == "subject" else d.test_fraction) > 0}
+              "val": (len(subj["val"]) if d.split == "subject" else d.val_fraction) > 0,
+              "test": (len(subj["test"]) if d.split == "subject" else d.test_fraction) > 0}
     for name, need in wanted.items():
         spans = split.spans(name)
         if need and sum(len(window_starts(recs[i], (s, e), d.window_s, d.stride_s)) for i, s, e in spans) == 0:

@@ -29,7 +29,6 @@ from torch_geometric.data import Batch
 from twinbrain.data.timing import channel_mask, eeg_span, span_volumes, volumes
 from twinbrain.eval.baselines import build_baselines, fit_baselines
 from twinbrain.eval.metrics import MetricSet, all_reduce_sum, skill
-from twinbrain.model.losses import present_modalities
 
 MODALITIES = ("fmri", "eeg")
 
@@ -136,7 +135,7 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     lat_ctx = {"fmri": t_ctx, "eeg": t_ctx * spt // mc.eeg_stride}     # latent steps in the context
     hsel = torch.tensor([h - 1 for h in horizons])
     prob = mc.probabilistic == "gaussian"
-    mods = present_modalities(dm.n_fmri_slots, dm.n_eeg_slots)     # fMRI-only cohorts score no EEG
+    mods = dm.modalities                # fMRI-only cohorts score no EEG
 
     with torch.enable_grad():           # the MLP baseline trains by gradient descent
         base = {m: fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))

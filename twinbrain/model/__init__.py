@@ -12,15 +12,14 @@ Public API::
     loss_counts(batch, train_cfg, model_cfg)     -> {term: count}      (no forward needed)
     normalise(terms, global_counts)              -> {term: mean loss}
     make_balancer(train_cfg, term_names)         -> LossBalancer
-    present_modalities(n_fmri_slots, n_eeg_slots) -> modalities with nodes (fMRI-only cohorts: ('fmri',))
     gaussian_std_scale(mean, std, target, weight) -> post-hoc std calibration factor
 """
 from twinbrain.model.balancer import LossBalancer, make_balancer
 from twinbrain.model.blocks import STBlock
 from twinbrain.model.losses import (forecast_targets, forecast_valid, gaussian_std_scale, loss_counts,
-                                    loss_term_names, loss_terms, normalise, present_modalities, term_weight)
+                                    loss_term_names, loss_terms, normalise, term_weight)
 from twinbrain.model.twinbrain import ModelOutput, TwinBrain, build_model
 
 __all__ = ["TwinBrain", "ModelOutput", "STBlock", "build_model", "loss_terms", "loss_counts", "normalise",
-           "loss_term_names", "present_modalities", "term_weight", "forecast_targets", "forecast_valid", "gaussian_std_scale",
-           "LossBalancer", "make_balancer"]
+           "loss_term_names", "term_weight", "forecast_targets", "forecast_valid",
+           "gaussian_std_scale", "LossBalancer", "make_balancer"]

@@ -279,8 +279,7 @@ class GraphPropagation(nn.Module):
     def forward(self, z: Tensor, prop: Tensor) -> Tensor:
         for lin in self.lins:
             with fp32_region(z):
-                flat = z.float().reshape(z.shape[0], z[0].numel() if z.shape[0] else 0)   # N may be 0
-                agg = torch.sparse.mm(prop, flat).view(z.shape).to(z.dtype)
+                agg = torch.sparse.mm(prop, z.float().flatten(1)).view(z.shape).to(z.dtype)   # flatten: N may be 0
             z = z + lin(agg)
         return z
 

@@ -31,14 +31,6 @@ def loss_term_names(modalities: tuple[str, ...] = MODALITIES) -> list[str]:
     return [f"{m}_{k}" for m in modalities for k in KINDS]
 
 
-def present_modalities(n_fmri_slots: int, n_eeg_slots: int) -> tuple[str, ...]:
-    """Modalities with at least one node slot. An absent modality (e.g. EEG in an fMRI-only cohort) still
-    flows through the model as empty tensors, but it is not balanced, logged or scored."""
-    present = tuple(m for m, n in (("fmri", n_fmri_slots), ("eeg", n_eeg_slots)) if n > 0)
-    if not present:
-        raise ValueError("the cohort has neither fMRI regions nor EEG channels")
-    return present
-
 
 def term_weight(name: str, train_cfg) -> float:
     """Fixed prior weight of a term from ``TrainConfig`` (recon 1, forecast ``forecast_weight``,

@@ -20,7 +20,7 @@ import yaml
 
 from ..config import Config, ConfigError, dump_config, save_config
 from ..data.module import DataModule
-from ..model import build_model, loss_counts, loss_term_names, make_balancer, present_modalities
+from ..model import build_model, loss_counts, loss_term_names, make_balancer
 from .checkpoint import Checkpointer, export_model, full_model_state, latest_checkpoint, rng_state, set_rng_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
@@ -86,7 +86,7 @@ class Trainer:
         model = build_model(cfg, n_subjects=len(d.subject_map), n_sessions=len(d.session_map),
                              n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots,
                              samples_per_tr=d.samples_per_tr)
-        self.modalities = present_modalities(d.n_fmri_slots, d.n_eeg_slots)
+        self.modalities = d.modalities
         balancer = make_balancer(t, loss_term_names(self.modalities))
         self.n_params = sum(p.numel() for p in model.parameters())
         # 5. activation checkpointing (applied by us, the same under every backend)
