@@ -23,7 +23,7 @@ def tiny_model_config(**overrides):
     matching windows of ``make_window(samples_per_tr=4)``; ``overrides`` replace fields."""
     from twinbrain.config import ModelConfig
     base = dict(hidden=16, heads=2, blocks=2, kernel_size=3, dropout=0.0, eeg_patch=4, eeg_stride=2,
-                forecast_steps=2, propagation_steps=2)
+                forecast_steps=2)
     base.update(overrides)
     return ModelConfig(**base)
 

@@ -76,13 +76,15 @@ def test_fmri_only_cohort_trains_validates_and_evaluates(tmp_path):
 
 def test_empty_eeg_path_leaves_fmri_outputs_unchanged(make_batch, one_thread):
     """The same weights give the same fMRI outputs whether the window has EEG channels or none, as long as
-    no EEG->fMRI edge exists: the empty EEG path adds nothing."""
+    the EEG->fMRI coupling is zero (couplings are dense; edges are only priors): the empty EEG path adds nothing."""
     from twinbrain.config import load_config
     cfg = load_config(None, ["--model.hidden", "16", "--model.heads", "2", "--model.blocks", "2",
                              "--model.eeg_patch", "4", "--model.eeg_stride", "4", "--model.forecast_steps", "2",
                              "--model.dropout", "0.0"], validate=False)
     torch.manual_seed(0)
     model = build_model(cfg, n_subjects=3, n_sessions=3, n_fmri_slots=8, n_eeg_slots=6, samples_per_tr=4).eval()
+    with torch.no_grad():
+        model.coupling["eeg__to__fmri"].weight.zero_()
     with_eeg = make_batch(2, seed=1, n_fmri=8, n_eeg=6, t_f=10, samples_per_tr=4, n_edges_cross=0)
     no_eeg = with_eeg.clone()
     no_eeg["eeg"].x = no_eeg["eeg"].x[:0]

@@ -10,7 +10,8 @@ from torch_geometric.data import Batch
 from tests.batches import make_batch, make_window, oscillator_signals, tiny_model_config
 from twinbrain.config import ModelConfig, TrainConfig
 from twinbrain.model import STBlock, build_model, loss_counts, loss_term_names, loss_terms, make_balancer, normalise
-from twinbrain.model.layers import RelationAttention
+from twinbrain.model.coupling import Coupling
+from twinbrain.schema import RELATIONS, relation_key
 
 SPT, STRIDE, T_F, N_F, N_E = 4, 2, 8, 6, 4     # samples per TR, EEG stride, TRs, fMRI nodes, EEG channels
 
@@ -19,7 +20,17 @@ def tiny_cfg(**kw) -> ModelConfig:
     return tiny_model_config(**kw)
 
 
-FULL = dict(probabilistic="gaussian", dynamic_adjacency=True, lap_pe_dim=3, session_affine=True)
+FULL = dict(probabilistic="gaussian", lap_pe_dim=3, session_affine=True)
+SLOTS = {"fmri": N_F, "eeg": N_E}
+
+
+def block_inputs(seed: int = 0):
+    """Random signed couplings for every relation and the slot layout of one window (node i = slot i)."""
+    g = torch.Generator().manual_seed(seed)
+    couplings = {relation_key(r): torch.randn(SLOTS[r[2]], SLOTS[r[0]], generator=g) for r in RELATIONS}
+    idx = {m: torch.arange(n) for m, n in SLOTS.items()}
+    keep = {m: torch.ones(n, 1, 1) for m, n in SLOTS.items()}
+    return couplings, idx, keep, 1
 VARIANTS = {"plain": {}, "full": FULL, "no_attn_specnorm": dict(temporal_attention=False, spectral_norm=True)}
 
 
@@ -31,6 +42,8 @@ def make(cfg: ModelConfig, seed: int = 0, random_embeddings: bool = False):
     if random_embeddings:
         for p in model.embedding_parameters():
             torch.nn.init.normal_(p, std=0.5)
+        for p in model.gate.values():             # open the nonlinear correction (0 = pure linear core)
+            torch.nn.init.constant_(p, 0.5)
     return model
 
 
@@ -95,10 +108,8 @@ def test_model_is_causal_in_both_modalities(variant):
 def test_every_block_is_causal():
     torch.manual_seed(0)
     hid, l_e = 16, T_F * SPT // STRIDE
-    block = STBlock(hid, 2, 3, 0.0, SPT // STRIDE, dilation=2).eval()
-    w = make_window(N_F, N_E, T_F, SPT, seed=2)
-    edges = [t for rel in (("fmri", "fc", "fmri"), ("eeg", "fc", "eeg"), ("eeg", "to", "fmri"))
-             for t in (w[rel].edge_index, w[rel].edge_weight)]
+    block = STBlock(hid, 2, 3, 0.0, SPT // STRIDE, SLOTS, dilation=2).eval()
+    edges = block_inputs(2)
     h_f, h_e = torch.randn(N_F, T_F, hid), torch.randn(N_E, l_e, hid)
     ref_f, ref_e = block(h_f, h_e, *edges)
     r = SPT // STRIDE
@@ -114,9 +125,8 @@ def test_every_block_is_causal():
 
 def test_block_under_activation_checkpointing_matches():
     torch.manual_seed(0)
-    block = STBlock(16, 2, 3, 0.0, SPT // STRIDE)
-    w = make_window(N_F, N_E, T_F, SPT, seed=3)
-    edges = [t for rel in w.edge_types for t in (w[rel].edge_index, w[rel].edge_weight)]
+    block = STBlock(16, 2, 3, 0.0, SPT // STRIDE, SLOTS)
+    edges = block_inputs(3)
     h_f = torch.randn(N_F, T_F, 16, requires_grad=True)
     h_e = torch.randn(N_E, T_F * SPT // STRIDE, 16, requires_grad=True)
     grads = []
@@ -173,26 +183,53 @@ def test_permutation_equivariance(variant):
 
 def test_cross_modal_messages_keep_destination_shape():
     torch.manual_seed(0)
-    layer = RelationAttention(8, 2)
-    for n_src, n_dst in ((5, 7), (9, 3)):
-        ei = torch.stack([torch.randint(0, n_src, (12,)), torch.randint(0, n_dst, (12,))])
-        out = layer(torch.randn(n_src, 4, 8), torch.randn(n_dst, 4, 8), ei, torch.rand(12) + 0.1)
-        assert out.shape == (n_dst, 4, 8)
+    for n_t, n_s in ((5, 7), (9, 3), (0, 4), (4, 0)):
+        c = Coupling(n_t, n_s, n_subjects=3, rank=2, self_relation=False)
+        assert c(torch.tensor([0, 2])).shape == (2, n_t, n_s) and c.matrix().shape == (n_t, n_s)
     model = make(tiny_cfg()).eval()
     for n_cross in (0, 3, 20):   # more cross edges than fMRI nodes
         out = model(make_window(N_F, N_E, T_F, SPT, n_edges_cross=n_cross))
         assert out.recon["fmri"].shape == (N_F, T_F, 1) and out.forecast["fmri"].shape == (N_F, T_F, 2)
 
 
-def test_softmax_is_per_destination():
-    from twinbrain.model.layers import segment_softmax
-    logits = torch.randn(6, 3)
-    index = torch.tensor([0, 0, 1, 1, 1, 3])
-    valid = torch.tensor([True, True, True, False, True, True])
-    alpha = segment_softmax(logits, index, 4, valid)
-    sums = torch.zeros(4, 3).index_add_(0, index, alpha)
-    torch.testing.assert_close(sums, torch.tensor([[1.0] * 3, [1.0] * 3, [0.0] * 3, [1.0] * 3]))
-    assert (alpha[3] == 0).all()
+def test_coupling_is_signed_directed_without_self_term_and_personal():
+    torch.manual_seed(0)
+    c = Coupling(5, 5, n_subjects=3, rank=2, self_relation=True)
+    pop = c.matrix()
+    assert (pop.diagonal() == 0).all() and (pop < 0).any() and (pop > 0).any()
+    assert not torch.allclose(pop, pop.t())                          # directed: C[i, j] != C[j, i]
+    per = c(torch.tensor([0, 1]))
+    torch.testing.assert_close(per[0], pop)                          # deltas start at zero
+    with torch.no_grad():
+        c.u[1].normal_()
+    per = c(torch.tensor([0, 1]))
+    torch.testing.assert_close(per[0], pop)
+    assert not torch.allclose(per[1], pop) and (per[1].diagonal() == 0).all()
+
+
+def test_spatial_messages_follow_the_coupling():
+    """Zeroing C[target, source] of a relation cuts exactly that influence: the target's output no longer
+    depends on the source's input, while other targets still do."""
+    torch.manual_seed(0)
+    block = STBlock(16, 2, 3, 0.0, SPT // STRIDE, SLOTS).eval()
+    couplings, idx, keep, nw = block_inputs(7)
+    l_e = T_F * SPT // STRIDE
+    h_f, h_e = torch.randn(N_F, T_F, 16), torch.randn(N_E, l_e, 16)
+    for key in couplings:                     # only fMRI slot 0 -> fMRI slot 1 (and 2) remain
+        couplings[key] = torch.zeros_like(couplings[key])
+    couplings["fmri__fc__fmri"][1, 0] = 1.0
+    couplings["fmri__fc__fmri"][2, 0] = -1.0
+    ref_f, ref_e = block(h_f, h_e, couplings, idx, keep, nw)
+    h2 = h_f.clone()
+    h2[0] += torch.randn_like(h2[0])            # (a constant shift would vanish in LayerNorm)
+    out_f, out_e = block(h2, h_e, couplings, idx, keep, nw)
+    changed = (out_f - ref_f).abs().amax(dim=(1, 2)) > 1e-6
+    assert changed.tolist() == [True, True, True, False, False, False]
+    torch.testing.assert_close(out_e, ref_e)                          # no fMRI -> EEG coupling left
+    couplings["fmri__to__eeg"][3, 0] = 1.0                            # now fMRI 0 drives EEG 3
+    ref_f, ref_e = block(h_f, h_e, couplings, idx, keep, nw)
+    out_f, out_e = block(h2, h_e, couplings, idx, keep, nw)
+    assert ((out_e - ref_e).abs().amax(dim=(1, 2)) > 1e-6).tolist() == [False, False, False, True]
 
 
 def _all_grads(model, balancer):
@@ -205,7 +242,7 @@ def _all_grads(model, balancer):
 @pytest.mark.parametrize("variant", ["full", "no_attn_specnorm"])
 def test_gradients_reach_every_parameter(variant):
     cfg, tc = tiny_cfg(**VARIANTS[variant]), TrainConfig(balancer="uncertainty")
-    model = make(cfg)
+    model = make(cfg, random_embeddings=True)      # zero-initialised deltas would hide the shared basis' gradient
     balancer = make_balancer(tc, loss_term_names())
     batch = make_batch(2, n_fmri=N_F, n_eeg=N_E, t_f=T_F, samples_per_tr=SPT)
     losses = normalise(loss_terms(batch, model(batch), tc, cfg), loss_counts(batch, tc, cfg))
@@ -303,9 +340,8 @@ def test_learns_linear_dynamics_better_than_persistence():
 
 def test_spectral_norm_bounds_linears_and_survives_checkpointing():
     torch.manual_seed(0)
-    block = STBlock(16, 2, 3, 0.0, SPT // STRIDE, spectral_norm=True)
-    w = make_window(N_F, N_E, T_F, SPT, seed=5)
-    edges = [t for rel in w.edge_types for t in (w[rel].edge_index, w[rel].edge_weight)]
+    block = STBlock(16, 2, 3, 0.0, SPT // STRIDE, SLOTS, spectral_norm=True)
+    edges = block_inputs(5)
     h_f, h_e = torch.randn(N_F, T_F, 16), torch.randn(N_E, T_F * SPT // STRIDE, 16)
     for _ in range(30):                              # power iterations converge during training forwards
         block(h_f, h_e, *edges)
@@ -316,16 +352,32 @@ def test_spectral_norm_bounds_linears_and_survives_checkpointing():
     assert block.ff["fmri"].fc1.parametrizations.weight.original.grad is not None
 
 
-def test_embedding_groups_and_shared_parameter():
+def test_optimizer_groups_come_from_the_model():
+    """Every parameter lands in the group the model declares, with that group's decay and lr — also
+    behind activation-checkpoint wrappers (the trainer wraps blocks before building the optimizer)."""
+    from twinbrain.train.optim import param_groups
+    from twinbrain.train.parallel import apply_activation_checkpointing
     model = make(tiny_cfg(**FULL))
     spec = model.param_groups_spec()
     names = [n for n, _ in model.named_parameters()]
     assert sorted(sum(spec.values(), [])) == sorted(names)
     assert {"subject_embed.weight", "session_embed.weight"} <= set(spec["embedding"])
     assert any(n.startswith("session_affine.gain") for n in spec["embedding"])
-    # Promise to name-based optimizer grouping (twinbrain/train/optim.py): exactly these names carry the markers.
-    marked = [n for n in names if "embed" in n or "session_affine" in n]
-    assert sorted(marked) == sorted(spec["embedding"])
+    assert any(n.startswith("coupling.") and n.endswith(".u") for n in spec["embedding"])
+    for n in ("node_emb.fmri.weight", "predictor.fmri.step_emb", "coupling.fmri__fc__fmri.weight",
+              "linear.fmri.coef"):
+        assert n in spec["no_decay"], n
+    tc = TrainConfig(weight_decay=0.01, lr=1e-3, emb_lr=3e-3)
+    apply_activation_checkpointing(model.blocks, "full", 1)
+    groups = {g["name"]: g for g in param_groups(model, tc)}
+    named = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in model.named_parameters()}
+    want = {"default": ("decay", 0.01, 1e-3), "no_decay": ("no_decay", 0.0, 1e-3), "embedding": ("embeddings", 0.0, 3e-3)}
+    for spec_name, members in spec.items():
+        group, decay, lr = want[spec_name]
+        ids = {id(p) for p in groups[group]["params"]}
+        assert all(id(named[n]) in ids for n in members), spec_name
+        assert groups[group]["weight_decay"] == decay and groups[group]["lr"] == lr
+    assert sum(len(g["params"]) for g in groups.values()) == len(names)
     assert len(model.embedding_parameters()) == len(spec["embedding"])
     assert any(p is model.shared_parameter() for p in model.parameters())
     assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == 2

@@ -245,7 +245,8 @@ def test_attribution_shapes_and_causality(twin, test_windows, method):
 
 def test_personalisation_improves_heldout_forecasts(twin, tmp_path):
     from twinbrain.data.simulate import simulate_cohort
-    sim = dataclasses.replace(twin.cfg.sim, n_subjects=5, minutes=4.0, subject_variability=0.3)
+    # 12 minutes: the twin starts at the tuned population VAR, which 2 minutes of adaptation cannot beat.
+    sim = dataclasses.replace(twin.cfg.sim, n_subjects=5, minutes=12.0, subject_variability=0.3)
     new_rec = [r for r in simulate_cohort(sim).recordings if r.subject == "05"]   # same anatomy, new subject
     new, report = twin.personalize(new_rec, steps=60, lr=1e-2)
     assert report["n_adapt_windows"] > 0 and report["n_heldout_windows"] > 0
@@ -267,7 +268,10 @@ def test_personalisation_improves_heldout_forecasts(twin, tmp_path):
     again = Twin.from_checkpoint(path, device="cpu")
     ws = again.windows_from(new_rec)
     assert int(ws[0].subject) == 4
-    np.testing.assert_array_equal(again.forecast(ws[-1])["fmri"], new.forecast(ws[-1])["fmri"])
+    for k, v in new.model.state_dict().items():            # the weights round-trip exactly ...
+        assert torch.equal(again.model.state_dict()[k], v), k
+    # ... and the forecast up to BLAS blocking (freshly allocated tensors may take other kernels)
+    np.testing.assert_allclose(again.forecast(ws[-1])["fmri"], new.forecast(ws[-1])["fmri"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="already in the model"):
         again.personalize(new_rec, steps=1)
 

@@ -106,9 +106,11 @@ class ModelConfig:
     probabilistic: str = "none"      # none | gaussian
     session_affine: bool = False     # per-session input affine layer
     spectral_norm: bool = False
-    dynamic_adjacency: bool = False  # learned causal adjacency added to the FC graph
     lap_pe_dim: int = 0              # Laplacian positional encoding size (0 = off)
-    propagation_steps: int = 2       # graph propagation hops after the forecast head
+    coupling_rank: int = 4           # rank of the per-subject coupling deltas (0 = population coupling only)
+    coupling_l1: float = 1.0e-3      # sparsity penalty on the couplings (weighted by 1 - prior)
+    coupling_prior: str = "fc"       # fc (|r| of training spans) | structural (graph.structural) | none
+    linear_order: int = 3            # max lag p of the fMRI linear (VAR) core; 0 = no core
 
 
 @dataclass
@@ -138,6 +140,10 @@ class TrainConfig:
     early_stop_patience: int = 0     # evaluations without improvement (0 = off)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # Closed-form ridge-VAR fit of the linear core before step 0: lag order 1..model.linear_order and
+    # ridge alpha from this grid, chosen by one-step R² on the validation split.
+    warm_start: bool = True
+    warm_start_alphas: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0])
 
 
 @dataclass
@@ -192,6 +198,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "graph.scope": ("group", "run"),
     "graph.eeg_measure": ("corr", "coherence"),
     "model.probabilistic": ("none", "gaussian"),
+    "model.coupling_prior": ("fc", "structural", "none"),
     "train.scheduler": ("cosine", "onecycle", "plateau", "constant"),
     "train.loss": ("huber", "mse", "smooth_l1"),
     "train.balancer": ("uncertainty", "gradnorm", "none"),
@@ -392,9 +399,11 @@ def validate_config(cfg: Config) -> None:
     for key in ["train.emb_lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip",
                 "sim.noise", "sim.eeg_noise", "sim.subject_variability", "data.calib_s",
                 "data.augment_noise", "data.augment_offset", "data.augment_smooth", "model.lap_pe_dim",
-                "model.propagation_steps", "train.early_stop_patience", "eval.ridge_alpha",
+                "model.coupling_rank", "model.coupling_l1", "model.linear_order", "train.early_stop_patience", "eval.ridge_alpha",
                 "eval.max_windows", "logging.profile_steps", "data.num_workers"]:
         _require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
+    _require(m.coupling_prior != "structural" or bool(g.structural), "model.coupling_prior",
+             "'structural' needs graph.structural (an [R, R] .npy); set it or use fc | none")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.hidden % m.heads == 0, "model.hidden",
              f"{m.hidden} is not divisible by model.heads={m.heads}; choose hidden as a multiple of heads")

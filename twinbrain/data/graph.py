@@ -285,18 +285,23 @@ def edges_from_connectivity(conn: Connectivity, gcfg: GraphConfig) -> GraphEdges
                       {FMRI_FC: w_f, EEG_FC: w_e, EEG_TO_FMRI: w_x})
 
 
-def _merge_structural(ei: np.ndarray, w: np.ndarray, gcfg: GraphConfig, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """Union of the FC edges with k-NN edges of the structural matrix (scaled to max 1); weight = max."""
+def load_structural(path: str, r: int) -> np.ndarray:
+    """Structural connectivity ``[R, R]`` from a ``.npy``: absolute, symmetrised, scaled to max 1."""
     try:
-        sc = np.load(gcfg.structural)
+        sc = np.load(path)
     except OSError as exc:
-        raise ValueError(f"graph.structural: cannot read '{gcfg.structural}': {exc}") from exc
+        raise ValueError(f"graph.structural: cannot read '{path}': {exc}") from exc
     if sc.shape != (r, r):
-        raise ValueError(f"graph.structural: '{gcfg.structural}' is {sc.shape}, expected [R, R] = ({r}, {r}) "
+        raise ValueError(f"graph.structural: '{path}' is {sc.shape}, expected [R, R] = ({r}, {r}) "
                          f"matching the atlas slots")
     sc = np.abs(np.nan_to_num(sc.astype(np.float64)))
     sc = np.maximum(sc, sc.T)
-    sc = sc / sc.max() if sc.max() > 0 else sc
+    return sc / sc.max() if sc.max() > 0 else sc
+
+
+def _merge_structural(ei: np.ndarray, w: np.ndarray, gcfg: GraphConfig, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Union of the FC edges with k-NN edges of the structural matrix (scaled to max 1); weight = max."""
+    sc = load_structural(gcfg.structural, r)
     ei_s, w_s = knn_edges(sc, gcfg.k_fmri, gcfg.threshold)
     dense = np.zeros((r, r))
     dense[ei[0], ei[1]] = w

@@ -6,8 +6,11 @@ Public API::
     TwinBrain.forward(batch) -> ModelOutput
     TwinBrain.blocks                      nn.ModuleList[STBlock]  (wrap each for checkpointing / FSDP2)
     TwinBrain.shared_parameter()          weight for GradNorm
-    TwinBrain.embedding_parameters()      subject/session embeddings + session affine (train.emb_lr)
-    TwinBrain.param_groups_spec()         {'embedding' | 'no_decay' | 'default': [parameter names]}
+    TwinBrain.embedding_parameters()      subject/session-specific parameters (train.emb_lr)
+    TwinBrain.param_groups_spec()         {'embedding' | 'no_decay' | 'default': [parameter names]} (the optimizer groups)
+    TwinBrain.couplings(subject=None)     {relation_key: C[target, source]} learned directed couplings
+    TwinBrain.coupling_penalty()          prior-weighted L1 on the couplings (added to the loss)
+    TwinBrain.linear                      {modality: LinearCore} VAR(p) core (warm-started by the trainer)
     loss_terms(batch, out, train_cfg, model_cfg) -> {term: (sum, count)}
     loss_counts(batch, train_cfg, model_cfg)     -> {term: count}      (no forward needed)
     normalise(terms, global_counts)              -> {term: mean loss}

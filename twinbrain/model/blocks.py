@@ -1,18 +1,18 @@
 """STBlock: one spatio-temporal block of the TwinBrain model.
 
 A block is self-contained so the trainer can wrap each one with activation checkpointing and FSDP2
-``fully_shard``: it takes only tensors as positional arguments, returns a tuple of tensors, keeps no
-state between calls and draws randomness only from dropout (which checkpointing replays).
+``fully_shard``: it keeps no state between calls and draws randomness only from dropout (which
+checkpointing replays). The couplings come in as tensors computed once per forward by the model (one
+``C[target, source]`` per relation, shared by every block), so sharding the block never splits them.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from twinbrain.model.layers import (CausalConv, CausalSelfAttention, DynamicMessage, FeedForward,
-                                    RelationAttention, SpectralNorm)
-
-MODALITIES = ("fmri", "eeg")
+from twinbrain.model.coupling import couple, from_dense, to_dense
+from twinbrain.model.layers import CausalConv, CausalSelfAttention, FeedForward, SpectralNorm
+from twinbrain.schema import MODALITIES, RELATIONS, relation_key
 
 
 def _apply_spectral_norm(module: nn.Module) -> None:
@@ -24,31 +24,31 @@ def _apply_spectral_norm(module: nn.Module) -> None:
 
 
 class STBlock(nn.Module):
-    """Causal temporal conv -> spatial attention (per relation) -> causal temporal attention -> MLP.
+    """Causal temporal conv -> directed coupling (per relation) -> causal temporal attention -> MLP.
 
     Every sub-layer is pre-LayerNorm with a residual connection (never BatchNorm: batch-1 windows).
 
-    Args of ``forward`` (all tensors, positional):
+    ``forward(h_f, h_e, couplings, idx, keep, n_windows)``:
         h_f: ``[N_f, T_f, H]`` fMRI latents (one step per TR).
         h_e: ``[N_e, L_e, H]`` EEG latents, ``L_e = T_f * steps_per_tr``.
-        ei_ff, ew_ff: ``('fmri','fc','fmri')`` edges ``[2, E]`` and weights ``[E]`` (0 = no edge).
-        ei_ee, ew_ee: ``('eeg','fc','eeg')``.
-        ei_ef, ew_ef: ``('eeg','to','fmri')``; src = EEG channel, dst = fMRI region.
-        adj_f, idx_f, adj_e, idx_e: learned dense adjacency ``[B, M, M]`` and dense node index ``[N]``
-            per modality (only with ``dynamic_adjacency``; otherwise None).
+        couplings: ``{relation_key: [M_t, M_s] or [B, M_t, M_s]}`` for every relation in ``RELATIONS``.
+        idx: ``{m: [N]}`` dense slot index of every node (``window * n_slots + node_id``).
+        keep: ``{m: [N, 1, 1]}`` 1 for nodes with data, 0 for masked slots (they send no message).
+        n_windows: ``B``.
     Returns ``(h_f, h_e)`` with the input shapes.
 
-    Causality: the convolution is left-padded and the attention is causal; spatial messages mix nodes
-    at the same step only; fMRI step ``t`` receives the mean of the EEG latent steps inside TR ``t``
-    (``t*r .. t*r + r - 1``, all ending at or before the end of TR ``t``).
+    The spatial message to target ``i`` at step ``t`` is ``sum_j C[i, j] V z_j(t')`` where ``t'`` is the
+    source's latest step that ends no later than ``t`` ends: the same step within a modality; the mean of
+    the EEG steps inside TR ``t`` for fMRI targets; the last completed TR for EEG targets. So no block
+    reads the future.
     """
 
     def __init__(self, hidden: int, heads: int, kernel_size: int, dropout: float, steps_per_tr: int,
-                 dilation: int = 1, temporal_attention: bool = True, dynamic_adjacency: bool = False,
+                 n_slots: dict[str, int], dilation: int = 1, temporal_attention: bool = True,
                  spectral_norm: bool = False):
         super().__init__()
-        self.steps_per_tr = steps_per_tr
-        self.use_attn, self.use_dyn = temporal_attention, dynamic_adjacency
+        self.steps_per_tr, self.n_slots = steps_per_tr, dict(n_slots)
+        self.use_attn = temporal_attention
 
         def per_modality(make):
             return nn.ModuleDict({m: make() for m in MODALITIES})
@@ -56,12 +56,7 @@ class STBlock(nn.Module):
         self.norm_conv = per_modality(lambda: nn.LayerNorm(hidden))
         self.conv = per_modality(lambda: CausalConv(hidden, kernel_size, dilation))
         self.norm_space = per_modality(lambda: nn.LayerNorm(hidden))
-        # One attention module per relation (keys mirror the HeteroData edge types).
-        self.rel = nn.ModuleDict({"fmri__fc__fmri": RelationAttention(hidden, heads),
-                                  "eeg__fc__eeg": RelationAttention(hidden, heads),
-                                  "eeg__to__fmri": RelationAttention(hidden, heads)})
-        if dynamic_adjacency:
-            self.dyn = per_modality(lambda: DynamicMessage(hidden))
+        self.value = nn.ModuleDict({relation_key(r): nn.Linear(hidden, hidden) for r in RELATIONS})
         if temporal_attention:
             self.norm_attn = per_modality(lambda: nn.LayerNorm(hidden))
             self.attn = per_modality(lambda: CausalSelfAttention(hidden, heads))
@@ -79,26 +74,38 @@ class STBlock(nn.Module):
                              f"steps per TR; windows must cover the same wall-clock span")
         return z_e.view(n, t_f, self.steps_per_tr, hid).mean(2)
 
-    def forward(self, h_f: Tensor, h_e: Tensor, ei_ff: Tensor, ew_ff: Tensor, ei_ee: Tensor,
-                ew_ee: Tensor, ei_ef: Tensor, ew_ef: Tensor, adj_f: Tensor | None = None,
-                idx_f: Tensor | None = None, adj_e: Tensor | None = None,
-                idx_e: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def last_tr_for_eeg(self, z_f: Tensor, l_e: int) -> Tensor:
+        """``[N_f, T_f, H] -> [N_f, L_e, H]``: for EEG step ``j``, the fMRI latent of the last TR that has
+        ended by the end of step ``j`` (TR ``(j + 1) // r - 1``; zeros before the first TR ends)."""
+        padded = nn.functional.pad(z_f, (0, 0, 1, 0))                        # step 0 = "no TR yet"
+        src = torch.div(torch.arange(1, l_e + 1, device=z_f.device), self.steps_per_tr, rounding_mode="floor")
+        return padded.index_select(1, src)
+
+    def _aligned(self, rel, z: dict[str, Tensor]) -> Tensor:
+        src, _, dst = rel
+        if src == dst:
+            return z[src]
+        if dst == "fmri":
+            return self.pool_eeg_to_tr(z["eeg"], z["fmri"].shape[1])
+        return self.last_tr_for_eeg(z["fmri"], z["eeg"].shape[1])
+
+    def forward(self, h_f: Tensor, h_e: Tensor, couplings: dict[str, Tensor], idx: dict[str, Tensor],
+                keep: dict[str, Tensor], n_windows: int) -> tuple[Tensor, Tensor]:
         h = {"fmri": h_f, "eeg": h_e}
         for m in MODALITIES:                       # causal temporal convolution
             h[m] = h[m] + self.drop(torch.nn.functional.gelu(self.conv[m](self.norm_conv[m](h[m]))))
 
         z = {m: self.norm_space[m](h[m]) for m in MODALITIES}
-        msg_f = self.rel["fmri__fc__fmri"](z["fmri"], z["fmri"], ei_ff, ew_ff)
-        msg_f = msg_f + self.rel["eeg__to__fmri"](self.pool_eeg_to_tr(z["eeg"], h_f.shape[1]),
-                                                  z["fmri"], ei_ef, ew_ef)
-        msg_e = self.rel["eeg__fc__eeg"](z["eeg"], z["eeg"], ei_ee, ew_ee)
-        if self.use_dyn:
-            msg_f = msg_f + self.dyn["fmri"](z["fmri"], adj_f, idx_f)
-            msg_e = msg_e + self.dyn["eeg"](z["eeg"], adj_e, idx_e)
-        h["fmri"] = h["fmri"] + self.drop(msg_f)
-        h["eeg"] = h["eeg"] + self.drop(msg_e)
-
+        msg = {m: None for m in MODALITIES}
+        for rel in RELATIONS:                      # one dense GEMM per relation over [B, M, T*H]
+            src, _, dst = rel
+            key = relation_key(rel)
+            v = self.value[key](self._aligned(rel, z)) * keep[src]         # [N_s, T_dst, H]
+            dense = to_dense(v, idx[src], n_windows, self.n_slots[src])    # [B, M_s, T_dst*H]
+            out = from_dense(couple(couplings[key], dense), idx[dst], tuple(z[dst].shape[1:]))
+            msg[dst] = out if msg[dst] is None else msg[dst] + out
         for m in MODALITIES:
+            h[m] = h[m] + self.drop(msg[m].to(h[m].dtype))
             if self.use_attn:
                 h[m] = h[m] + self.drop(self.attn[m](self.norm_attn[m](h[m])))
             h[m] = h[m] + self.drop(self.ff[m](self.norm_ff[m](h[m])))

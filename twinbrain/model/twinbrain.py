@@ -5,13 +5,15 @@ Pipeline (shapes for one batch of windows; ``H`` = ``model.hidden``):
     fMRI x [N_f, T_f, 1] --Linear-->                     [N_f, T_f, H]   one latent step per TR
     EEG  x [N_e, T_e, 1] --causal patch embedding-->     [N_e, L_e, H]   L_e = T_e / eeg_stride
     + node-identity, subject and session embeddings (+ Laplacian PE), broadcast over time
-    --> blocks: model.blocks x STBlock (causal conv, relation attention, EEG->fMRI per TR, causal attention)
+    --> blocks: model.blocks x STBlock (causal conv, directed coupling C[target, source] per relation,
+        causal temporal attention, MLP); the couplings (+ per-subject low-rank deltas) are shared by all blocks
     --> LayerNorm per modality --> shared Linear (the GradNorm layer) = latent[m] [N, L, H]
-    recon:    decoder[m](latent)                              -> [N, T, 1]
-    forecast: predictor (S future latents) -> graph propagation over the fc relation
-              = latent_forecast[m] [N, L, S, H] -> decoder[m] -> forecast[m] [N, L, S * step]
+    recon:    decoder[m](latent)                                  -> [N, T, 1]
+    forecast: predictor (S future latents) = latent_forecast[m] [N, L, S, H] -> decoder[m] = correction
+              fMRI: linear core VAR(p) over all regions (iterated, signal space) + gate * correction
+              EEG:  anchor * last sample + correction
 
-See docs/ARCHITECTURE.md for the batch schema and the output contract.
+See docs/ARCHITECTURE.md for the batch schema and the output contract, docs/model.md for the design.
 """
 from __future__ import annotations
 
@@ -21,14 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twinbrain.model.blocks import MODALITIES, STBlock
-from twinbrain.model.layers import (CausalPatchEmbed, DynamicAdjacency, GraphPropagation, LatentPredictor,
-                                    dense_index, laplacian_pe, normalized_adjacency)
+from twinbrain.model.blocks import STBlock
+from twinbrain.model.coupling import Coupling, LinearCore, from_dense, to_dense
+from twinbrain.model.layers import CausalPatchEmbed, LatentPredictor, dense_index, laplacian_pe
+from twinbrain.schema import MODALITIES, RELATIONS, relation_key
 
 FC = {"fmri": ("fmri", "fc", "fmri"), "eeg": ("eeg", "fc", "eeg")}
 CROSS = ("eeg", "to", "fmri")
-# Names contain "embed" / "session_affine": the trainer's optimizer groups match on those markers.
+# Subject-specific parameters: trained at ``train.emb_lr`` without weight decay.
 EMBEDDING_PREFIXES = ("subject_embed.", "session_embed.", "session_affine.")
+PERSONAL_SUFFIXES = (".u",)               # per-subject loadings of the low-rank coupling deltas
+# Modalities forecast by the linear dynamics core (one signal sample per latent step).
+LINEAR_MODALITIES = ("fmri",)
 
 
 @dataclass
@@ -94,12 +100,19 @@ class TwinBrain(nn.Module):
                     nn.init.zeros_(emb.weight)
         if cfg.lap_pe_dim:
             self.pe_proj = nn.ModuleDict({m: nn.Linear(cfg.lap_pe_dim, hid) for m in MODALITIES})
-        if cfg.dynamic_adjacency:
-            self.dyn_adj = nn.ModuleDict({m: DynamicAdjacency(rows[m]) for m in MODALITIES})
+        # One signed directed coupling per relation, shared by every block (the twin's "who drives whom").
+        self.coupling = nn.ModuleDict({
+            relation_key(r): Coupling(self.n_slots[r[2]], self.n_slots[r[0]], n_subjects, cfg.coupling_rank,
+                                      self_relation=r[0] == r[2])
+            for r in RELATIONS})
+        # Sparsity-penalty weights per coupling entry (1 = full penalty); priors lower them (set_prior).
+        for r in RELATIONS:
+            c = self.coupling[relation_key(r)]
+            self.register_buffer(f"penalty_{relation_key(r)}", torch.ones_like(c.weight))
 
         self.blocks = nn.ModuleList(
-            STBlock(hid, cfg.heads, cfg.kernel_size, cfg.dropout, self.steps_per_tr, dilation=2 ** (i % 4),
-                    temporal_attention=cfg.temporal_attention, dynamic_adjacency=cfg.dynamic_adjacency,
+            STBlock(hid, cfg.heads, cfg.kernel_size, cfg.dropout, self.steps_per_tr, self.n_slots,
+                    dilation=2 ** (i % 4), temporal_attention=cfg.temporal_attention,
                     spectral_norm=cfg.spectral_norm)
             for i in range(cfg.blocks))
 
@@ -109,12 +122,19 @@ class TwinBrain(nn.Module):
         # t+1+s is decoded exactly like the latent of step t+1+s.
         self.decoder = nn.ModuleDict({m: nn.Linear(hid, self.step[m]) for m in MODALITIES})
         self.predictor = nn.ModuleDict({m: LatentPredictor(hid, s_steps) for m in MODALITIES})
-        self.propagate = nn.ModuleDict({m: GraphPropagation(hid, cfg.propagation_steps) for m in MODALITIES})
-        # Persistence anchor: the forecast is a learned gain times the last observed sample of the step
-        # plus the decoded prediction, so an untrained twin starts at persistence for the slow BOLD
-        # signal (gain 1) and learns departures from it; oscillatory EEG starts without it (gain 0).
-        self.anchor = nn.ParameterDict({"fmri": nn.Parameter(torch.ones(1)),   # 1-D: FSDP2 cannot shard scalars
-                                        "eeg": nn.Parameter(torch.zeros(1))})
+        # Linear dynamics core: the model contains the ridge VAR. Its forecast is the starting point and the
+        # nonlinear path adds ``gate * correction`` with the gate at 0, so a warm-started twin forecasts
+        # exactly like the tuned VAR at step 0 and training learns departures from it.
+        self.linear_modalities = tuple(m for m in LINEAR_MODALITIES if cfg.linear_order > 0)
+        self.linear = nn.ModuleDict({m: LinearCore(self.n_slots[m], cfg.linear_order, s_steps, n_subjects,
+                                                   cfg.coupling_rank)
+                                     for m in self.linear_modalities})
+        # 1-D parameters: FSDP2 cannot shard scalars.
+        self.gate = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.linear_modalities})
+        # Other modalities: a learned gain times the last observed sample of the step plus the decoded
+        # prediction (oscillatory EEG starts without it, gain 0; fMRI without the core at persistence).
+        self.anchor = nn.ParameterDict({m: nn.Parameter(torch.full((1,), 1.0 if m == "fmri" else 0.0))
+                                        for m in MODALITIES if m not in self.linear_modalities})
         if cfg.probabilistic == "gaussian":
             self.std_head = nn.ModuleDict({m: nn.Linear(hid, self.step[m]) for m in MODALITIES})
 
@@ -123,31 +143,66 @@ class TwinBrain(nn.Module):
         """Weight of the last layer shared by every loss term (for GradNorm gradient norms)."""
         return self.shared.weight
 
-    def embedding_parameter_names(self) -> list[str]:
-        """Names (relative to this module) of subject/session embeddings and the session affine layer."""
-        return [n for n, _ in self.named_parameters() if n.startswith(EMBEDDING_PREFIXES)]
-
-    def embedding_parameters(self) -> list[nn.Parameter]:
-        """Parameters that belong in the ``train.emb_lr`` group."""
-        names = set(self.embedding_parameter_names())
-        return [p for n, p in self.named_parameters() if n in names]
-
     def param_groups_spec(self) -> dict[str, list[str]]:
-        """Every parameter name in exactly one group: ``embedding`` (subject/session embeddings and the
-        session affine; use ``train.emb_lr``, no weight decay), ``no_decay`` (biases, norms, node-identity
-        and step embeddings, attention edge scales) and ``default``.  Names are relative to the
-        unwrapped model; wrappers (DDP ``module.``, checkpoint wrappers) add prefixes."""
-        emb = set(self.embedding_parameter_names())
+        """The optimizer groups, owned by the model (one rule next to the parameters it describes).
+
+        Every parameter name in exactly one group: ``embedding`` (subject/session embeddings, the session
+        affine and the personal coupling deltas: ``train.emb_lr``, no weight decay), ``no_decay`` (biases,
+        norms, node-identity and step embeddings, the couplings — held sparse by their own penalty — and
+        the linear core, which keeps its ridge fit) and ``default`` (weights, with weight decay). Names are
+        relative to the unwrapped model; checkpoint wrappers' ``_checkpoint_wrapped_module.`` is removed.
+        """
         groups: dict[str, list[str]] = {"embedding": [], "no_decay": [], "default": []}
-        for name, p in self.named_parameters():
-            if name in emb:
+        for raw, p in self.named_parameters():
+            name = raw.replace("_checkpoint_wrapped_module.", "")
+            if name.startswith(EMBEDDING_PREFIXES) or (name.startswith(("coupling.", "linear."))
+                                                       and name.endswith(PERSONAL_SUFFIXES)):
                 groups["embedding"].append(name)
-            elif p.dim() < 2 or "norm" in name or name.startswith(("node_emb.", "dyn_adj.")) or "step_emb" in name:
+            elif (p.dim() < 2 or "norm" in name or "step_emb" in name
+                  or name.startswith(("node_emb.", "coupling.", "linear.", "gate.", "anchor."))):
                 groups["no_decay"].append(name)
             else:
                 groups["default"].append(name)
         return groups
 
+    def embedding_parameter_names(self) -> list[str]:
+        """Names of the ``embedding`` group: everything subject- or session-specific."""
+        return self.param_groups_spec()["embedding"]
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the ``embedding`` group (``train.emb_lr``), e.g. for personalisation."""
+        names = set(self.embedding_parameter_names())
+        return [p for n, p in self.named_parameters() if n.replace("_checkpoint_wrapped_module.", "") in names]
+
+    # ------------------------------------------------------------ couplings, priors, linear core
+    def couplings(self, subject: Tensor | None = None) -> dict[str, Tensor]:
+        """``{relation_key: C}``: ``[M_t, M_s]`` population couplings, or ``[B, M_t, M_s]`` personal ones for
+        ``subject [B]`` (row = target, column = source)."""
+        return {k: (c.matrix(subject) if subject is not None else c.matrix()) for k, c in self.coupling.items()}
+
+    @torch.no_grad()
+    def set_prior(self, rel_key: str, prior) -> None:
+        """Weight the sparsity penalty of one coupling by a prior ``[M_t, M_s]`` in [0, 1] (e.g. |FC| or
+        normalised structural connectivity): entry weight ``1 - prior``, so likely edges cost less. The
+        prior never masks: every entry stays learnable."""
+        buf = getattr(self, f"penalty_{rel_key}")
+        prior = torch.as_tensor(prior, dtype=buf.dtype).clamp(0, 1)
+        m_t, m_s = self.coupling[rel_key].n_target, self.coupling[rel_key].n_source
+        if prior.shape != (m_t, m_s):
+            raise ValueError(f"prior for {rel_key} has shape {tuple(prior.shape)}, expected {(m_t, m_s)}")
+        buf[:m_t, :m_s] = 1 - prior
+
+    def coupling_penalty(self) -> Tensor:
+        """``model.coupling_l1 * sum_rel mean(|C_rel| * penalty_rel)`` (0 when the strength is 0)."""
+        total = self.shared.weight.new_zeros(()).float()
+        if self.cfg.coupling_l1 <= 0:
+            return total
+        for key, c in self.coupling.items():
+            w = getattr(self, f"penalty_{key}")
+            total = total + (c.weight.float().abs() * c.keep * w).mean()
+        return self.cfg.coupling_l1 * total
+
+    # ------------------------------------------------------------ forward
     # ------------------------------------------------------------ forward
     def _read(self, batch) -> dict:
         """Pull the tensors of the schema out of a ``Batch``/``HeteroData``; edges of masked nodes get
@@ -201,15 +256,15 @@ class TwinBrain(nn.Module):
 
     def forward(self, batch) -> ModelOutput:
         g = self._read(batch)
+        n_windows = g["n_windows"]
         h = {m: self._embed(m, g[m], g) for m in MODALITIES}
-        dyn = {m: (None, None) for m in MODALITIES}
-        if self.cfg.dynamic_adjacency:
-            dyn = {m: (self.dyn_adj[m](g[m]["idx"], g[m]["mask"], g["n_windows"]), g[m]["idx"])
-                   for m in MODALITIES}
-        edges = [t for rel in (FC["fmri"], FC["eeg"], CROSS) for t in g[rel]]
+        subject = batch.subject.view(-1)
+        couplings = {k: c(subject) for k, c in self.coupling.items()}          # once per forward, all blocks
+        idx = {m: g[m]["idx"] for m in MODALITIES}
+        keep = {m: g[m]["mask"].to(h[m].dtype).view(-1, 1, 1) for m in MODALITIES}
         h_f, h_e = h["fmri"], h["eeg"]
         for block in self.blocks:
-            h_f, h_e = block(h_f, h_e, *edges, *dyn["fmri"], *dyn["eeg"])
+            h_f, h_e = block(h_f, h_e, couplings, idx, keep, n_windows)
         h = {"fmri": h_f, "eeg": h_e}
 
         out = ModelOutput(recon={}, forecast={}, latent={}, latent_forecast={},
@@ -221,13 +276,16 @@ class TwinBrain(nn.Module):
             out.latent[m] = z
             out.recon[m] = self.decoder[m](z).reshape(n, steps * self.step[m], 1)
             zf = self.predictor[m](z)                                             # [N, L, S, H]
-            if self.cfg.propagation_steps:
-                ei, ew = g[FC[m]]
-                zf = self.propagate[m](zf, normalized_adjacency(ei, ew, n))
-            out.latent_forecast[m] = zf                                           # [N, L, S, H]
+            out.latent_forecast[m] = zf
             fc = self.decoder[m](zf).reshape(n, steps, s_steps * self.step[m])
-            last = g[m]["x"][:, self.step[m] - 1::self.step[m], 0][:, :steps]      # [N, L] input at end of step
-            out.forecast[m] = fc + self.anchor[m].to(fc.dtype) * last.to(fc.dtype).unsqueeze(-1)
+            if m in self.linear_modalities:
+                x = g[m]["x"][..., 0] * g[m]["mask"].to(g[m]["x"].dtype).unsqueeze(-1)         # [N, T]
+                lin = self.linear[m](to_dense(x, idx[m], n_windows, self.n_slots[m]), subject)  # [B, M, T, S]
+                lin = from_dense(lin.flatten(2), idx[m], (steps, s_steps))                     # [N, T, S]
+                out.forecast[m] = lin.to(fc.dtype) + self.gate[m].to(fc.dtype) * fc
+            else:
+                last = g[m]["x"][:, self.step[m] - 1::self.step[m], 0][:, :steps]  # [N, L] input at end of step
+                out.forecast[m] = fc + self.anchor[m].to(fc.dtype) * last.to(fc.dtype).unsqueeze(-1)
             if out.forecast_std is not None:
                 std = F.softplus(self.std_head[m](zf).float()) + 1e-3
                 out.forecast_std[m] = std.reshape(n, steps, s_steps * self.step[m])

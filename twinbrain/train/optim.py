@@ -9,33 +9,27 @@ from torch import nn
 
 from ..config import TrainConfig
 
-# Parameters whose names contain these go to the embedding group (own lr, no weight decay):
-# per-subject/session identity must move faster than shared weights and must not be shrunk to zero.
-EMBEDDING_MARKERS = ("embed", "session_affine")
-
-
 def param_groups(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = None) -> list[dict]:
-    """Three groups: ``decay`` (weights), ``no_decay`` (biases, norms), ``embeddings``.
+    """The model's own groups (:meth:`TwinBrain.param_groups_spec`) with their optimizer settings:
+    ``decay`` (weights), ``no_decay`` (biases, norms, identity embeddings, couplings, linear core) and
+    ``embeddings`` (subject/session-specific: ``train.emb_lr``, no decay — they must move faster than
+    shared weights and must not be shrunk to zero).
 
     ``extra`` (e.g. the loss balancer) joins ``no_decay``: it must exist before the optimizer is
     built, or it is never trained.
     """
-    decay, no_decay, emb = [], [], []
+    spec = model.param_groups_spec()
+    group_of = {n: g for g, names in spec.items() for n in names}
+    by_group: dict[str, list] = {"default": [], "no_decay": [], "embedding": []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if any(m in name for m in EMBEDDING_MARKERS):
-            emb.append(p)
-        elif p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower():
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        if p.requires_grad:
+            by_group[group_of[name.replace("_checkpoint_wrapped_module.", "")]].append(p)
     if extra is not None:
-        no_decay.extend(p for p in extra.parameters() if p.requires_grad)
+        by_group["no_decay"].extend(p for p in extra.parameters() if p.requires_grad)
     groups = [
-        {"name": "decay", "params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"name": "no_decay", "params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
-        {"name": "embeddings", "params": emb, "lr": cfg.emb_lr or cfg.lr, "weight_decay": 0.0},
+        {"name": "decay", "params": by_group["default"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"name": "no_decay", "params": by_group["no_decay"], "lr": cfg.lr, "weight_decay": 0.0},
+        {"name": "embeddings", "params": by_group["embedding"], "lr": cfg.emb_lr or cfg.lr, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
 

@@ -17,9 +17,10 @@ class TrainModule(nn.Module):
 
     ``parts[term]`` is this micro-batch's share of the global mean of that term
     (``sum / global_count``); summed over micro-batches and ranks it is the global mean.
-    The returned loss is ``data_scale * sum_i w_i parts_i + reg_scale * R`` where ``R`` is the
-    balancer's regulariser (uncertainty weighting's ``sum_i s_i``), so that the gradients averaged
-    by the backend over ranks and summed over micro-batches equal those of one big batch.
+    The returned loss is ``data_scale * sum_i w_i parts_i + reg_scale * (R + P)`` where ``R`` is the
+    balancer's regulariser (uncertainty weighting's ``sum_i s_i``) and ``P`` the model's coupling
+    sparsity penalty, so that the gradients averaged by the backend over ranks and summed over
+    micro-batches equal those of one big batch.
     """
 
     def __init__(self, model: nn.Module, balancer: nn.Module, train_cfg, model_cfg):
@@ -37,7 +38,8 @@ class TrainModule(nn.Module):
         terms = loss_terms(batch, out, self.train_cfg, self.model_cfg)
         parts = normalise(terms, global_counts)
         # The regulariser is counted once per optimizer step, not once per micro-batch and rank.
-        loss = data_scale * self.balancer.weighted(parts) + reg_scale * self.balancer.regularizer()
+        loss = data_scale * self.balancer.weighted(parts) + reg_scale * (self.balancer.regularizer()
+                                                                         + self.model.coupling_penalty())
         if getattr(self.balancer, "mode", "") == "gradnorm":
             shared = self.model.shared_parameter()
             loss = loss + reg_scale * self.balancer.gradnorm_loss(parts, shared)

@@ -220,12 +220,22 @@ def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr:
     bs = batch_size or cfg.train.batch_size
     before = heldout_scores(model, w_held, cfg, bs)
     params = _trainable(model, first)
+    # Early stopping on the last quarter of the adaptation windows (never on the held-out ones): the twin
+    # starts at the tuned population model, and a few minutes of one subject can over-fit it.
+    n_check = len(w_adapt) // 4
+    w_fit, w_check = (w_adapt[:-n_check], w_adapt[-n_check:]) if n_check else (w_adapt, [])
+    check_every = max(1, int(steps) // 10)
+
+    def check_loss() -> float:
+        return heldout_scores(model, w_check, cfg, bs)["forecast_loss"] if w_check else -float(len(losses))
+
     opt = torch.optim.Adam([p for p, _ in params], lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(int(steps)):
-        pick = torch.randperm(len(w_adapt), generator=gen)[:bs].tolist()
-        batch = Batch.from_data_list([w_adapt[i] for i in pick]).to(twin.device)
+    best = (check_loss(), 0, [p.detach().clone() for p, _ in params])
+    for step in range(1, int(steps) + 1):
+        pick = torch.randperm(len(w_fit), generator=gen)[:bs].tolist()
+        batch = Batch.from_data_list([w_fit[i] for i in pick]).to(twin.device)
         loss = _objective(batch, model(batch), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -233,6 +243,13 @@ def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr:
             p.grad.mul_(mask)
         opt.step()
         losses.append(float(loss.detach()))
+        if step % check_every == 0 or step == int(steps):
+            cur = check_loss()
+            if cur < best[0]:
+                best = (cur, step, [p.detach().clone() for p, _ in params])
+    with torch.no_grad():
+        for (p, _), kept in zip(params, best[2]):
+            p.copy_(kept)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -240,7 +257,8 @@ def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr:
     report = {"subject": sub, "subject_index": n_sub, "sessions": sessions, "recordings": [r.key for r in recs],
               "n_adapt_windows": len(w_adapt), "n_heldout_windows": len(w_held), "steps": int(steps), "lr": lr,
               "adapt_fraction": adapt_fraction, "train_loss_first": losses[0] if losses else float("nan"),
-              "train_loss_last": losses[-1] if losses else float("nan"), "before": before, "after": after,
+              "train_loss_last": losses[-1] if losses else float("nan"), "best_step": best[1],
+              "n_check_windows": len(w_check), "before": before, "after": after,
               "improvement": before["forecast_loss"] - after["forecast_loss"]}
     meta.setdefault("personalized", {})[sub] = {
         "recordings": [r.key for r in recs],

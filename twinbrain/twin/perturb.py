@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch_geometric.data import Batch
 
 MODALITIES = ("fmri", "eeg")
@@ -168,3 +169,55 @@ def effective_connectivity(twin, windows: list, modality: str = "fmri", amplitud
             cnt[:, nodes] += ok.t()
     ec = torch.where(cnt > 0, acc / cnt.clamp_min(1), torch.full_like(acc, float("nan"))).numpy()
     return ec if signed else np.abs(ec)
+
+
+def jacobian_ec(twin, windows: list, modality: str = "fmri", horizon: int = 1, at_step: int | None = None,
+                batch_size: int = 64) -> np.ndarray:
+    """Directed ``[N, N]`` EC as the Jacobian of the forecast: ``EC[i, j]`` = mean over windows and forecast
+    steps ``1..horizon`` of ``d forecast_i / d x_j(at_step)`` (default: the last context step), by
+    forward-mode autodiff. Copy ``q`` of a window carries the tangent of source ``q``, so one ``jvp``
+    gives a whole block of columns; passes are packed across windows like
+    :func:`effective_connectivity`, which it equals in the limit of a small amplitude."""
+    n = twin.n_nodes(modality)
+    jobs = [(w, list(range(a, min(n, a + batch_size)))) for w in range(len(windows)) for a in range(0, n, batch_size)]
+    acc = torch.zeros(n, n, dtype=torch.float64)
+    cnt = torch.zeros(n, n, dtype=torch.float64)
+    passes, cur = [], []
+    for job in jobs:                                  # each copy carries one source: pack batch_size copies
+        if cur and sum(len(j[1]) for j in cur) + len(job[1]) > batch_size:
+            passes.append(cur)
+            cur = []
+        cur.append(job)
+    if cur:
+        passes.append(cur)
+    for jobs_in_pass in passes:
+        data, slots, heads = [], [], []
+        for w, nodes in jobs_in_pass:
+            heads.append(len(data))
+            data += [windows[w]] * len(nodes)
+            slots += nodes
+        batch = Batch.from_data_list(data).to(twin.device)
+        twin.check_slots(batch)
+        x = batch[modality].x
+        t_len = x.shape[1]
+        step = t_len - 1 if at_step is None else int(at_step)
+        if not 0 <= step < t_len:
+            raise ValueError(f"at_step={step} is outside the {modality} context of {t_len} steps")
+        tangent = torch.zeros_like(x).view(len(data), n, t_len)
+        tangent[torch.arange(len(data)), torch.tensor(slots), step] = 1.0
+
+        def forecast(x_in):
+            return twin.predict(with_inputs(batch, {modality: x_in}), horizon, need=(modality,))[modality]
+
+        # The fused attention kernels have no forward-mode derivative; the math kernel (same result) has.
+        with sdpa_kernel(SDPBackend.MATH):
+            _, jv = torch.func.jvp(forecast, (x,), (tangent.view_as(x),))
+        jv = jv.detach().double().view(len(data), n, -1).mean(-1).cpu()          # [copies, N]
+        mask = batch[modality].mask.view(len(data), n).cpu() if "mask" in batch[modality] else \
+            torch.ones(len(data), n, dtype=torch.bool)
+        for (w, nodes), h in zip(jobs_in_pass, heads):
+            rows = jv[h:h + len(nodes)]                                            # [j, i]
+            ok = (mask[h][None, :] & mask[h][nodes][:, None]).double()
+            acc[:, nodes] += (rows * ok).t()
+            cnt[:, nodes] += ok.t()
+    return torch.where(cnt > 0, acc / cnt.clamp_min(1), torch.full_like(acc, float("nan"))).numpy()

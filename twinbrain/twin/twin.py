@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch, HeteroData
 
+from twinbrain.schema import relation_key
 from twinbrain.twin import perturb as _pt
 from twinbrain.twin.loader import load_export, save_export
 
@@ -266,18 +267,51 @@ class Twin:
                    eeg_sfreq=self.eeg_sfreq, units="z")
         return out
 
-    def effective_connectivity(self, windows, modality: str = "fmri", amplitude: float = 1.0, signed: bool = True,
-                               horizon: int = 1, onset: int | None = None, duration_steps: int = 1,
-                               batch_size: int = 64) -> np.ndarray:
-        """``[N, N]`` matrix, ``ec[i, j]`` = mean forecast change of node ``i`` per unit stimulus of node ``j``
-        (averaged over ``windows`` and forecast steps ``1..horizon``); ``|ec|`` if ``signed=False``.
-        Rows/columns follow :meth:`node_names`. Batched; see :func:`twinbrain.twin.perturb.effective_connectivity`."""
+    def effective_connectivity(self, windows=None, modality: str = "fmri", amplitude: float = 1.0,
+                               signed: bool = True, horizon: int = 1, onset: int | None = None,
+                               duration_steps: int = 1, batch_size: int = 64, method: str = "perturbation",
+                               subject: str | None = None) -> np.ndarray:
+        """``[N, N]`` matrix, row = target ``i``, column = source ``j`` (rows/columns follow :meth:`node_names`):
+
+        * ``perturbation``: mean forecast change of ``i`` per unit stimulus of ``j`` (averaged over ``windows``
+          and forecast steps ``1..horizon``; batched, :func:`twinbrain.twin.perturb.effective_connectivity`);
+        * ``jacobian``: the same derivative by forward-mode autodiff at the last context step (or ``onset``)
+          — equal to ``perturbation`` at small amplitude (:func:`twinbrain.twin.perturb.jacobian_ec`);
+        * ``coupling``: the learned latent coupling ``C`` of the ``(modality, fc, modality)`` relation
+          (population, or ``subject``'s own with its low-rank delta; no windows needed; latent units);
+        * ``linear``: lag-1 matrix of the linear core (signal z-units per step; fMRI only).
+        ``|ec|`` if ``signed=False``."""
+        modality = _check_modality(modality)
+        if method in ("coupling", "linear"):
+            ec = self._learned_matrix(modality, method, subject)
+            return ec if signed else np.abs(ec)
+        if method not in ("perturbation", "jacobian"):
+            raise ValueError(f"method '{method}' is not one of perturbation, jacobian, coupling, linear")
+        if windows is None:
+            raise ValueError(f"method '{method}' needs windows (e.g. twin.windows(split='test'))")
         ws = [windows] if isinstance(windows, HeteroData) and not isinstance(windows, Batch) else \
             (windows.to_data_list() if isinstance(windows, Batch) else list(windows))
         if not ws:
             raise ValueError("effective_connectivity needs at least one window")
-        return _pt.effective_connectivity(self, ws, _check_modality(modality), amplitude, signed, int(horizon),
+        if method == "jacobian":
+            ec = _pt.jacobian_ec(self, ws, modality, int(horizon), onset, int(batch_size))
+            return ec if signed else np.abs(ec)
+        return _pt.effective_connectivity(self, ws, modality, amplitude, signed, int(horizon),
                                           onset, int(duration_steps), int(batch_size))
+
+    def _learned_matrix(self, modality: str, method: str, subject: str | None) -> np.ndarray:
+        model = self.model
+        if method == "linear":
+            if modality not in model.linear:
+                raise ValueError(f"the model has no linear core for {modality} (model.linear_order = "
+                                 f"{model.cfg.linear_order}); use method perturbation or jacobian")
+        part = model.linear[modality].lag1 if method == "linear" else \
+            model.coupling[relation_key((modality, "fc", modality))].matrix
+        if subject is None:
+            return _np(part())
+        if str(subject) not in self.meta["subject_map"]:
+            raise ValueError(f"subject '{subject}' is not in the model (subjects: {list(self.meta['subject_map'])})")
+        return _np(part(torch.tensor([self.meta["subject_map"][str(subject)]], device=self.device))[0])
 
     def save_ec(self, ec: np.ndarray, path, modality: str = "fmri", **info) -> tuple[Path, Path]:
         """Write ``ec [N, N]`` to ``path`` (.npy) and, beside it (.json), the node names (row i / column j
