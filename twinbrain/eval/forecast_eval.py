@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch
 
-from twinbrain.data.timing import channel_mask, eeg_span, span_volumes, volumes
+from twinbrain.data.series import span_series
+from twinbrain.data.timing import volumes
 from twinbrain.eval.baselines import build_baselines, fit_baselines
 from twinbrain.eval.metrics import MetricSet, all_reduce_sum, skill
 
@@ -43,21 +44,8 @@ def select_windows(n_windows: int, max_windows: int) -> np.ndarray:
 
 def train_series(dm, modality: str) -> list[np.ndarray]:
     """Normalised training spans of ``dm`` (training subjects only): one float64 ``[N, T]`` per span, in
-    TRs (fMRI) or EEG samples, z-scored with that recording's statistics exactly as the windows are
-    (missing slots are 0)."""
-    out = []
-    for i, s, e in dm.split.train:
-        rec, st = dm.cohort.recordings[i], dm.stats.per_rec[i]
-        v0, v1 = span_volumes(rec, s, e)
-        if modality == "fmri":
-            x, mean, std, mask = rec.fmri[:, v0:v1], st.fmri_mean, st.fmri_std, np.asarray(rec.region_mask, bool)
-        else:
-            s0, s1 = eeg_span(rec, v0, v1)
-            x, mean, std, mask = rec.eeg[:, s0:s1], st.eeg_mean, st.eeg_std, channel_mask(rec)
-        z = (np.asarray(x, np.float64) - mean[:, None]) / std[:, None]
-        z[~mask] = 0.0
-        out.append(z)
-    return out
+    TRs (fMRI) or EEG samples, z-scored exactly as the windows are (missing slots are 0)."""
+    return span_series(dm.cohort, dm.stats, dm.split.train, modality)
 
 
 def truncate(data, t_ctx: int, spt: int):
