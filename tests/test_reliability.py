@@ -307,3 +307,30 @@ def test_stale_build_lock_is_refused_with_the_fix(tmp_path):
     check_stale_locks(tmp_path)                              # fresh: a build may be running
     with pytest.raises(StaleExtensionLock, match=f"rm {lock}"):
         check_stale_locks(tmp_path, now=time.time() + 3600)
+
+
+# ---------------------------------------------------------------- stale store entry
+def test_store_entry_of_a_failed_re_prepare_is_announced(tmp_path):
+    from tests.bids_synth import make_config, make_recording, write_dataset
+    from twinbrain.data.prepare import PrepareError, load_prepared_cohort, prepare
+
+    root = write_dataset(tmp_path / "bids", [make_recording("01", n_vols=12),
+                                             make_recording("02", n_vols=12, seed=1)])
+    cfg = make_config(root, tmp_path / "store")
+    prepare(cfg, progress=False)
+    tsv = root / "sub-02/ses-1/func/sub-02_ses-1_task-rest_run-1_bold.tsv"
+    tsv.write_text("not a number\n")                           # damaged since the first prepare
+    with pytest.raises(PrepareError):
+        prepare(cfg, progress=False)
+    offline = make_config(root, cfg.data.store_dir)
+    offline.data.source = "store"
+    with pytest.warns(UserWarning, match="last prepare of sub-02_ses-1_task-rest_run-1 failed"):
+        cohort = load_prepared_cohort(offline)
+    assert len(cohort.recordings) == 2
+    tsv.unlink()
+    write_dataset(tmp_path / "bids", [make_recording("01", n_vols=12), make_recording("02", n_vols=12, seed=1)])
+    prepare(cfg, progress=False)                               # fixed: the record of the failure goes
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_prepared_cohort(offline)
