@@ -334,3 +334,53 @@ def test_store_entry_of_a_failed_re_prepare_is_announced(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_prepared_cohort(offline)
+
+
+# ---------------------------------------------------------------- multi-process faults (2 gloo processes)
+def _launch2_fault(out: Path, fault: str, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    from tests.test_distributed import ACCELERATE, COMMON, _env
+    env = _env()
+    if fault:
+        env["TWINBRAIN_TEST_FAULT"] = fault
+    script = "tests/fault_train.py" if fault else "launch/train.py"
+    return subprocess.run([str(ACCELERATE), "launch", "--config_file", "configs/accelerate/cpu.yaml",
+                           "--num_processes", "2", script, *COMMON, "--run.out", str(out), *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_kill_during_dcp_shard_write_then_damaged_rank_file(tmp_path):
+    out = tmp_path / "run"
+    killed = _launch2_fault(out, "kill-in-save:6:1", "--train.max_steps", "8")
+    assert killed.returncode != 0
+    assert (out / "checkpoints" / "step-00000006.partial").is_dir()
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000003"]
+    resumed = _launch2_fault(out, "", "--train.max_steps", "8")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step-00000003 at step 3" in resumed.stderr
+    assert [r["step"] for r in records(out / "metrics.jsonl")] == list(range(1, 9))
+    assert [r["step"] for r in records(out / "eval_metrics.jsonl")] == [3, 6, 8]
+    # A zeroed rank-1.pt in the newest checkpoint: both ranks fall back to step 6 together.
+    newest = out / "checkpoints" / "step-00000008"
+    _zero(newest / "rank-1.pt")
+    again = _launch2_fault(out, "", "--train.max_steps", "9")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"checkpoint {newest} is damaged: rank-1.pt does not match its SHA-256" in again.stderr
+    assert "step-00000006 at step 6" in again.stderr
+    assert (out / "checkpoints" / "step-00000008.damaged").is_dir()
+    assert [r["step"] for r in records(out / "metrics.jsonl")] == list(range(1, 10))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [["--parallel.backend", "fsdp2"],
+                                     ["--parallel.backend", "deepspeed", "--parallel.zero_stage", "2"]],
+                         ids=["fsdp2", "zero2"])
+def test_a_rank_raising_ends_the_job(tmp_path, backend):
+    out = tmp_path / "run"
+    proc = _launch2_fault(out, "raise:2:1", "--train.max_steps", "4", *backend, timeout=600)
+    assert proc.returncode != 0
+    assert "injected fault on rank 1 at step 2" in proc.stderr
+    assert not complete_checkpoints(out / "checkpoints")
+    lock = RunLock(out)                # the dead job's lock is free
+    lock.acquire()
+    lock.release()
