@@ -384,3 +384,11 @@ def test_a_rank_raising_ends_the_job(tmp_path, backend):
     lock = RunLock(out)                # the dead job's lock is free
     lock.acquire()
     lock.release()
+
+
+def test_a_refused_trainer_releases_the_lock(two_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    with pytest.raises(ConfigError, match="train.lr"):
+        trainer(out, "--train.max_steps", "6", "--train.lr", "0.5")
+    assert (out / ".lock").read_text() == ""          # released, not left for the next run to call stale

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import random
@@ -69,7 +70,22 @@ def node_steps(batch, eeg_stride: int) -> float:
     return float(f.shape[0] * f.shape[1] + e.shape[0] * (e.shape[1] // eeg_stride))
 
 
+def _release_lock_on_error(init):
+    """A trainer that fails to build gives its run directory back at once (not at process exit)."""
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            lock = getattr(self, "lock", None)
+            if lock is not None:
+                lock.release()
+            raise
+    return wrapped
+
+
 class Trainer:
+    @_release_lock_on_error
     def __init__(self, cfg: Config, data: DataModule | None = None):
         self.cfg = cfg
         t = cfg.train
