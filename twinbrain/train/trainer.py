@@ -300,11 +300,11 @@ class Trainer:
 
     def _stop_diverged(self, reason: str) -> None:
         self.export("final", {"skipped_steps": self.skipped}, diverged=reason)
-        last = self.checkpointer.newest_intact()
-        where = f"the checkpoint {last}" if last is not None else "scratch (no checkpoint was written)"
+        # No checkpoint to point at: those of the streak hold the diverged weights, and a lower lr is a
+        # learning-relevant change that this run directory refuses.
         raise DivergenceError(
-            f"training diverged: {reason}. Lower train.lr (now {self.cfg.train.lr:g}) or check the data, "
-            f"then resume from {where}; final/model.pt is marked diverged")
+            f"training diverged: {reason}. Train again in a new --run.out with a lower train.lr (now "
+            f"{self.cfg.train.lr:g}), or check the data; {self.run_dir / 'final' / 'model.pt'} is marked diverged")
 
     # ------------------------------------------------------------ one optimizer step
     def _micro_batches(self, it) -> list:
