@@ -34,15 +34,13 @@ def report_error(exc: BaseException, show: bool = True) -> int:
     Bad input (``ConfigError``, missing files, invalid values) -> 2; a job that failed on its own
     terms (divergence) -> 1; anything else is a bug: traceback, 1. ``show=False``: only the code.
     """
-    from .train.trainer import DivergenceError
-
     user = isinstance(exc, (ConfigError, FileNotFoundError, NotADirectoryError, ValueError))
-    known = user or isinstance(exc, (DivergenceError, FloatingPointError))
+    known = user or isinstance(exc, FloatingPointError)     # incl. the trainer's DivergenceError
     if show:
         if debug_requested() or not known:
             traceback.print_exception(exc)
         if known:
-            kind = "" if isinstance(exc, (ConfigError, DivergenceError)) else f" ({type(exc).__name__})"
+            kind = "" if isinstance(exc, (ConfigError, FloatingPointError)) else f" ({type(exc).__name__})"
             print(f"error{kind}: {exc}", file=sys.stderr, flush=True)
     return 2 if user else 1
 

@@ -44,7 +44,7 @@ RESUMABLE_CHANGES = ("run.", "logging.", "train.max_steps", "train.eval_every", 
 FRACTION_MIN_STEPS = 20
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(FloatingPointError):
     """Training stopped because too many steps had a non-finite loss or gradient."""
 
 
