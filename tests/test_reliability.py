@@ -23,7 +23,7 @@ from tests.test_trainer import synth_cfg, synth_data
 from twinbrain import cli
 from twinbrain.config import ConfigError, load_config
 from twinbrain.train.checkpoint import complete_checkpoints
-from twinbrain.train.extensions import StaleExtensionLock, check_stale_locks, extension_dir
+from twinbrain.train.extensions import StaleExtensionLock, check_stale_locks, extension_dir, watch_build_locks
 from twinbrain.train.runlock import RunDirLocked, RunLock
 from twinbrain.train.telemetry import drop_records_after
 from twinbrain.train.trainer import DivergenceError, Trainer
@@ -307,6 +307,24 @@ def test_stale_build_lock_is_refused_with_the_fix(tmp_path):
     check_stale_locks(tmp_path)                              # fresh: a build may be running
     with pytest.raises(StaleExtensionLock, match=f"rm {lock}"):
         check_stale_locks(tmp_path, now=time.time() + 3600)
+
+
+def test_a_build_lock_that_goes_stale_while_waiting_is_reported(tmp_path):
+    import threading
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    seen, told = [], threading.Event()
+
+    def on_stale(msg):
+        seen.append(msg)
+        told.set()
+
+    with watch_build_locks(tmp_path, max_age_s=3600, interval_s=0.01, on_stale=on_stale):
+        assert not told.wait(0.1)                            # fresh lock: a build may be running
+        os.utime(lock, (time.time() - 7200, time.time() - 7200))   # the builder died long ago
+        assert told.wait(30)
+    assert len(seen) == 1 and f"rm {lock}" in seen[0]
 
 
 # ---------------------------------------------------------------- stale store entry

@@ -10,11 +10,14 @@ forever; a lock older than any build is refused here with the command that remov
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 from ..config import ConfigError
 
@@ -34,12 +37,14 @@ def extension_dir() -> Path:
     return Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
 
+def _locks(root: Path) -> list[Path]:
+    return sorted(root.glob("*/*/lock")) + sorted(root.glob("*/lock")) if root.is_dir() else []
+
+
 def check_stale_locks(root: Path, max_age_s: float = STALE_LOCK_S, now: float | None = None) -> None:
     """Raise ``StaleExtensionLock`` for a build lock under ``root`` older than ``max_age_s`` seconds."""
-    if not root.is_dir():
-        return
     now = time.time() if now is None else now
-    for lock in sorted(root.glob("*/*/lock")) + sorted(root.glob("*/lock")):
+    for lock in _locks(root):
         age = now - lock.stat().st_mtime
         if age > max_age_s:
             raise StaleExtensionLock(
@@ -48,6 +53,37 @@ def check_stale_locks(root: Path, max_age_s: float = STALE_LOCK_S, now: float | 
                 "running, then relaunch")
         log.info("JIT build lock %s is %.0f s old: another process is building the op; waiting for it",
                  lock, age)
+
+
+def _exit_stale(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)            # the main thread is blocked inside DeepSpeed's wait on the lock
+
+
+@contextlib.contextmanager
+def watch_build_locks(root: Path, max_age_s: float = STALE_LOCK_S, interval_s: float = 30.0,
+                      on_stale: Callable[[str], None] = _exit_stale) -> Iterator[None]:
+    """While the body runs (DeepSpeed initialising), check every ``interval_s`` seconds for a build lock
+    older than ``max_age_s``: a build that another process was running when we started and that died
+    since. ``on_stale(message)`` is called once; by default it prints the message and exits with 2.
+    """
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(interval_s):
+            try:
+                check_stale_locks(root, max_age_s)
+            except StaleExtensionLock as exc:
+                on_stale(str(exc))
+                return
+
+    thread = threading.Thread(target=watch, name="jit-lock-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def prepare_extensions() -> Path:

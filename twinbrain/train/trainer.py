@@ -25,7 +25,7 @@ from ..data.module import DataModule
 from ..model import build_model, loss_counts, loss_term_names, make_balancer
 from .checkpoint import Checkpointer, export_model, full_model_state, rng_state, set_rng_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
-from .extensions import prepare_extensions
+from .extensions import prepare_extensions, watch_build_locks
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
 from .parallel import (apply_activation_checkpointing, autocast_dtype, deepspeed_config, wrap_ddp,
                        wrap_deepspeed, wrap_fsdp2)
@@ -101,8 +101,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.out)
         self.lock = RunLock(self.run_dir)
         self._take_run_dir()
-        if self.backend.name == "deepspeed":
-            prepare_extensions()
+        self.ext_dir = prepare_extensions() if self.backend.name == "deepspeed" else None
         # Checkpoint choice and compatibility are settled now, in seconds, not after data and model setup.
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.backend.name, self.rank,
                                          self.world, t.keep_checkpoints)
@@ -136,8 +135,9 @@ class Trainer:
             and self.backend.name != "deepspeed" else None
         if self.backend.name == "deepspeed":
             optimizer = build_optimizer(param_groups(module.model, t, extra=module.balancer), t, self.device)
-            self.module, self.optimizer = wrap_deepspeed(module, optimizer,
-                                                         deepspeed_config(cfg, self.backend, self.dtype))
+            with watch_build_locks(self.ext_dir):     # DeepSpeed may JIT-build (and wait on a lock) here
+                self.module, self.optimizer = wrap_deepspeed(module, optimizer,
+                                                             deepspeed_config(cfg, self.backend, self.dtype))
             self.base_optimizer = optimizer
         else:
             if self.backend.name == "fsdp2":
