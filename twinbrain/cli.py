@@ -2,6 +2,10 @@
 
 Verbs: ``config``, ``simulate-cohort``, ``prepare``, ``train``, ``evaluate``, ``report``, ``twin``.
 Any ``--section.key VALUE`` after the verb's own options overrides the config.
+
+Exit codes: 0 success; 2 bad input (config, paths, run directory, files), as one ``error:`` line;
+1 a failure of the job itself (e.g. training diverged). ``--debug`` or ``TWINBRAIN_DEBUG=1`` adds
+the traceback.
 """
 from __future__ import annotations
 
@@ -9,9 +13,36 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+import zipfile
 from pathlib import Path
 
 from .config import ConfigError, dump_config, load_config
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    """``--debug`` among the arguments (removed from them) or ``TWINBRAIN_DEBUG`` set to a true value."""
+    if argv is not None and "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["TWINBRAIN_DEBUG"] = "1"
+    return os.environ.get("TWINBRAIN_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def report_error(exc: BaseException, show: bool = True) -> int:
+    """Print ``exc`` as one line (the traceback too when debugging) and return the exit code.
+
+    Bad input (``ConfigError``, missing files, invalid values) -> 2; a job that failed on its own
+    terms (divergence) -> 1; anything else is a bug: traceback, 1. ``show=False``: only the code.
+    """
+    user = isinstance(exc, (ConfigError, FileNotFoundError, NotADirectoryError, ValueError))
+    known = user or isinstance(exc, FloatingPointError)     # incl. the trainer's DivergenceError
+    if show:
+        if debug_requested() or not known:
+            traceback.print_exception(exc)
+        if known:
+            kind = "" if isinstance(exc, (ConfigError, FloatingPointError)) else f" ({type(exc).__name__})"
+            print(f"error{kind}: {exc}", file=sys.stderr, flush=True)
+    return 2 if user else 1
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +91,12 @@ def _cmd_train(args, overrides) -> int:
 def _cmd_evaluate(args, overrides) -> int:
     from .eval.evaluate import evaluate_checkpoint
 
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--checkpoint {ckpt}: no such file (an export is RUN/best/model.pt)")
+    if not zipfile.is_zipfile(ckpt):
+        raise ConfigError(f"--checkpoint {ckpt}: not a readable TwinBrain export (truncated or corrupt); "
+                          "use another export, e.g. RUN/final/model.pt, or re-export it")
     report = evaluate_checkpoint(Path(args.checkpoint), split=args.split,
                                  out_dir=Path(args.out) if args.out else None, overrides=overrides)
     print(report["markdown"] if isinstance(report, dict) and "markdown" in report else report)
@@ -115,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug_requested(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     if argv and argv[0] == "twin":
@@ -123,16 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         return args.func(args, rest)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as exc:
-        # Bad input (missing files, wrong shapes, NaNs, mismatched rates): the message names the
-        # file and the fix; a traceback would only bury it.
-        if os.environ.get("TWINBRAIN_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # noqa: BLE001 - bad input (missing files, wrong shapes, NaNs, mismatched
+        # rates) gets its one line naming the file and the fix; a traceback would only bury it.
+        return report_error(exc)
 
 
 if __name__ == "__main__":

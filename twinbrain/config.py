@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,6 +140,8 @@ class TrainConfig:
     ac_every_k: int = 2
     eval_every: int = 100
     early_stop_patience: int = 0     # evaluations without improvement (0 = off)
+    max_skipped_consecutive: int = 10  # stop (diverged) after this many non-finite steps in a row (0 = off)
+    max_skipped_fraction: float = 0.5  # ... or when more than this share of steps was skipped (1 = off)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     # Closed-form ridge-VAR fit of the linear core before step 0: lag order 1..model.linear_order and
@@ -243,11 +247,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads '3e-4' (no dot) as a string.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if value is None:
@@ -414,6 +420,10 @@ def validate_config(cfg: Config) -> None:
     _require(0.0 < t.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in (0, 1], got {t.min_lr_ratio}")
     _require(t.ac_every_k >= 1, "train.ac_every_k", f"must be >= 1, got {t.ac_every_k}")
     _require(t.huber_delta > 0, "train.huber_delta", f"must be > 0, got {t.huber_delta}")
+    _require(t.max_skipped_consecutive >= 0, "train.max_skipped_consecutive",
+             f"must be >= 0 (0 = off), got {t.max_skipped_consecutive}")
+    _require(0 < t.max_skipped_fraction <= 1, "train.max_skipped_fraction",
+             f"must be in (0, 1] (1 = off), got {t.max_skipped_fraction}")
     if t.early_stop_patience:
         n_evals = t.max_steps // t.eval_every
         _require(t.early_stop_patience < n_evals, "train.early_stop_patience",
@@ -493,6 +503,37 @@ def validate_config(cfg: Config) -> None:
         _require(bool(d.bids_root), "data.bids_root", "data.source is 'bids' but no data.bids_root was given")
     if d.source == "store":
         _require(bool(d.store_dir), "data.store_dir", "data.source is 'store' but no data.store_dir was given")
+
+
+def _writable_dir(path: Path, key: str) -> None:
+    """Create ``path`` if needed and prove it writable with a probe file (root ignores mode bits)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}: {path} is not a writable directory ({exc.strerror or exc}); "
+                          "choose a directory you can write to") from None
+
+
+def check_paths(cfg: Config) -> None:
+    """Every input path the config names exists and every output directory is writable.
+
+    Not part of ``validate_config``: a saved config is also rebuilt where its paths do not exist
+    (evaluating an exported model on another machine). Called before a job does any work.
+    """
+    d, g, p = cfg.data, cfg.graph, cfg.parallel
+    inputs = [("graph.structural", g.structural), ("parallel.ds_config", p.ds_config)]
+    if d.source == "bids":
+        inputs += [("data.bids_root", d.bids_root), ("data.atlas", d.atlas), ("data.atlas_labels", d.atlas_labels)]
+    if d.source == "store":
+        inputs.append(("data.store_dir", d.store_dir))
+    for key, value in inputs:
+        _require(not value or Path(value).exists(), key, f"{value} does not exist; fix the path")
+    _writable_dir(Path(cfg.run.out), "run.out")
+    if d.source == "bids":
+        _writable_dir(resolve_store_dir(cfg), "data.store_dir")
 
 
 def resolve_store_dir(cfg: Config) -> Path:

@@ -10,6 +10,7 @@ others are still prepared, so fixing one file and re-running only redoes that ru
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -26,6 +27,8 @@ from twinbrain.data.eeg import load_eeg
 from twinbrain.data.fmri import DEFAULT_CONFOUNDS, Atlas, load_atlas, load_fmri
 from twinbrain.data.store import SCHEMA_VERSION, Store, file_fingerprint, file_sha256, params_hash
 from twinbrain.data.types import Cohort, Recording
+
+FAILED_FILE = ".prepare-failures.json"  # run id -> error of its last failed prepare
 
 # Names of the steps, so a change of method (not only of a number) changes every key.
 EEG_PIPELINE = "pick-eeg|fir-minimum-phase-bandpass|average-ref|linear-resample-on-fmri-clock|median-iqr-z"
@@ -154,6 +157,10 @@ def prepare(cfg: Config, progress: bool = True, skip_bad: bool = False) -> Prepa
             store.remove(old)
     for run, msg in report.warnings:
         warnings.warn(f"{run}: {msg}", stacklevel=2)
+    # Failed runs are recorded in the store, so training from it can announce an older entry it falls back on.
+    failed = {k: v for k, v in _failed_runs(store).items() if k not in report.entries} | dict(report.failed)
+    store.root.mkdir(parents=True, exist_ok=True)
+    (store.root / FAILED_FILE).write_text(json.dumps(failed, indent=1))
     if report.failed and not skip_bad:
         raise PrepareError(f"{len(report.failed)} run(s) could not be prepared:\n{report.summary()}")
     return report
@@ -237,6 +244,12 @@ def load_prepared_cohort(cfg: Config) -> Cohort:
                                     f"current parameters (closest, {near}, differs in: {', '.join(diff)}); "
                                     f"re-run `twinbrain prepare` with this config or restore those values")
         keys = _latest_per_run(store, keys, d.tasks)
+        failed = _failed_runs(store)
+        for k in keys:
+            if k.rsplit("-", 1)[0] in failed:
+                warnings.warn(f"store {store.root}: the last prepare of {k.rsplit('-', 1)[0]} failed "
+                              f"({failed[k.rsplit('-', 1)[0]][:200]}); using its older entry {k}, built from "
+                              "earlier source files. Fix the run and re-run `twinbrain prepare`", stacklevel=2)
     else:
         raise ValueError(f"load_prepared_cohort: data.source must be 'bids' or 'store', got '{d.source}'")
     recs = sorted((store.get(k) for k in keys), key=lambda r: r.key)
@@ -249,6 +262,14 @@ def load_prepared_cohort(cfg: Config) -> Cohort:
                              f"fixed - parcellate every run with the same atlas / region table")
     truth = _load_truth(store, {store.info(k).get("truth", "") for k in keys})
     return Cohort(recs, truth)
+
+
+def _failed_runs(store: Store) -> dict[str, str]:
+    """Runs whose last ``prepare`` failed -> the error (from ``FAILED_FILE`` in the store)."""
+    try:
+        return json.loads((store.root / FAILED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _latest_per_run(store: Store, keys: list[str], tasks: list[str]) -> list[str]:

@@ -6,15 +6,22 @@ Layout of ``<run>/checkpoints/step-XXXXXXXX/``:
   ``trainer.pt``        step counters, schedule, early stopping, scaler, tracker run id (rank 0)
   ``rank-R.pt``         per-rank RNG states and data-loader position (every rank)
   ``meta.json``         world size, backend, step, config, subject/session maps
+  ``MANIFEST.json``     every file above with its size and SHA-256
   ``COMPLETE``          written last: a checkpoint without it is ignored
 
 A checkpoint is written into ``step-X.partial`` and renamed once every rank has finished,
-so a crash mid-save never leaves a directory that looks complete.
+so a crash mid-save never leaves a directory that looks complete. At load, every rank checks the
+manifest (sizes of all files, checksums of its share) and the ranks agree on the verdict; a damaged
+checkpoint is renamed ``step-X.damaged`` (kept for inspection, never deleted) and the newest intact
+one is used instead.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,93 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from .distributed import barrier, is_dist
 
 COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+_STEP_DIR = re.compile(r"step-\d{8}")
+log = logging.getLogger(__name__)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _world() -> tuple[int, int]:
+    if is_dist():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (so every rank acts on the same list or verdict)."""
+    if is_dist() and torch.distributed.get_world_size() > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _gather(obj: Any) -> list[Any]:
+    if is_dist() and torch.distributed.get_world_size() > 1:
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Collective: list every file of ``ckpt`` with size and SHA-256 into ``MANIFEST.json``.
+
+    Rank 0 lists the files; each rank hashes every world-size-th one; rank 0 writes the result.
+    """
+    rank, world = _world()
+    names = _from_rank0(sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+                        if rank == 0 else None)
+    mine = {n: {"bytes": (ckpt / n).stat().st_size, "sha256": _sha256(ckpt / n)} for n in names[rank::world]}
+    files: dict[str, dict] = {}
+    for part in _gather(mine):
+        files.update(part)
+    if rank == 0:
+        tmp = ckpt / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+        tmp.replace(ckpt / MANIFEST)
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """Collective: None if ``ckpt`` matches its manifest on every rank, else the first problem found.
+
+    Every rank checks that every file exists with its recorded size, and the checksums of every
+    world-size-th file; the verdict is the same on all ranks.
+    """
+    rank, world = _world()
+    problem = None
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        # Written before manifests existed: nothing to check against (the first save adds one).
+        log.warning("checkpoint %s has no %s; loading it unverified", ckpt, MANIFEST)
+        files = {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        problem = f"{MANIFEST} missing or unreadable ({exc.__class__.__name__})"
+        files = {}
+    for i, (name, want) in enumerate(files.items()):
+        path = ckpt / name
+        if not path.is_file():
+            problem = f"{name} is missing"
+        elif path.stat().st_size != want["bytes"]:
+            problem = f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
+        elif i % world == rank and _sha256(path) != want["sha256"]:
+            problem = f"{name} does not match its SHA-256 checksum"
+        if problem:
+            break
+    found = [p for p in _gather(problem) if p]
+    return found[0] if found else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -51,8 +142,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-             and not p.name.endswith(".partial") and (p / COMPLETE).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)
+             and (p / COMPLETE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -93,6 +184,7 @@ class Checkpointer:
                 {**meta, "step": step, "world_size": self.world_size, "backend": self.backend},
                 indent=2, default=str))
         barrier()
+        write_manifest(partial)
         if self.rank == 0:
             (partial / COMPLETE).write_text(str(step))
             if final.exists():
@@ -104,16 +196,38 @@ class Checkpointer:
         return final
 
     # ------------------------------------------------------------ load
+    def newest_intact(self) -> Path | None:
+        """Collective: the newest complete checkpoint that matches its manifest (None if there is none).
+
+        A damaged newer one is reported by path, renamed ``step-X.damaged`` (so a later save of the
+        same step cannot overwrite it) and skipped, identically on every rank.
+        """
+        candidates = _from_rank0([str(p) for p in complete_checkpoints(self.root)] if self.rank == 0 else None)
+        for path in map(Path, reversed(candidates)):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            if self.rank == 0:
+                kept, n = path.with_name(path.name + ".damaged"), 1
+                while kept.exists():
+                    n += 1
+                    kept = path.with_name(f"{path.name}.damaged{n}")
+                path.rename(kept)
+                log.warning("checkpoint %s is damaged: %s; kept as %s for inspection, trying the previous "
+                            "checkpoint", path, problem, kept)
+            barrier()
+        return None
+
     def check_compatible(self, path: Path) -> dict:
         meta = json.loads((path / "meta.json").read_text())
         if meta["world_size"] != self.world_size:
-            raise RuntimeError(
+            raise ConfigError(
                 f"{path}: saved with {meta['world_size']} processes, relaunched with {self.world_size}. "
                 "Per-rank data-loader positions cannot be remapped exactly; relaunch with "
                 f"--num_processes {meta['world_size']}, or start a new run directory "
-                "(initialise from the exported best/model.pt).")
+                "(initialise from the exported best/model.pt)")
         if meta["backend"] != self.backend:
-            raise RuntimeError(f"{path}: saved with backend '{meta['backend']}', relaunched with "
+            raise ConfigError(f"{path}: saved with backend '{meta['backend']}', relaunched with "
                                f"'{self.backend}'; use the same launch config to resume")
         return meta
 

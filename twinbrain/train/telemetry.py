@@ -61,6 +61,32 @@ def _broadcast_str(value: str, world_size: int) -> str:
     return obj[0]
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite the JSONL log ``path`` without records past ``step`` (and without a torn last line).
+
+    A resumed run repeats the steps between its checkpoint and the interruption; dropping them first
+    keeps one record per step. Atomic: a temporary file replaces the log. Returns the records dropped.
+    """
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+            late = int(rec.get("step", 0)) > step
+        except (ValueError, TypeError, AttributeError):
+            late = True                 # a line torn by the interruption
+        if late:
+            dropped += 1
+        else:
+            keep.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        tmp.replace(path)
+    return dropped
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.detach().float().item()
@@ -158,6 +184,12 @@ class Telemetry:
 
         # metrics.jsonl holds exactly one record per training log step (the run-directory contract);
         # validation records go to eval_metrics.jsonl, the environment of each (re)start to environment.jsonl.
+        if is_main:
+            for name in ("metrics.jsonl", "eval_metrics.jsonl"):
+                n = drop_records_after(self.run_dir / name, int(start_step))
+                if n:
+                    log.info("%s: dropped %d record(s) past step %d, which this run repeats", name, n,
+                             int(start_step))
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
         self._eval_jsonl = open(self.run_dir / "eval_metrics.jsonl", "a", encoding="utf-8") if is_main else None
         if is_main:

@@ -1,13 +1,15 @@
 """The Trainer: one build order for every backend, one loop, exact resume.
 
-Build order (each step depends only on earlier ones): distributed -> seeds -> data -> model ->
-activation checkpointing -> sharding/wrapping -> optimizer and schedule -> loader -> checkpointer
-(auto-resume) -> telemetry.
+Build order (each step depends only on earlier ones): distributed -> run-directory lock, paths,
+checkpoint choice and compatibility (seconds, before any data or model work) -> seeds -> data ->
+model -> activation checkpointing -> sharding/wrapping -> optimizer and schedule -> loader ->
+auto-resume -> telemetry.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import random
@@ -18,15 +20,17 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import Config, ConfigError, dump_config, save_config
+from ..config import Config, ConfigError, check_paths, dump_config, save_config
 from ..data.module import DataModule
 from ..model import build_model, loss_counts, loss_term_names, make_balancer
-from .checkpoint import Checkpointer, export_model, full_model_state, latest_checkpoint, rng_state, set_rng_state
+from .checkpoint import Checkpointer, export_model, full_model_state, rng_state, set_rng_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
+from .extensions import prepare_extensions, watch_build_locks
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
 from .parallel import (apply_activation_checkpointing, autocast_dtype, deepspeed_config, wrap_ddp,
                        wrap_deepspeed, wrap_fsdp2)
 from .step_module import TrainModule
+from .runlock import RunLock
 from .telemetry import Telemetry, count_flops, reduce_scalars, summary_table
 from .validation import VAL_LOSS_TERMS, validate
 from .warm_start import warm_start
@@ -35,7 +39,14 @@ log = logging.getLogger(__name__)
 
 # Config keys that may change when a run is resumed: they do not change what was learned so far.
 RESUMABLE_CHANGES = ("run.", "logging.", "train.max_steps", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.early_stop_patience", "data.num_workers", "eval.")
+                     "train.keep_checkpoints", "train.early_stop_patience", "train.max_skipped_",
+                     "data.num_workers", "eval.")
+# The skipped-fraction limit applies from this step on (a few early skips are normal under fp16).
+FRACTION_MIN_STEPS = 20
+
+
+class DivergenceError(FloatingPointError):
+    """Training stopped because too many steps had a non-finite loss or gradient."""
 
 
 def seed_everything(seed: int) -> None:
@@ -60,7 +71,22 @@ def node_steps(batch, eeg_stride: int) -> float:
     return float(f.shape[0] * f.shape[1] + e.shape[0] * (e.shape[1] // eeg_stride))
 
 
+def _release_lock_on_error(init):
+    """A trainer that fails to build gives its run directory back at once (not at process exit)."""
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            lock = getattr(self, "lock", None)
+            if lock is not None:
+                lock.release()
+            raise
+    return wrapped
+
+
 class Trainer:
+    @_release_lock_on_error
     def __init__(self, cfg: Config, data: DataModule | None = None):
         self.cfg = cfg
         t = cfg.train
@@ -74,6 +100,13 @@ class Trainer:
         if self.dtype is not None and self.device.type == "cpu" and t.precision == "fp16":
             raise ConfigError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
         self.run_dir = Path(cfg.run.out)
+        self.lock = RunLock(self.run_dir)
+        self._take_run_dir()
+        self.ext_dir = prepare_extensions() if self.backend.name == "deepspeed" else None
+        # Checkpoint choice and compatibility are settled now, in seconds, not after data and model setup.
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.backend.name, self.rank,
+                                         self.world, t.keep_checkpoints)
+        self.resume_from = self.checkpointer.newest_intact()
         self._check_run_dir()
 
         # 2. seeds: identical model initialisation on every rank
@@ -106,8 +139,9 @@ class Trainer:
             and self.backend.name != "deepspeed" else None
         if self.backend.name == "deepspeed":
             optimizer = build_optimizer(param_groups(module.model, t, extra=module.balancer), t, self.device)
-            self.module, self.optimizer = wrap_deepspeed(module, optimizer,
-                                                         deepspeed_config(cfg, self.backend, self.dtype))
+            with watch_build_locks(self.ext_dir):     # DeepSpeed may JIT-build (and wait on a lock) here
+                self.module, self.optimizer = wrap_deepspeed(module, optimizer,
+                                                             deepspeed_config(cfg, self.backend, self.dtype))
             self.base_optimizer = optimizer
         else:
             if self.backend.name == "fsdp2":
@@ -125,15 +159,12 @@ class Trainer:
         # 7. per-rank randomness (dropout) after the shared initialisation
         seed_everything(t.seed + 1000003 * (self.rank + 1))
 
-        # 8. checkpointer and auto-resume
-        self.step, self.skipped = 0, 0
+        # 8. auto-resume
+        self.step, self.skipped, self.skipped_run = 0, 0, 0
         self.best_metric = math.inf
         self.run_id: str | None = None
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.backend.name, self.rank,
-                                         self.world, t.keep_checkpoints)
-        latest = latest_checkpoint(self.run_dir / "checkpoints")
-        if latest is not None:
-            self._resume(latest)
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
         elif self.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
 
@@ -151,10 +182,34 @@ class Trainer:
                      self.n_params / 1e6, self.ac_blocks or "none")
 
     # ------------------------------------------------------------ setup helpers
+    def _take_run_dir(self) -> None:
+        """Paths exist, the run directory is writable and this job holds its lock (same verdict on all ranks).
+
+        Rank 0 holds the lock; a refusal is raised on every rank, so no rank waits on a collective.
+        """
+        error = None
+        try:
+            check_paths(self.cfg)
+            if self.is_main:
+                self.lock.acquire()
+        except ConfigError as exc:
+            error = str(exc)
+        if self.world > 1:
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error = error or box[0]
+        if error:
+            self.lock.release()
+            raise ConfigError(error)
+
     def _check_run_dir(self) -> None:
-        """A run directory with a checkpoint resumes only under the same learning-relevant config."""
+        """A run directory with a checkpoint resumes only under the same learning-relevant config,
+        world size and backend."""
+        if self.resume_from is None:
+            return
+        self.checkpointer.check_compatible(self.resume_from)
         saved = self.run_dir / "config.yaml"
-        if not saved.is_file() or latest_checkpoint(self.run_dir / "checkpoints") is None:
+        if not saved.is_file():
             return
         old = _flat(yaml.safe_load(saved.read_text()))
         new = _flat(yaml.safe_load(dump_config(self.cfg)))
@@ -188,6 +243,7 @@ class Trainer:
         trainer_state, rank_state = self.checkpointer.load(path, self.module, self.base_optimizer)
         self.step = int(trainer_state["step"])
         self.skipped = int(trainer_state["skipped"])
+        self.skipped_run = int(trainer_state.get("skipped_run", 0))
         self.run_id = trainer_state.get("run_id")
         self.schedule.load_state_dict(trainer_state["schedule"])
         self.early.load_state_dict(trainer_state["early"])
@@ -200,7 +256,8 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
-        trainer_state = {"step": self.step, "skipped": self.skipped, "run_id": self.run_id,
+        trainer_state = {"step": self.step, "skipped": self.skipped, "skipped_run": self.skipped_run,
+                         "run_id": self.run_id,
                          "schedule": self.schedule.state_dict(), "early": self.early.state_dict(),
                          "best_metric": self.best_metric,
                          "scaler": self.scaler.state_dict() if self.scaler is not None else None}
@@ -209,18 +266,49 @@ class Trainer:
         return self.checkpointer.save(self.step, self.module, self.base_optimizer, trainer_state,
                                       rank_state, meta)
 
-    def export(self, name: str, metrics: dict | None = None) -> Path:
-        """Consolidated single-file model for inference (``RUN/<name>/model.pt``); collective."""
+    def export(self, name: str, metrics: dict | None = None, diverged: str | None = None) -> Path:
+        """Consolidated single-file model for inference (``RUN/<name>/model.pt``); collective.
+
+        ``diverged``: why these weights are not a usable model; stored as ``diverged`` in the file and
+        in ``RUN/<name>/DIVERGED`` so neither a program nor a person takes them for a trained twin.
+        """
         full = full_model_state(self.module, self.backend.name)
         path = self.run_dir / name / "model.pt"
         if self.is_main:
             prefix = "model."
             weights = {k[len(prefix):].replace("_checkpoint_wrapped_module.", ""): v
                        for k, v in full.items() if k.startswith(prefix)}
-            export_model(path, weights, {"config": self.cfg.to_dict(), "data": self.data.metadata(),
-                                         "step": self.step, "metrics": metrics or {},
-                                         "backend": self.backend.name})
+            payload = {"config": self.cfg.to_dict(), "data": self.data.metadata(), "step": self.step,
+                       "metrics": metrics or {}, "backend": self.backend.name}
+            if diverged:
+                payload["diverged"] = diverged
+            export_model(path, weights, payload)
+            marker = path.parent / "DIVERGED"
+            if diverged:
+                marker.write_text(diverged + "\n")
+            elif marker.exists():
+                marker.unlink()
         return path
+
+    def _divergence(self) -> str | None:
+        """Why training must stop (too many skipped steps), or None. The same on every rank."""
+        t = self.cfg.train
+        if t.max_skipped_consecutive and self.skipped_run >= t.max_skipped_consecutive:
+            return (f"{self.skipped_run} consecutive steps (up to step {self.step}) had a non-finite loss or "
+                    f"gradient (limit train.max_skipped_consecutive={t.max_skipped_consecutive})")
+        if t.max_skipped_fraction < 1 and self.step >= FRACTION_MIN_STEPS \
+                and self.skipped / self.step > t.max_skipped_fraction:
+            return (f"{self.skipped} of {self.step} steps had a non-finite loss or gradient (limit "
+                    f"train.max_skipped_fraction={t.max_skipped_fraction})")
+        return None
+
+    def _stop_diverged(self, reason: str) -> None:
+        self.export("final", {"skipped_steps": self.skipped}, diverged=reason)
+        # No checkpoint to point at: those of the streak hold the diverged weights, and a lower lr is a
+        # learning-relevant change that this run directory refuses.
+        raise DivergenceError(
+            f"training diverged: {reason}. Train again in a new --run.out with a lower train.lr (now "
+            f"{self.cfg.train.lr:g}), or check the data; {self.run_dir / 'final' / 'model.pt'} is marked diverged")
 
     # ------------------------------------------------------------ one optimizer step
     def _micro_batches(self, it) -> list:
@@ -292,8 +380,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if stepped:
             self.schedule.step()
+            self.skipped_run = 0
         else:
             self.skipped += 1
+            self.skipped_run += 1
             if self.is_main:
                 log.warning("step %d: non-finite loss or gradient, step skipped on all ranks", self.step + 1)
         self.step += 1
@@ -350,15 +440,18 @@ class Trainer:
                 self.tel.on_oom()
                 raise
             self.tel.step_end(self.step, self._windows, self._node_steps)
-            if self.tel.should_flush(self.step):
+            diverged = self._divergence()
+            if self.tel.should_flush(self.step) or diverged:
                 self.tel.log(self.step, stats)
                 self.tel.flush(self.step)
+            if diverged:
+                self._stop_diverged(diverged)
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
                 last_eval = self.evaluate()
                 self.tel.log_eval(self.step, last_eval)
                 self.schedule.on_eval(last_eval["loss"])
                 improved, stop = self.early.update(last_eval["loss"])
-                if improved:
+                if improved and math.isfinite(last_eval["loss"]):
                     self.best_metric = last_eval["loss"]
                     self.export("best", {f"val/{k}": v for k, v in last_eval.items()})
                 if stop and self.is_main:
@@ -371,27 +464,37 @@ class Trainer:
             self.save_checkpoint()
         if self.step < t.max_steps and not stop:
             return last_eval                      # interrupted on purpose: no final export
-        self.export("final", {f"val/{k}": v for k, v in last_eval.items()})
+        final_loss = last_eval.get("loss", math.nan)
+        diverged = None if math.isfinite(final_loss) else f"final validation loss is {final_loss}"
+        self.export("final", {f"val/{k}": v for k, v in last_eval.items()}, diverged=diverged)
         if self.is_main and not (self.run_dir / "best" / "model.pt").is_file():
-            # No validation improved (or none ran): the final weights are the best we have.
-            (self.run_dir / "best").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.run_dir / "final" / "model.pt", self.run_dir / "best" / "model.pt")
+            if diverged:
+                log.warning("no best/model.pt: no validation was finite (%s)", diverged)
+            else:
+                # No validation improved on an earlier one: the final weights are the best we have.
+                (self.run_dir / "best").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.run_dir / "final" / "model.pt", self.run_dir / "best" / "model.pt")
         self.last_eval = last_eval
         return last_eval
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Finish telemetry (``exit_code`` != 0 marks a failed run) and release the run directory."""
         tel = getattr(self, "tel", None)
         if tel is not None:
-            tel.close()
+            tel.close(exit_code=exit_code)
             if self.is_main:
                 print(summary_table(tel.last_metrics, getattr(self, "last_eval", None) or tel.last_eval))
                 print(f"run directory: {self.run_dir.resolve()}")
+        self.lock.release()
 
 
 def run_training(cfg: Config) -> dict:
     """Build the trainer, train, close: the whole job behind ``launch/train.py`` and ``twinbrain train``."""
     trainer = Trainer(cfg)
+    code = 1
     try:
-        return trainer.train()
+        result = trainer.train()
+        code = 0
+        return result
     finally:
-        trainer.close()
+        trainer.close(exit_code=code)
