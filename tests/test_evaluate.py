@@ -97,8 +97,16 @@ def test_model_and_baselines_score_the_same_elements(report, loaded):
         f = report["forecast"][m]
         n = f["model"]["n"]
         assert n == [N_WIN * slots[m] * per_node[m]] * len(f["horizons"])
+        # Same count is not enough: the target variance implied by each scorer's R² and MSE,
+        # SS_tot = n * mse / (1 - R²), depends only on the scored target elements, so it must agree
+        # between the model and every baseline (a baseline scored on other windows, nodes or horizons
+        # would imply another one).
+        implied = {name: np.array(s["mse"]) * np.array(s["n"]) / (1 - np.array(s["r2"]))
+                   for name, s in {"model": f["model"], **f["baselines"]}.items()}
         for name, b in f["baselines"].items():
             assert b["n"] == n, name
+            np.testing.assert_allclose(implied[name], implied["model"], rtol=1e-4, err_msg=f"{m} {name}")
+        assert len(set(np.round(implied["model"], 6))) == len(f["horizons"]), "horizons share targets"
 
 
 def test_persistence_matches_closed_form_on_the_same_windows(report, data, loaded):

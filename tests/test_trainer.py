@@ -193,9 +193,39 @@ def test_schedulers_are_built_and_move_the_lr(kind):
     assert len(set(round(v, 12) for v in lrs)) > 1, f"{kind} never changed the lr"
     if kind in ("cosine", "onecycle"):
         assert lrs[-1] < max(lrs)
-    state = sched.state_dict()
-    sched2 = Schedule(torch.optim.AdamW([{"params": [p], "lr": cfg.train.lr}]), cfg.train)
-    sched2.load_state_dict(state)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "onecycle", "plateau", "constant"])
+def test_schedule_state_round_trip_continues_the_same_lrs(kind):
+    """A schedule restored after step 1 of the warm-up (with its optimizer, as a resume does) gives the same
+    lr at every later step as the one that never stopped."""
+    cfg = load_config(None, ["--train.scheduler", kind, "--train.max_steps", "20", "--train.warmup_steps", "4"])
+
+    def build():
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.AdamW([{"params": [p], "lr": cfg.train.lr, "name": "decay"}])
+        return opt, Schedule(opt, cfg.train)
+
+    def advance(opt, sched, steps):
+        out = []
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+            sched.on_eval(1.0)        # never improves: plateau halves the lr
+            out.append(opt.param_groups[0]["lr"])
+        return out
+
+    opt, sched = build()
+    advance(opt, sched, 1)
+    opt_state, sched_state = opt.state_dict(), sched.state_dict()
+    expected = advance(opt, sched, 19)
+    assert len(set(expected)) > 1, f"{kind}: the lr does not move after step 1, so nothing is checked"
+    opt2, sched2 = build()
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(sched_state)
+    assert advance(opt2, sched2, 19) == expected
+    fresh_opt, fresh = build()
+    assert advance(fresh_opt, fresh, 19) != expected, f"{kind}: a fresh schedule gives the same lrs"
 
 
 def test_warmup_cosine_shape():
