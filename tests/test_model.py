@@ -185,7 +185,8 @@ def test_cross_modal_messages_keep_destination_shape():
     torch.manual_seed(0)
     for n_t, n_s in ((5, 7), (9, 3), (0, 4), (4, 0)):
         c = Coupling(n_t, n_s, n_subjects=3, rank=2, self_relation=False)
-        assert c(torch.tensor([0, 2])).shape == (2, n_t, n_s) and c.matrix().shape == (n_t, n_s)
+        personal, penalty = c(torch.tensor([0, 2]))
+        assert personal.shape == (2, n_t, n_s) and c.matrix().shape == (n_t, n_s) and penalty.dim() == 0
     model = make(tiny_cfg()).eval()
     for n_cross in (0, 3, 20):   # more cross edges than fMRI nodes
         out = model(make_window(N_F, N_E, T_F, SPT, n_edges_cross=n_cross))
@@ -198,11 +199,11 @@ def test_coupling_is_signed_directed_without_self_term_and_personal():
     pop = c.matrix()
     assert (pop.diagonal() == 0).all() and (pop < 0).any() and (pop > 0).any()
     assert not torch.allclose(pop, pop.t())                          # directed: C[i, j] != C[j, i]
-    per = c(torch.tensor([0, 1]))
+    per, _ = c(torch.tensor([0, 1]))
     torch.testing.assert_close(per[0], pop)                          # deltas start at zero
     with torch.no_grad():
         c.u[1].normal_()
-    per = c(torch.tensor([0, 1]))
+    per, _ = c(torch.tensor([0, 1]))
     torch.testing.assert_close(per[0], pop)
     assert not torch.allclose(per[1], pop) and (per[1].diagonal() == 0).all()
 
@@ -394,3 +395,28 @@ def test_build_model_accepts_full_config():
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_coupling_penalty_is_prior_weighted_l1_carried_by_the_output():
+    """The sparsity term travels on the model output (computed inside each Coupling's forward, where ZeRO-3
+    has the parameters gathered); a prior of 1 on an entry removes its penalty, the diagonal never counts."""
+    cfg = tiny_cfg(coupling_l1=0.5)
+    model = make(cfg).eval()
+    window = make_window(N_F, N_E, T_F, SPT, seed=3)
+
+    def expected():
+        total = 0.0
+        for c in model.coupling.values():
+            total = total + (c.weight.abs() * c.keep * c.penalty_weight).mean()
+        return 0.5 * total
+
+    out = model(window)
+    torch.testing.assert_close(out.penalty, expected())
+    key = relation_key(RELATIONS[0])
+    m_t, m_s = model.coupling[key].n_target, model.coupling[key].n_source
+    model.set_prior(key, torch.ones(m_t, m_s))
+    lowered = model(window).penalty
+    torch.testing.assert_close(lowered, expected())
+    assert lowered < out.penalty
+    lowered.backward()
+    assert model.coupling[relation_key(RELATIONS[1])].weight.grad.abs().sum() > 0

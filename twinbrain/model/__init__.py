@@ -9,7 +9,7 @@ Public API::
     TwinBrain.embedding_parameters()      subject/session-specific parameters (train.emb_lr)
     TwinBrain.param_groups_spec()         {'embedding' | 'no_decay' | 'default': [parameter names]} (the optimizer groups)
     TwinBrain.couplings(subject=None)     {relation_key: C[target, source]} learned directed couplings
-    TwinBrain.coupling_penalty()          prior-weighted L1 on the couplings (added to the loss)
+    ModelOutput.penalty                   prior-weighted L1 on the couplings (added to the loss)
     TwinBrain.linear                      {modality: LinearCore} VAR(p) core (warm-started by the trainer)
     loss_terms(batch, out, train_cfg, model_cfg) -> {term: (sum, count)}
     loss_counts(batch, train_cfg, model_cfg)     -> {term: count}      (no forward needed)

@@ -35,8 +35,9 @@ def from_dense(d: Tensor, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
 class Coupling(nn.Module):
     """Signed directed coupling ``C[target, source]`` of one relation, shared by every block.
 
-    ``forward(subject [B]) -> [B, M_t, M_s]`` fp32: ``C + U_s Vᵀ`` per window (``rank`` = 0: ``C`` only,
-    broadcast). ``V [M_s, rank]`` is a source basis shared by all subjects and ``U_s [M_t, rank]`` the
+    ``forward(subject [B]) -> (C_s [B, M_t, M_s], penalty)`` fp32: ``C + U_s Vᵀ`` per window (``rank`` = 0:
+    ``C`` only, broadcast) and the prior-weighted sparsity term ``mean(|C| * penalty_weight)``. The penalty is
+    computed here, inside ``forward``, because ZeRO-3 only gathers a module's parameters while it runs. ``V [M_s, rank]`` is a source basis shared by all subjects and ``U_s [M_t, rank]`` the
     subject's loadings; ``U`` starts at zero, so every subject (also one added later) starts at the
     population coupling, and its delta still gets a gradient through the shared ``V``. Within one
     modality the diagonal is held at 0 (a node's own dynamics live in its temporal path and in the
@@ -61,6 +62,8 @@ class Coupling(nn.Module):
         if self_relation:
             keep.fill_diagonal_(0.0)
         self.register_buffer("keep", keep, persistent=False)
+        # Sparsity-penalty weight per entry (1 = full penalty); a prior lowers it (TwinBrain.set_prior).
+        self.register_buffer("penalty_weight", torch.ones(rt, rs))
 
     def matrix(self, subject: Tensor | None = None) -> Tensor:
         """``[M_t, M_s]`` population coupling, or ``[B, M_t, M_s]`` personal couplings of ``subject``."""
@@ -72,8 +75,10 @@ class Coupling(nn.Module):
             v = self.v.float()[:self.n_source]
             return c + torch.matmul(u, v.t()) * self.keep[:self.n_target, :self.n_source]
 
-    def forward(self, subject: Tensor) -> Tensor:
-        return self.matrix(subject if self.rank else None)
+    def forward(self, subject: Tensor) -> tuple[Tensor, Tensor]:
+        with fp32_region(self.weight):
+            penalty = (self.weight.float().abs() * self.keep * self.penalty_weight).mean()
+        return self.matrix(subject if self.rank else None), penalty
 
 
 def couple(c: Tensor, x: Tensor) -> Tensor:

@@ -44,13 +44,15 @@ class ModelOutput:
     recon[m] ``[N, T, 1]`` on the input grid; forecast[m] ``[N, L, S * step]`` where entry ``[n, t, k]``
     predicts sample ``(t + 1) * step + k`` (``step`` = 1 for fMRI, ``eeg_stride`` for EEG);
     forecast_std[m] same shape, positive (only for ``probabilistic == 'gaussian'``, else None);
-    latent[m] ``[N, L, H]``; latent_forecast[m] ``[N, L, S, H]`` predicting ``latent[m][:, t + 1 + s]``.
+    latent[m] ``[N, L, H]``; latent_forecast[m] ``[N, L, S, H]`` predicting ``latent[m][:, t + 1 + s]``;
+    penalty: the coupling sparsity term ``model.coupling_l1 * sum_rel mean(|C_rel| * weight_rel)`` (scalar).
     """
     recon: dict[str, Tensor]
     forecast: dict[str, Tensor]
     latent: dict[str, Tensor]
     latent_forecast: dict[str, Tensor]
     forecast_std: dict[str, Tensor] | None = None
+    penalty: Tensor | None = None
 
 
 class TwinBrain(nn.Module):
@@ -105,10 +107,6 @@ class TwinBrain(nn.Module):
             relation_key(r): Coupling(self.n_slots[r[2]], self.n_slots[r[0]], n_subjects, cfg.coupling_rank,
                                       self_relation=r[0] == r[2])
             for r in RELATIONS})
-        # Sparsity-penalty weights per coupling entry (1 = full penalty); priors lower them (set_prior).
-        for r in RELATIONS:
-            c = self.coupling[relation_key(r)]
-            self.register_buffer(f"penalty_{relation_key(r)}", torch.ones_like(c.weight))
 
         self.blocks = nn.ModuleList(
             STBlock(hid, cfg.heads, cfg.kernel_size, cfg.dropout, self.steps_per_tr, self.n_slots,
@@ -185,24 +183,13 @@ class TwinBrain(nn.Module):
         """Weight the sparsity penalty of one coupling by a prior ``[M_t, M_s]`` in [0, 1] (e.g. |FC| or
         normalised structural connectivity): entry weight ``1 - prior``, so likely edges cost less. The
         prior never masks: every entry stays learnable."""
-        buf = getattr(self, f"penalty_{rel_key}")
+        buf = self.coupling[rel_key].penalty_weight
         prior = torch.as_tensor(prior, dtype=buf.dtype).clamp(0, 1)
         m_t, m_s = self.coupling[rel_key].n_target, self.coupling[rel_key].n_source
         if prior.shape != (m_t, m_s):
             raise ValueError(f"prior for {rel_key} has shape {tuple(prior.shape)}, expected {(m_t, m_s)}")
         buf[:m_t, :m_s] = 1 - prior
 
-    def coupling_penalty(self) -> Tensor:
-        """``model.coupling_l1 * sum_rel mean(|C_rel| * penalty_rel)`` (0 when the strength is 0)."""
-        total = self.shared.weight.new_zeros(()).float()
-        if self.cfg.coupling_l1 <= 0:
-            return total
-        for key, c in self.coupling.items():
-            w = getattr(self, f"penalty_{key}")
-            total = total + (c.weight.float().abs() * c.keep * w).mean()
-        return self.cfg.coupling_l1 * total
-
-    # ------------------------------------------------------------ forward
     # ------------------------------------------------------------ forward
     def _read(self, batch) -> dict:
         """Pull the tensors of the schema out of a ``Batch``/``HeteroData``; edges of masked nodes get
@@ -259,7 +246,10 @@ class TwinBrain(nn.Module):
         n_windows = g["n_windows"]
         h = {m: self._embed(m, g[m], g) for m in MODALITIES}
         subject = batch.subject.view(-1)
-        couplings = {k: c(subject) for k, c in self.coupling.items()}          # once per forward, all blocks
+        couplings, penalty = {}, 0.0
+        for key, c in self.coupling.items():                                     # once per forward, all blocks
+            couplings[key], p = c(subject)
+            penalty = penalty + p
         idx = {m: g[m]["idx"] for m in MODALITIES}
         keep = {m: g[m]["mask"].to(h[m].dtype).view(-1, 1, 1) for m in MODALITIES}
         h_f, h_e = h["fmri"], h["eeg"]
@@ -268,7 +258,8 @@ class TwinBrain(nn.Module):
         h = {"fmri": h_f, "eeg": h_e}
 
         out = ModelOutput(recon={}, forecast={}, latent={}, latent_forecast={},
-                          forecast_std={} if self.cfg.probabilistic == "gaussian" else None)
+                          forecast_std={} if self.cfg.probabilistic == "gaussian" else None,
+                          penalty=self.cfg.coupling_l1 * penalty)
         s_steps = self.cfg.forecast_steps
         for m in MODALITIES:
             z = self.shared(self.norm_out[m](h[m]))                               # [N, L, H]

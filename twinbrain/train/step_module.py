@@ -39,7 +39,7 @@ class TrainModule(nn.Module):
         parts = normalise(terms, global_counts)
         # The regulariser is counted once per optimizer step, not once per micro-batch and rank.
         loss = data_scale * self.balancer.weighted(parts) + reg_scale * (self.balancer.regularizer()
-                                                                         + self.model.coupling_penalty())
+                                                                         + out.penalty)
         if getattr(self.balancer, "mode", "") == "gradnorm":
             shared = self.model.shared_parameter()
             loss = loss + reg_scale * self.balancer.gradnorm_loss(parts, shared)

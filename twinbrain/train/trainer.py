@@ -122,8 +122,7 @@ class Trainer:
                              samples_per_tr=d.samples_per_tr)
         self.modalities = d.modalities
         # Closed-form start (tuned ridge VAR core, coupling priors); a resume loads the trained state instead.
-        fresh = latest_checkpoint(self.run_dir / "checkpoints") is None
-        self.warm = warm_start(model, d, cfg) if t.warm_start and fresh else None
+        self.warm = warm_start(model, d, cfg) if t.warm_start and self.resume_from is None else None
         balancer = make_balancer(t, loss_term_names(self.modalities))
         self.n_params = sum(p.numel() for p in model.parameters())
         # 5. activation checkpointing (applied by us, the same under every backend)
