@@ -7,8 +7,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import lfilter
 
-from twinbrain.eval.baselines import (ARBaseline, MLPBaseline, Persistence, VARBaseline, build_baselines,
-                                      persistence)
+from twinbrain.eval.baselines import (ARBaseline, MLPBaseline, Persistence, RidgeVAR, VARBaseline,
+                                      build_baselines, fit_ridge_var, persistence, select_ridge_var)
 from twinbrain.eval.metrics import R2Accumulator, skill
 
 
@@ -145,3 +145,48 @@ def test_build_baselines_names():
     b = build_baselines(ar_order=3, ridge_alpha=0.5, mlp=True)
     assert list(b) == ["persistence", "ar1", "ar3", "var3", "mlp3"]
     assert list(build_baselines(ar_order=1)) == ["persistence", "ar1", "var1"]
+
+
+def test_fit_ridge_var_is_the_baseline_and_uses_row_target_convention():
+    n = 6
+    a = np.zeros((n, n))
+    a[np.arange(n), np.arange(n)] = 0.5
+    a[2, 4] = 0.4                                                       # node 4 drives node 2, not back
+    series = [_var_series(a, 3000, seed=s) for s in range(2)]
+    fit = fit_ridge_var(series, order=1, alpha=1.0)
+    assert isinstance(fit, RidgeVAR) and fit.coef.shape == (1, n, n) and fit.intercept.shape == (n,)
+    assert fit.coef[0, 2, 4] > 0.3 and abs(fit.coef[0, 4, 2]) < 0.05
+    assert np.allclose(fit.coef, VARBaseline(1, 1.0).fit(series).coef)
+    lags = np.random.default_rng(0).normal(size=(3, n, 1))
+    assert np.allclose(fit.step(lags), fit.intercept + lags[..., 0] @ fit.coef[0].T)
+
+
+def test_select_ridge_var_picks_the_true_order_on_validation():
+    # A VAR(2) whose second lag matters: validation must prefer p = 2 over p = 1 (and not need p = 3).
+    n = 5
+    rng = np.random.default_rng(1)
+    a1, a2 = 0.3 * np.eye(n), -0.5 * np.eye(n)
+    a1[0, 1] = 0.3
+    x = np.zeros((n, 6200))
+    e = rng.normal(size=x.shape)
+    for t in range(2, x.shape[1]):
+        x[:, t] = a1 @ x[:, t - 1] + a2 @ x[:, t - 2] + e[:, t]
+    x = x[:, 200:]
+    best, scores = select_ridge_var([x[:, :4000]], [x[:, 4000:]], orders=(1, 2, 3), alphas=(0.1, 10.0, 1e4))
+    assert set(scores) == {(p, a) for p in (1, 2, 3) for a in (0.1, 10.0, 1e4)}
+    assert best.order == 2 and scores[(2, best.alpha)] == min(scores.values())
+    assert scores[(1, best.alpha)] > 1.2 * scores[(2, best.alpha)]
+    # The winner is fitted on the training series only (never on validation).
+    assert np.allclose(best.coef, fit_ridge_var([x[:, :4000]], 2, best.alpha).coef)
+
+
+def test_select_ridge_var_regularises_when_training_data_are_few():
+    # 40 independent noise nodes, 60 training steps: an unpenalised VAR over-fits; the tuned alpha is large
+    # and its validation error is close to the noise floor (the mean), not above it.
+    rng = np.random.default_rng(2)
+    train, val = [rng.normal(size=(40, 60))], [rng.normal(size=(40, 2000))]
+    best, scores = select_ridge_var(train, val, orders=(1, 3), alphas=(1e-3, 1.0, 1e3, 1e5))
+    assert best.alpha >= 1e3 and scores[(best.order, best.alpha)] < 1.05
+    assert scores[(3, 1e-3)] > 1.5
+    with pytest.raises(ValueError, match="validation series 0 has non-finite"):
+        select_ridge_var(train, [np.full((40, 50), np.nan)], orders=(1,), alphas=(1.0,))

@@ -15,7 +15,9 @@ summed (not averaged) squared error, so its effect fades as training data grows.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -172,8 +174,173 @@ class ARBaseline(_Iterated):
         return self.intercept + np.einsum("wnk,nk->wn", lags, self.coef)
 
 
+# ---------------------------------------------------------------- ridge VAR as pure functions
+
+DEFAULT_ORDERS = (1, 2, 3, 4, 5)
+DEFAULT_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+
+
+@dataclass(frozen=True)
+class RidgeVAR:
+    """A fitted ridge VAR(p): ``x(t) = intercept + Σ_k coef[k] @ x(t - 1 - k)``.
+
+    ``coef [p, N, N]`` with ``coef[k, i, j]`` = effect of source node j at lag k + 1 on target node i
+    (row = target, column = source, the project's EC convention); ``intercept [N]``; ``order`` = p;
+    ``alpha`` = the ridge penalty it was fitted with. Units are those of the series (z-units in TwinBrain).
+    """
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    order: int
+    alpha: float
+
+    @property
+    def weights(self) -> np.ndarray:
+        """``[p·N, N]`` lag-major design weights: ``x(t) = intercept + z @ weights`` with
+        ``z = [x(t-1); …; x(t-p)]`` flattened lag-major (``z[k·N + j] = x_j(t - 1 - k)``)."""
+        p, n, _ = self.coef.shape
+        return self.coef.transpose(0, 2, 1).reshape(p * n, n)
+
+    def step(self, lags: np.ndarray) -> np.ndarray:
+        """One step: ``lags [W, N, p]`` (``lags[..., k]`` = k + 1 steps back) -> ``[W, N]``."""
+        w, n, p = lags.shape
+        return self.intercept + lags.transpose(0, 2, 1).reshape(w, p * n) @ self.weights
+
+
+def _var_design(s: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Series ``[N, T]`` -> Z ``[T - p, p·N]`` (lag-major) and Y ``[T - p, N]`` (targets at t = p..T-1)."""
+    z, y = _lagged(s, p)                                    # [N, M, p], [N, M]
+    return z.transpose(1, 2, 0).reshape(z.shape[1], -1), y.T
+
+
+class _VarMoments:
+    """Centred sufficient statistics of the ridge VAR(p) problem on some series, reusable over alphas.
+
+    ``primal``: Gram ``Zcᵀ Zc [D, D]`` and ``Zcᵀ Yc [D, N]``; ``dual``: centred ``Zc [M, D]``, ``Yc [M, N]``
+    and kernel ``Zc Zcᵀ [M, M]`` (cheaper when M < D = p·N).
+    """
+
+    def __init__(self, series: list[np.ndarray], p: int, solver: str):
+        series = [s for s in series if s.shape[1] > p]
+        self.p, self.n = p, series[0].shape[0]
+        d, m = p * self.n, sum(s.shape[1] - p for s in series)
+        self.solver = solver if solver != "auto" else ("dual" if m < d else "primal")
+        if self.solver == "primal":
+            sz, sy = np.zeros(d), np.zeros(self.n)
+            szz, szy = np.zeros((d, d)), np.zeros((d, self.n))
+            for s in series:
+                z, y = _var_design(s, p)
+                sz += z.sum(0)
+                sy += y.sum(0)
+                szz += z.T @ z
+                szy += z.T @ y
+            self.zbar, self.ybar = sz / m, sy / m
+            self.gram = szz - m * np.outer(self.zbar, self.zbar)
+            self.rhs = szy - m * np.outer(self.zbar, self.ybar)
+        else:
+            zs, ys = zip(*(_var_design(s, p) for s in series))
+            z, y = np.concatenate(zs), np.concatenate(ys)
+            self.zbar, self.ybar = z.mean(0), y.mean(0)
+            self.z, self.y = z - self.zbar, y - self.ybar
+            self.kernel = self.z @ self.z.T
+
+    def solve(self, alpha: float) -> RidgeVAR:
+        if self.solver == "primal":
+            a = self.gram.copy()
+            a[np.diag_indices_from(a)] += alpha
+            try:
+                w = scipy.linalg.solve(a, self.rhs, assume_a="pos")
+            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+                w = np.linalg.lstsq(a, self.rhs, rcond=None)[0]
+        else:
+            k = self.kernel.copy()
+            k[np.diag_indices_from(k)] += alpha
+            try:
+                w = self.z.T @ scipy.linalg.solve(k, self.y, assume_a="pos")
+            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+                w = self.z.T @ np.linalg.lstsq(k, self.y, rcond=None)[0]
+        p, n = self.p, self.n                                      # w [p·N, N], lag-major rows
+        return RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
+                        intercept=self.ybar - w.T @ self.zbar, order=p, alpha=float(alpha))
+
+
+def _finite_series(series_list, min_len: int, what: str) -> list[np.ndarray]:
+    series = _check_series(series_list, min_len)
+    for i, s in enumerate(series):
+        if not np.isfinite(s).all():
+            raise ValueError(f"ridge VAR: {what} series {i} has non-finite values; "
+                             f"impute or zero missing slots before fitting the VAR")
+    return series
+
+
+def fit_ridge_var(train_series, order: int, alpha: float, solver: str = "auto") -> RidgeVAR:
+    """Closed-form ridge VAR(``order``) on a list of finite ``[N, T]`` float arrays (one per recording span).
+
+    Lags never cross series boundaries; the intercept is not penalised (features and targets are
+    centred by their training means); ``alpha`` is added to the summed squared error. ``solver``:
+    'primal' (D x D Gram, D = order·N), 'dual' (M x M kernel, M = training steps) or 'auto' (dual when
+    M < D). Returns :class:`RidgeVAR` (``coef [p, N, N]`` row = target, column = source; ``intercept [N]``).
+    """
+    if order < 1 or alpha < 0 or solver not in ("auto", "primal", "dual"):
+        raise ValueError(f"fit_ridge_var needs order >= 1, alpha >= 0, solver in auto|primal|dual; "
+                         f"got order={order}, alpha={alpha}, solver={solver!r}")
+    return _VarMoments(_finite_series(train_series, order + 1, "training"), int(order), solver).solve(alpha)
+
+
+def _one_step_mse(step, series: list[np.ndarray], p: int, start: int) -> float:
+    """Mean squared one-step error of ``step(lags [M, N, p]) -> [M, N]`` on targets ``t >= start`` of every
+    series (``start >= p``, the same targets for every candidate order)."""
+    se, cnt = 0.0, 0
+    for s in series:
+        if s.shape[1] <= start:
+            continue
+        z, y = _lagged(s, p)                                   # [N, T - p, p], targets t = p..T-1
+        z, y = z[:, start - p:].transpose(1, 0, 2), y[:, start - p:].T      # [M, N, p], [M, N]
+        ok = np.isfinite(y) & np.isfinite(z).all(-1)
+        err = np.where(ok, step(np.where(ok[..., None], z, 0.0)) - np.where(ok, y, 0.0), 0.0)
+        se += float((err ** 2).sum())
+        cnt += int(ok.sum())
+    return se / cnt if cnt else math.nan
+
+
+def select_ridge_var(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS,
+                     solver: str = "auto") -> tuple[RidgeVAR, dict[tuple[int, float], float]]:
+    """Choose the ridge VAR order and alpha on validation series; fit on the training series only.
+
+    Args:
+        train_series / val_series: lists of finite ``[N, T]`` float arrays (nodes x steps), e.g. the
+            normalised training and validation spans. Never pass test subjects here.
+        orders / alphas: the candidate grid. Every candidate is scored on the same validation targets
+            (steps ``t >= max(orders)`` of each validation series) by one-step mean squared error.
+    Returns ``(best, scores)``: the :class:`RidgeVAR` with the lowest validation MSE (fitted on
+    ``train_series``; ties go to the smaller order, then the larger alpha) and ``{(order, alpha): val MSE}``.
+    The Gram matrix is built once per order and re-solved per alpha.
+    """
+    orders = sorted({int(p) for p in orders})
+    alphas = sorted({float(a) for a in alphas}, reverse=True)
+    if not orders or not alphas or orders[0] < 1 or alphas[-1] < 0:
+        raise ValueError(f"select_ridge_var needs orders >= 1 and alphas >= 0, got {orders}, {alphas}")
+    p_max = orders[-1]
+    train = _finite_series(train_series, p_max + 1, "training")
+    val = _finite_series(val_series, p_max + 1, "validation")
+    scores: dict[tuple[int, float], float] = {}
+    best, best_mse = None, math.inf
+    for p in orders:
+        mom = _VarMoments(train, p, solver)
+        for a in alphas:
+            fit = mom.solve(a)
+            mse = _one_step_mse(fit.step, val, p, p_max)
+            scores[(p, a)] = mse
+            if mse < best_mse:                      # strict: keeps the smaller order / larger alpha on ties
+                best, best_mse = fit, mse
+    if best is None:
+        raise ValueError("select_ridge_var: no candidate gave a finite validation error; check the series")
+    return best, scores
+
+
 class VARBaseline(_Iterated):
-    """Ridge VAR(p) over all nodes jointly: ``x(t) = c + Σ_k A_k x(t - 1 - k)``, closed form.
+    """Ridge VAR(p) over all nodes jointly: ``x(t) = c + Σ_k A_k x(t - 1 - k)``, closed form
+    (:func:`fit_ridge_var`).
 
     Features per step are the stacked lags ``z = [x(t-1); …; x(t-p)]`` of size D = p·N (lag-major).
     Two exact solvers of the same ridge problem (M = training steps):
@@ -187,7 +354,7 @@ class VARBaseline(_Iterated):
     ``solver='auto'`` picks the dual when M < D. Training series must be finite (impute or zero missing
     slots first). Prediction costs O(W·p·N²) per horizon step (one matmul).
     Attributes after ``fit``: ``coef [p, N, N]`` with ``coef[k, i, j]`` = effect of node j
-    at lag k + 1 on node i, ``intercept [N]``.
+    at lag k + 1 on node i, ``intercept [N]``, ``model`` (the :class:`RidgeVAR`).
     """
 
     def __init__(self, p: int = 3, alpha: float = 1.0, solver: str = "auto"):
@@ -197,54 +364,22 @@ class VARBaseline(_Iterated):
         self.order, self.alpha, self.solver, self.name = int(p), float(alpha), solver, f"var{p}"
         self.fitted = False
 
-    def _design(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Series ``[N, T]`` -> Z ``[M, p·N]`` (lag-major) and Y ``[M, N]``."""
-        z, y = _lagged(s, self.order)                        # [N, M, p], [N, M]
-        return z.transpose(1, 2, 0).reshape(z.shape[1], -1), y.T
+    @classmethod
+    def from_fit(cls, fit: RidgeVAR, name: str | None = None) -> "VARBaseline":
+        """A fitted baseline wrapping an existing :class:`RidgeVAR` (e.g. from :func:`select_ridge_var`)."""
+        b = cls(fit.order, fit.alpha)
+        b._set(fit)
+        if name:
+            b.name = name
+        return b
+
+    def _set(self, fit: RidgeVAR) -> None:
+        self.model, self.coef, self.intercept = fit, fit.coef, fit.intercept
+        self._w = fit.weights
+        self.fitted = True
 
     def fit(self, series_list) -> "VARBaseline":
-        p = self.order
-        series = _check_series(series_list, p + 1)
-        for i, s in enumerate(series):
-            if not np.isfinite(s).all():
-                raise ValueError(f"{self.name}: training series {i} has non-finite values; "
-                                 f"impute or zero missing slots before fitting the VAR")
-        series = [s for s in series if s.shape[1] > p]
-        n = series[0].shape[0]
-        d, m = p * n, sum(s.shape[1] - p for s in series)
-        solver = self.solver if self.solver != "auto" else ("dual" if m < d else "primal")
-        if solver == "primal":
-            sz, sy = np.zeros(d), np.zeros(n)
-            szz, szy = np.zeros((d, d)), np.zeros((d, n))
-            for s in series:
-                z, y = self._design(s)
-                sz += z.sum(0)
-                sy += y.sum(0)
-                szz += z.T @ z
-                szy += z.T @ y
-            zbar, ybar = sz / m, sy / m
-            gram = szz - m * np.outer(zbar, zbar)
-            rhs = szy - m * np.outer(zbar, ybar)
-            gram[np.diag_indices(d)] += self.alpha
-            try:
-                w = scipy.linalg.solve(gram, rhs, assume_a="pos")
-            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-                w = np.linalg.lstsq(gram, rhs, rcond=None)[0]
-        else:
-            zs, ys = zip(*(self._design(s) for s in series))
-            z, y = np.concatenate(zs), np.concatenate(ys)
-            zbar, ybar = z.mean(0), y.mean(0)
-            z, y = z - zbar, y - ybar
-            kernel = z @ z.T
-            kernel[np.diag_indices(m)] += self.alpha
-            try:
-                w = z.T @ scipy.linalg.solve(kernel, y, assume_a="pos")
-            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-                w = z.T @ np.linalg.lstsq(kernel, y, rcond=None)[0]
-        self._w = w                                                      # [p·N, N], lag-major rows
-        self.coef = w.reshape(p, n, n).transpose(0, 2, 1).copy()        # [p, N_dst, N_src]
-        self.intercept = ybar - w.T @ zbar
-        self.fitted = True
+        self._set(fit_ridge_var(series_list, self.order, self.alpha, self.solver))
         return self
 
     def _step(self, lags: np.ndarray) -> np.ndarray:
