@@ -8,7 +8,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import lfilter
 
 from twinbrain.eval.baselines import (ARBaseline, MLPBaseline, Persistence, RidgeVAR, VARBaseline,
-                                      build_baselines, fit_ridge_var, persistence, select_ridge_var)
+                                      build_baselines, fit_ridge_var, persistence, select_ridge_var,
+                                      tuned_baselines)
+from twinbrain.eval.forecast_eval import strongest_baseline
 from twinbrain.eval.metrics import R2Accumulator, skill
 
 
@@ -190,3 +192,44 @@ def test_select_ridge_var_regularises_when_training_data_are_few():
     assert scores[(3, 1e-3)] > 1.5
     with pytest.raises(ValueError, match="validation series 0 has non-finite"):
         select_ridge_var(train, [np.full((40, 50), np.nan)], orders=(1,), alphas=(1.0,))
+
+
+def test_mlp_iterated_cannot_diverge_and_stops_early():
+    # Few noisy training steps and a large learning rate: the one-step net over-fits; early stopping on
+    # validation keeps a better step than the last, and a long roll-out stays inside the data's range.
+    x = _ar_series([0.95], n=8, t=4000, seed=6)
+    train, val = [x[:, :150]], [x[:, 2000:]]
+    mlp = MLPBaseline(p=3, hidden=64, steps=400, lr=2e-2, eval_every=20).fit(train, val)
+    assert 0 <= mlp.best_step <= 400 and np.isfinite(mlp.val_mse)
+    ctx, _ = _windows(x[:, 2000:], t_ctx=3, h=1, stride=50)
+    out = mlp.predict(ctx, 200)
+    lo, hi = train[0].min(1), train[0].max(1)
+    span = hi - lo
+    assert np.isfinite(out).all()
+    assert (out >= (lo - 0.1 * span - 1e-9)[None, :, None]).all() and (out <= (hi + 0.1 * span + 1e-9)[None, :, None]).all()
+    # Without validation it trains all steps; with a zero-init head an untrained net is persistence.
+    assert MLPBaseline(p=2, steps=5).fit(train).best_step == 5
+    fresh = MLPBaseline(p=2, steps=1, lr=0.0).fit(train)
+    inside, _ = _windows(train[0], t_ctx=3, h=1, stride=10)
+    assert np.allclose(fresh.predict(inside, 1)[..., 0], inside[..., -1], atol=1e-6)
+
+
+def test_tuned_baselines_choose_on_validation_and_fall_back_to_a_training_tail():
+    n = 4
+    a = 0.6 * np.eye(n)
+    a[0, 1] = 0.3
+    x = _var_series(a, 3000, seed=7)
+    base, tuning = tuned_baselines([x[:, :2000]], [x[:, 2000:]], orders=(1, 2), alphas=(1.0, 1e4), mlp=True,
+                                   mlp_steps=50)
+    assert list(base) == ["persistence", "ar1", "ar", "var", "mlp"]
+    assert tuning["var"]["order"] == 1 and tuning["var"]["alpha"] == 1.0          # the true model
+    assert tuning["var"]["chosen_on"] == "validation split" and tuning["mlp"]["order"] == 1
+    assert np.allclose(base["var"].coef[0], a, atol=0.1)
+    _, tail = tuned_baselines([x[:, :2000]], None, orders=(1, 2), alphas=(1.0, 1e4))
+    assert tail["var"]["chosen_on"] == "last 20% of each training span"
+
+
+def test_strongest_baseline_per_horizon():
+    r2 = {"persistence": np.array([0.5, 0.1, np.nan]), "ar1": np.array([0.4, 0.3, 0.2]),
+          "var": np.array([0.6, 0.2, 0.1])}
+    assert strongest_baseline(r2) == ["var", "ar1", "ar1"]

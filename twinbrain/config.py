@@ -164,8 +164,11 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     horizons: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    ar_order: int = 3
-    ridge_alpha: float = 1.0
+    tune_baselines: bool = True      # choose baseline orders and ridge alphas on the validation split
+    baseline_orders: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])   # AR/VAR orders tried
+    baseline_alphas: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5])
+    ar_order: int = 3                # fixed AR/VAR/MLP order when tune_baselines is false
+    ridge_alpha: float = 1.0         # fixed ridge penalty when tune_baselines is false (and the linear twin)
     max_windows: int = 0             # 0 = all
     split: str = "test"
 
@@ -415,6 +418,10 @@ def validate_config(cfg: Config) -> None:
         _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "deepspeed backend needs stage 1, 2 or 3")
     _require(not p.offload or p.zero_stage == 3, "parallel.offload", "CPU offload needs parallel.zero_stage 3")
     _require(all(h >= 1 for h in e.horizons), "eval.horizons", f"horizons must be >= 1, got {e.horizons}")
+    _require(bool(e.baseline_orders) and min(e.baseline_orders) >= 1, "eval.baseline_orders",
+             f"needs at least one order, all >= 1; got {e.baseline_orders}")
+    _require(bool(e.baseline_alphas) and min(e.baseline_alphas) >= 0, "eval.baseline_alphas",
+             f"needs at least one ridge alpha, all >= 0; got {e.baseline_alphas}")
     _require(max(e.horizons, default=1) <= m.forecast_steps, "eval.horizons",
              f"largest horizon {max(e.horizons)} exceeds model.forecast_steps={m.forecast_steps}")
     _require(g.cross_lag_min_s <= g.cross_lag_max_s, "graph.cross_lag_min_s",

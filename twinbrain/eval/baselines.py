@@ -390,30 +390,49 @@ class VARBaseline(_Iterated):
 class MLPBaseline(_Iterated):
     """NPI-style MLP: the last p steps of all nodes (p·N inputs) -> the next step of all nodes (N outputs).
 
-    A small two-hidden-layer torch MLP trained with Adam on random training steps for ``steps`` updates
-    (seeded, CPU). Nonlinear, whole-brain, and cheap; a check that the model beats a generic learner.
+    A small two-hidden-layer torch MLP (seeded, CPU, Adam) predicting the change from the last step, so
+    an untrained net is persistence. It cannot diverge when iterated:
+
+    * early stopping: with ``val_series``, the one-step validation MSE is measured every ``eval_every``
+      updates and the best weights are kept (``best_step``, ``val_mse``; 0 = the persistence start);
+    * clipped roll-out: every predicted step is clipped to each node's training range widened by
+      ``clip_margin`` of its span, so an iterated forecast stays in the range of the data.
     """
 
     def __init__(self, p: int = 3, hidden: int = 128, steps: int = 300, lr: float = 1e-3,
-                 batch_size: int = 256, weight_decay: float = 1e-4, seed: int = 0):
-        if p < 1 or hidden < 1 or steps < 1:
-            raise ValueError(f"MLPBaseline needs p, hidden, steps >= 1; got {p}, {hidden}, {steps}")
+                 batch_size: int = 256, weight_decay: float = 1e-4, seed: int = 0, eval_every: int = 25,
+                 clip_margin: float = 0.1):
+        if p < 1 or hidden < 1 or steps < 1 or eval_every < 1 or clip_margin < 0:
+            raise ValueError(f"MLPBaseline needs p, hidden, steps, eval_every >= 1 and clip_margin >= 0; "
+                             f"got {p}, {hidden}, {steps}, {eval_every}, {clip_margin}")
         self.order, self.hidden, self.steps, self.lr = int(p), int(hidden), int(steps), float(lr)
         self.batch_size, self.weight_decay, self.seed = int(batch_size), float(weight_decay), int(seed)
+        self.eval_every, self.clip_margin = int(eval_every), float(clip_margin)
         self.name = f"mlp{p}"
         self.fitted = False
 
-    def fit(self, series_list) -> "MLPBaseline":
+    def _design(self, series: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        zs, ys = zip(*(_var_design(np.nan_to_num(s), self.order) for s in series if s.shape[1] > self.order))
+        return (torch.as_tensor(np.concatenate(zs), dtype=torch.float32),
+                torch.as_tensor(np.concatenate(ys), dtype=torch.float32))
+
+    def fit(self, series_list, val_series=None, max_val_steps: int = 8192) -> "MLPBaseline":
+        """Fit on ``series_list``; with ``val_series`` (``[N, T]`` arrays, never test subjects) keep the
+        weights of the best validation step (at most ``max_val_steps`` evenly spaced targets are scored)."""
         p = self.order
-        series = [s for s in _check_series(series_list, p + 1) if s.shape[1] > p]
+        series = _check_series(series_list, p + 1)
         n = series[0].shape[0]
-        zs, ys = [], []
-        for s in series:
-            z, y = _lagged(np.nan_to_num(s), p)
-            zs.append(z.transpose(1, 2, 0).reshape(z.shape[1], -1))
-            ys.append(y.T)
-        z = torch.as_tensor(np.concatenate(zs), dtype=torch.float32)
-        y = torch.as_tensor(np.concatenate(ys), dtype=torch.float32)
+        lo = np.nanmin(np.concatenate(series, axis=1), axis=1)
+        hi = np.nanmax(np.concatenate(series, axis=1), axis=1)
+        pad = self.clip_margin * (hi - lo)
+        self.clip_lo, self.clip_hi = lo - pad, hi + pad
+        z, y = self._design(series)
+        zv = yv = None
+        if val_series is not None:
+            val = [s for s in _check_series(val_series, p + 1) if s.shape[1] > p]
+            zv, yv = self._design(val)
+            keep = torch.as_tensor(np.unique(np.linspace(0, len(zv) - 1, min(max_val_steps, len(zv))).astype(int)))
+            zv, yv = zv[keep], yv[keep]
         gen = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -421,15 +440,31 @@ class MLPBaseline(_Iterated):
                 torch.nn.Linear(p * n, self.hidden), torch.nn.GELU(),
                 torch.nn.Linear(self.hidden, self.hidden), torch.nn.GELU(),
                 torch.nn.Linear(self.hidden, n))
-        # Residual target: predict the change from the last step, so an untrained net starts at persistence.
-        last = z[:, :n]
+            torch.nn.init.zeros_(self.net[-1].weight)       # start exactly at persistence
+            torch.nn.init.zeros_(self.net[-1].bias)
+
+        def val_mse() -> float:
+            with torch.no_grad():
+                return float(torch.nn.functional.mse_loss(zv[:, :n] + self.net(zv), yv))
+
+        self.best_step, self.val_mse = 0, val_mse() if zv is not None else math.nan
+        best_state = {k: v.clone() for k, v in self.net.state_dict().items()}
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        for _ in range(self.steps):
+        for it in range(1, self.steps + 1):
             idx = torch.randint(0, z.shape[0], (min(self.batch_size, z.shape[0]),), generator=gen)
-            loss = torch.nn.functional.mse_loss(self.net(z[idx]), y[idx] - last[idx])
+            loss = torch.nn.functional.mse_loss(self.net(z[idx]), y[idx] - z[idx, :n])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if zv is not None and (it % self.eval_every == 0 or it == self.steps):
+                v = val_mse()
+                if v < self.val_mse:
+                    self.best_step, self.val_mse = it, v
+                    best_state = {k: t.clone() for k, t in self.net.state_dict().items()}
+        if zv is not None:
+            self.net.load_state_dict(best_state)
+        else:
+            self.best_step = self.steps
         self.net.eval()
         self.fitted = True
         return self
@@ -438,13 +473,14 @@ class MLPBaseline(_Iterated):
     def _step(self, lags: np.ndarray) -> np.ndarray:
         w, n, p = lags.shape
         z = torch.as_tensor(lags.transpose(0, 2, 1).reshape(w, p * n), dtype=torch.float32)
-        return lags[..., 0] + self.net(z).double().numpy()
+        return np.clip(lags[..., 0] + self.net(z).double().numpy(), self.clip_lo, self.clip_hi)
 
 
 def build_baselines(ar_order: int = 3, ridge_alpha: float = 1.0, mlp: bool = False) -> dict[str, Baseline]:
-    """The standard set (unfitted): persistence, fitted AR(1), AR(p), ridge VAR(p) [, MLP(p)].
+    """The fixed set (unfitted): persistence, fitted AR(1), AR(p), ridge VAR(p) [, MLP(p)].
 
     Arguments map to ``EvalConfig.ar_order`` and ``EvalConfig.ridge_alpha``. Keys are the report names.
+    ``twinbrain evaluate`` uses :func:`tuned_baselines` instead unless ``eval.tune_baselines`` is false.
     """
     out: dict[str, Baseline] = {"persistence": Persistence(), "ar1": ARBaseline(1, ridge_alpha)}
     out[f"ar{ar_order}"] = ARBaseline(ar_order, ridge_alpha)
@@ -459,3 +495,72 @@ def fit_baselines(baselines: dict[str, Baseline], series_list: Sequence) -> dict
     for b in baselines.values():
         b.fit(series_list)
     return baselines
+
+
+def holdout_tail(series_list, fraction: float = 0.2) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split every ``[N, T]`` series chronologically: the first ``1 - fraction`` for fitting, the last
+    ``fraction`` for choosing hyper-parameters (used when a run has no validation split)."""
+    fit, val = [], []
+    for s in series_list:
+        cut = int(round(s.shape[1] * (1 - fraction)))
+        fit.append(s[:, :cut])
+        val.append(s[:, cut:])
+    return fit, val
+
+
+def select_ar(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS
+              ) -> tuple[ARBaseline, dict[tuple[int, float], float]]:
+    """Per-node AR with one (order, alpha) for all nodes chosen by one-step validation MSE (on the same
+    targets, ``t >= max(orders)``); fitted on ``train_series`` only. Returns ``(best, scores)``."""
+    orders = sorted({int(p) for p in orders})
+    alphas = sorted({float(a) for a in alphas}, reverse=True)
+    val = _check_series(val_series, orders[-1] + 1)
+    scores, best, best_mse = {}, None, math.inf
+    for p in orders:
+        for a in alphas:
+            b = ARBaseline(p, a).fit(train_series)
+            scores[(p, a)] = mse = _one_step_mse(b._step, val, p, orders[-1])
+            if mse < best_mse:
+                best, best_mse = b, mse
+    if best is None:
+        raise ValueError("select_ar: no candidate gave a finite validation error; check the series")
+    return best, scores
+
+
+def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS,
+                    mlp: bool = False, mlp_steps: int = 300) -> tuple[dict[str, Baseline], dict]:
+    """The baselines as strong as they can honestly be, every hyper-parameter chosen on validation.
+
+    ``persistence``; ``ar1`` (per-node AR(1), alpha tuned); ``ar`` (per-node AR, order and alpha tuned);
+    ``var`` (ridge VAR, order and alpha tuned: :func:`select_ridge_var`); ``mlp`` (order of the tuned VAR,
+    early-stopped on validation, clipped roll-out). All are fitted on ``train_series`` only. Without
+    ``val_series`` (a run with no validation split) the last 20 % of every training series is held out
+    to choose, and the winners are refitted on the whole training series.
+    Returns ``(baselines, tuning)``; ``tuning[name]`` = ``{'order', 'alpha', 'val_mse', ...}``.
+    """
+    train = _check_series(train_series, 2)
+    refit = not val_series
+    fit_on, val = holdout_tail(train) if refit else (train, _check_series(val_series, 2))
+    ar1, s1 = select_ar(fit_on, val, orders=(1,), alphas=alphas)
+    ar, s_ar = select_ar(fit_on, val, orders=orders, alphas=alphas)
+    var, s_var = select_ridge_var(fit_on, val, orders=orders, alphas=alphas)
+    tuning = {"ar1": {"order": 1, "alpha": ar1.alpha, "val_mse": s1[(1, ar1.alpha)]},
+              "ar": {"order": ar.order, "alpha": ar.alpha, "val_mse": s_ar[(ar.order, ar.alpha)]},
+              "var": {"order": var.order, "alpha": var.alpha, "val_mse": s_var[(var.order, var.alpha)]}}
+    if refit:
+        ar1, ar = ARBaseline(1, ar1.alpha).fit(train), ARBaseline(ar.order, ar.alpha).fit(train)
+        var = fit_ridge_var(train, var.order, var.alpha)
+    out: dict[str, Baseline] = {"persistence": Persistence()}
+    ar1.name, ar.name = "ar1", "ar"
+    out.update(ar1=ar1, ar=ar, var=VARBaseline.from_fit(var, "var"))
+    if mlp:
+        m = MLPBaseline(var.order, steps=mlp_steps).fit(fit_on, val)
+        tuning["mlp"] = {"order": m.order, "best_step": m.best_step, "max_steps": m.steps, "val_mse": m.val_mse}
+        if refit and m.best_step > 0:    # the early-stopping point chosen on the held-out tail, all data
+            m = MLPBaseline(var.order, steps=m.best_step).fit(train)
+            m.best_step = tuning["mlp"]["best_step"]
+        m.name = "mlp"
+        out["mlp"] = m
+    for k, v in tuning.items():
+        v["chosen_on"] = "last 20% of each training span" if refit else "validation split"
+    return out, tuning

@@ -162,6 +162,22 @@ def _fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+_BASELINE_NAMES = {"persistence": "persistence", "ar1": "AR(1) per node", "ar": "AR per node",
+                   "var": "ridge VAR", "mlp": "MLP (iterated)"}
+
+
+def baseline_label(name: str, tuning: dict | None = None) -> str:
+    """Report label of a baseline: ``'ridge VAR(p=2, α=100), val-tuned'``; fixed ones keep their key."""
+    if not tuning:
+        return name
+    base = _BASELINE_NAMES.get(name, name)
+    if name == "mlp":
+        return f"{base}(p={tuning['order']}, stopped at {tuning['best_step']}/{tuning['max_steps']} steps)"
+    alpha = f"α={tuning['alpha']:g}"
+    return (f"{base}({alpha}), val-tuned" if name == "ar1"
+            else f"{base}(p={tuning['order']}, {alpha}), val-tuned")
+
+
 def render_markdown(report: dict) -> str:
     """The Markdown summary of a report dict: protocol, per-modality tables, reconstruction, validity."""
     p = report["protocol"]
@@ -176,9 +192,13 @@ def render_markdown(report: dict) -> str:
         lines += [f"## {m.upper()} forecast R² (horizon in {unit}; n = {int(f['model']['n'][0])} per horizon)", "",
                   "| predictor | " + " | ".join(f"h={h}" for h in hs) + " |",
                   "|---|" + "---|" * len(hs)]
-        rows = [("**TwinBrain**", f["model"]["r2"])] + [(k, v["r2"]) for k, v in f["baselines"].items()]
-        rows += [(f"skill vs {k}", v) for k, v in f["skill"].items()]
+        tune = p.get("baseline_tuning", {}).get(m, {})
+        rows = [("**TwinBrain**", f["model"]["r2"])]
+        rows += [(baseline_label(k, tune.get(k)), v["r2"]) for k, v in f["baselines"].items()]
+        rows += [(f"skill vs {k}" + (" baseline" if k == "strongest" else ""), v) for k, v in f["skill"].items()]
         lines += [f"| {name} | " + " | ".join(_fmt(v) for v in vals) + " |" for name, vals in rows]
+        if "strongest" in f:
+            lines.append("| strongest baseline | " + " | ".join(f["strongest"]) + " |")
         lines += ["", "Pearson r: TwinBrain " + ", ".join(_fmt(v) for v in f["model"]["pearson"]) + "; " +
                   "; ".join(f"{k} " + ", ".join(_fmt(x) for x in v["pearson"]) for k, v in f["baselines"].items())]
         if "crps" in f["model"]:

@@ -27,7 +27,7 @@ import torch
 from torch_geometric.data import Batch
 
 from twinbrain.data.timing import channel_mask, eeg_span, span_volumes, volumes
-from twinbrain.eval.baselines import build_baselines, fit_baselines
+from twinbrain.eval.baselines import build_baselines, fit_baselines, tuned_baselines
 from twinbrain.eval.metrics import MetricSet, all_reduce_sum, skill
 
 MODALITIES = ("fmri", "eeg")
@@ -41,12 +41,12 @@ def select_windows(n_windows: int, max_windows: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_windows - 1, max_windows).round().astype(np.int64))
 
 
-def train_series(dm, modality: str) -> list[np.ndarray]:
-    """Normalised training spans of ``dm`` (training subjects only): one float64 ``[N, T]`` per span, in
-    TRs (fMRI) or EEG samples, z-scored with that recording's statistics exactly as the windows are
-    (missing slots are 0)."""
+def train_series(dm, modality: str, split: str = "train") -> list[np.ndarray]:
+    """Normalised spans of one split of ``dm`` (default: the training subjects' training spans): one
+    float64 ``[N, T]`` per span, in TRs (fMRI) or EEG samples, z-scored with that recording's statistics
+    exactly as the windows are (missing slots are 0)."""
     out = []
-    for i, s, e in dm.split.train:
+    for i, s, e in dm.split.spans(split):
         rec, st = dm.cohort.recordings[i], dm.stats.per_rec[i]
         v0, v1 = span_volumes(rec, s, e)
         if modality == "fmri":
@@ -106,6 +106,14 @@ def _series(ms: MetricSet, m: str, horizons: list[int], names: tuple[str, ...]) 
     return {k: [_finite(res[(m, k, h)]) for h in horizons] for k in names if (m, k, horizons[0]) in res}
 
 
+def strongest_baseline(r2: dict[str, np.ndarray]) -> list[str]:
+    """Per horizon, the name of the baseline with the highest R² (``r2[name]`` is ``[H]``, NaN = missing;
+    ties keep the first name in ``r2``'s order)."""
+    names = list(r2)
+    table = np.stack([np.where(np.isfinite(r2[k]), r2[k], -np.inf) for k in names])     # [B, H]
+    return [names[i] for i in table.argmax(0)]
+
+
 @torch.no_grad()
 def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 8, mlp: bool = True,
                        rank: int = 0, world_size: int = 1) -> dict:
@@ -127,9 +135,11 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     h_max, s_steps, spt = horizons[-1], mc.forecast_steps, dm.samples_per_tr
     t_f = volumes(cfg.data.window_s, dm.tr, "data.window_s")
     t_ctx = t_f - h_max
-    if t_ctx < max(e.ar_order, 2):
+    max_order = max(e.baseline_orders) if e.tune_baselines else e.ar_order
+    if t_ctx < max(max_order, 2):
         raise ValueError(f"windows of {t_f} TRs leave {t_ctx} context TRs for horizons up to {h_max}; need "
-                         f"at least {max(e.ar_order, 2)} (eval.ar_order); use longer windows or shorter horizons")
+                         f"at least {max(max_order, 2)} (the largest baseline order, eval.baseline_orders / "
+                         f"eval.ar_order); use longer windows, shorter horizons or lower orders")
     step = {"fmri": 1, "eeg": mc.eeg_stride}
     ctx_len = {"fmri": t_ctx, "eeg": t_ctx * spt}
     lat_ctx = {"fmri": t_ctx, "eeg": t_ctx * spt // mc.eeg_stride}     # latent steps in the context
@@ -137,9 +147,14 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     prob = mc.probabilistic == "gaussian"
     mods = dm.modalities                # fMRI-only cohorts score no EEG
 
+    base, tuning = {}, {}
     with torch.enable_grad():           # the MLP baseline trains by gradient descent
-        base = {m: fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))
-                for m in mods}
+        for m in mods:
+            if e.tune_baselines:        # hyper-parameters chosen on the validation split, never on test
+                base[m], tuning[m] = tuned_baselines(train_series(dm, m), train_series(dm, m, "val"),
+                                                     orders=e.baseline_orders, alphas=e.baseline_alphas, mlp=mlp)
+            else:
+                base[m] = fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))
     names = list(base[mods[0]])
     sets = {"model": MetricSet(mods, horizons, probabilistic=prob)}
     sets.update({b: MetricSet(mods, horizons) for b in names})
@@ -200,12 +215,13 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
         mod = _series(sets["model"], m, horizons, metric_names)
         bls = {k: _series(sets[k], m, horizons, ("r2", "pearson", "mse", "n")) for k in names}
         model_r2 = np.array([np.nan if v is None else v for v in mod["r2"]], dtype=np.float64)
-        sk = {}
-        for against in ("persistence", var_name):
-            base_r2 = np.array([np.nan if v is None else v for v in bls[against]["r2"]], dtype=np.float64)
-            sk[against] = [_finite(v) for v in np.atleast_1d(skill(model_r2, base_r2))]
+        r2 = {k: np.array([np.nan if v is None else v for v in bls[k]["r2"]], dtype=np.float64) for k in names}
+        strongest = strongest_baseline(r2)
+        best_r2 = np.array([r2[k][i] for i, k in enumerate(strongest)], dtype=np.float64)
+        sk = {"strongest": [_finite(v) for v in np.atleast_1d(skill(model_r2, best_r2))],
+              "persistence": [_finite(v) for v in np.atleast_1d(skill(model_r2, r2["persistence"]))]}
         forecast[m] = {"horizons": horizons, "unit": "TR" if m == "fmri" else f"{mc.eeg_stride} EEG samples",
-                       "model": mod, "baselines": bls, "skill": sk}
+                       "model": mod, "baselines": bls, "strongest": strongest, "skill": sk}
     rec = recon.compute()
     reconstruction = {m: {"r2": _finite(rec[(m, "r2", 0)]), "pearson": _finite(rec[(m, "pearson", 0)]),
                           "n": rec[(m, "n", 0)]} for m in mods}
@@ -213,7 +229,8 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
                 "horizons": horizons, "forecast_steps": s_steps, "eeg_stride": mc.eeg_stride,
                 "samples_per_tr": spt, "tr_s": dm.tr, "n_windows": int(len(all_idx)),
                 "n_windows_in_split": len(ds), "max_windows": e.max_windows, "baselines": names,
-                "var_baseline": var_name, "ar_order": e.ar_order, "ridge_alpha": e.ridge_alpha,
+                "var_baseline": var_name, "tuned": bool(e.tune_baselines), "baseline_tuning": tuning,
+                "ar_order": e.ar_order, "ridge_alpha": e.ridge_alpha,
                 "probabilistic": prob, "subjects": list(dm.split.subjects.get(split, [])),
                 "window_index": [int(i) for i in all_idx]}
     return {"protocol": protocol, "forecast": forecast, "reconstruction": reconstruction,

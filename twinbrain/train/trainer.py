@@ -364,7 +364,8 @@ class Trainer:
         if self.is_main and not (self.run_dir / "best" / "model.pt").is_file():
             # No validation improved (or none ran): the final weights are the best we have.
             (self.run_dir / "best").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.run_dir / "final" / "model.pt", self.run_dir / "best" / "model.pt")
+            for f in ("model.pt", "model.safetensors", "config.json"):
+                shutil.copyfile(self.run_dir / "final" / f, self.run_dir / "best" / f)
         self.last_eval = last_eval
         return last_eval
 
