@@ -125,7 +125,9 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
         rank, world_size: shard the windows (``window[rank::world_size]``); results are all-reduced.
     Returns a JSON-ready dict: ``protocol``, ``forecast[m]`` (per-horizon lists for the model, every
     baseline and the skill scores), ``reconstruction[m]``, ``causality[m]`` (max |full - truncated|),
-    and ``fc`` (``model`` / ``empirical`` ``[N_f, N_f]`` numpy arrays for the validity section).
+    ``fc`` (``model`` / ``empirical`` ``[N_f, N_f]`` numpy arrays for the validity section) and
+    ``example[m]`` (this rank's first window: ``context [N, T_ctx]``, ``observed`` / ``model`` /
+    ``baselines[name]`` ``[N, H*step]`` in signal samples, ``mask [N]``; numpy, for the figures).
     """
     e, mc = cfg.eval, cfg.model
     ds = dm.dataset(split)
@@ -163,6 +165,7 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     fc_model, fc_emp = CovAccumulator(dm.n_fmri_slots), CovAccumulator(dm.n_fmri_slots)
     present = torch.ones(dm.n_fmri_slots, dtype=torch.bool)
 
+    example: dict[str, dict] = {}
     all_idx = select_windows(len(ds), e.max_windows)
     idx = all_idx[rank::world_size]
     for c0 in range(0, len(idx), batch_size):
@@ -192,9 +195,16 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
             same = out_full.forecast[m].float().view(b, n, l_full, -1)[:, :, lat_ctx[m] - 1, :f]
             diff[j] = max(float(diff[j]), float((same - pred).abs().max()))
             ctx_np = y[:, :, :c].cpu().numpy()
+            first = c0 == 0 and m not in example
+            if first:       # the first evaluated window, kept whole for the forecast figures
+                example[m] = {"context": ctx_np[0], "observed": target[0].cpu().numpy(),
+                              "model": pred[0].cpu().numpy(), "mask": keep[0].cpu().numpy(),
+                              "window": int(idx[0]), "baselines": {}}
             for name, bl in base[m].items():
                 bp = torch.as_tensor(bl.predict(ctx_np, f), dtype=torch.float32, device=y.device)
                 sets[name].update(m, hv(bp), hv(target), mask)
+                if first:
+                    example[m]["baselines"][name] = bp[0].cpu().numpy()
             recon.update(m, out_full.recon[m].float()[..., 0].view(b, n, -1), y, keep[:, :, None])
             if m == "fmri":      # one-step-ahead forecast series over the full window, for model FC
                 one = out_full.forecast[m].float().view(b, n, l_full, -1)[:, :, :-1, 0]     # [B, N, T_f - 1]
@@ -235,4 +245,5 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
                 "window_index": [int(i) for i in all_idx]}
     return {"protocol": protocol, "forecast": forecast, "reconstruction": reconstruction,
             "causality": {m: float(diff[j]) for j, m in enumerate(mods)},
-            "fc": {"model": fc_model.corr(), "empirical": fc_emp.corr(), "present": present.numpy()}}
+            "fc": {"model": fc_model.corr(), "empirical": fc_emp.corr(), "present": present.numpy()},
+            "example": example}

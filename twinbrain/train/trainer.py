@@ -366,6 +366,8 @@ class Trainer:
             (self.run_dir / "best").mkdir(parents=True, exist_ok=True)
             for f in ("model.pt", "model.safetensors", "config.json"):
                 shutil.copyfile(self.run_dir / "final" / f, self.run_dir / "best" / f)
+        if self.is_main and self.tel.wandb is not None:
+            self.tel.wandb.log_export(self.run_dir / "best", self.step)     # the best export as an artifact
         self.last_eval = last_eval
         return last_eval
 
