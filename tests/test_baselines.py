@@ -7,8 +7,10 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import lfilter
 
-from twinbrain.eval.baselines import (ARBaseline, MLPBaseline, Persistence, VARBaseline, build_baselines,
-                                      persistence)
+from twinbrain.eval.baselines import (ARBaseline, MLPBaseline, Persistence, RidgeVAR, VARBaseline,
+                                      build_baselines, fit_ridge_var, persistence, select_ridge_var,
+                                      tuned_baselines)
+from twinbrain.eval.forecast_eval import strongest_baseline
 from twinbrain.eval.metrics import R2Accumulator, skill
 
 
@@ -145,3 +147,89 @@ def test_build_baselines_names():
     b = build_baselines(ar_order=3, ridge_alpha=0.5, mlp=True)
     assert list(b) == ["persistence", "ar1", "ar3", "var3", "mlp3"]
     assert list(build_baselines(ar_order=1)) == ["persistence", "ar1", "var1"]
+
+
+def test_fit_ridge_var_is_the_baseline_and_uses_row_target_convention():
+    n = 6
+    a = np.zeros((n, n))
+    a[np.arange(n), np.arange(n)] = 0.5
+    a[2, 4] = 0.4                                                       # node 4 drives node 2, not back
+    series = [_var_series(a, 3000, seed=s) for s in range(2)]
+    fit = fit_ridge_var(series, order=1, alpha=1.0)
+    assert isinstance(fit, RidgeVAR) and fit.coef.shape == (1, n, n) and fit.intercept.shape == (n,)
+    assert fit.coef[0, 2, 4] > 0.3 and abs(fit.coef[0, 4, 2]) < 0.05
+    assert np.allclose(fit.coef, VARBaseline(1, 1.0).fit(series).coef)
+    lags = np.random.default_rng(0).normal(size=(3, n, 1))
+    assert np.allclose(fit.step(lags), fit.intercept + lags[..., 0] @ fit.coef[0].T)
+
+
+def test_select_ridge_var_picks_the_true_order_on_validation():
+    # A VAR(2) whose second lag matters: validation must prefer p = 2 over p = 1 (and not need p = 3).
+    n = 5
+    rng = np.random.default_rng(1)
+    a1, a2 = 0.3 * np.eye(n), -0.5 * np.eye(n)
+    a1[0, 1] = 0.3
+    x = np.zeros((n, 6200))
+    e = rng.normal(size=x.shape)
+    for t in range(2, x.shape[1]):
+        x[:, t] = a1 @ x[:, t - 1] + a2 @ x[:, t - 2] + e[:, t]
+    x = x[:, 200:]
+    best, scores = select_ridge_var([x[:, :4000]], [x[:, 4000:]], orders=(1, 2, 3), alphas=(0.1, 10.0, 1e4))
+    assert set(scores) == {(p, a) for p in (1, 2, 3) for a in (0.1, 10.0, 1e4)}
+    assert best.order == 2 and scores[(2, best.alpha)] == min(scores.values())
+    assert scores[(1, best.alpha)] > 1.2 * scores[(2, best.alpha)]
+    # The winner is fitted on the training series only (never on validation).
+    assert np.allclose(best.coef, fit_ridge_var([x[:, :4000]], 2, best.alpha).coef)
+
+
+def test_select_ridge_var_regularises_when_training_data_are_few():
+    # 40 independent noise nodes, 60 training steps: an unpenalised VAR over-fits; the tuned alpha is large
+    # and its validation error is close to the noise floor (the mean), not above it.
+    rng = np.random.default_rng(2)
+    train, val = [rng.normal(size=(40, 60))], [rng.normal(size=(40, 2000))]
+    best, scores = select_ridge_var(train, val, orders=(1, 3), alphas=(1e-3, 1.0, 1e3, 1e5))
+    assert best.alpha >= 1e3 and scores[(best.order, best.alpha)] < 1.05
+    assert scores[(3, 1e-3)] > 1.5
+    with pytest.raises(ValueError, match="validation series 0 has non-finite"):
+        select_ridge_var(train, [np.full((40, 50), np.nan)], orders=(1,), alphas=(1.0,))
+
+
+def test_mlp_iterated_cannot_diverge_and_stops_early():
+    # Few noisy training steps and a large learning rate: the one-step net over-fits; early stopping on
+    # validation keeps a better step than the last, and a long roll-out stays inside the data's range.
+    x = _ar_series([0.95], n=8, t=4000, seed=6)
+    train, val = [x[:, :150]], [x[:, 2000:]]
+    mlp = MLPBaseline(p=3, hidden=64, steps=400, lr=2e-2, eval_every=20).fit(train, val)
+    assert 0 <= mlp.best_step <= 400 and np.isfinite(mlp.val_mse)
+    ctx, _ = _windows(x[:, 2000:], t_ctx=3, h=1, stride=50)
+    out = mlp.predict(ctx, 200)
+    lo, hi = train[0].min(1), train[0].max(1)
+    span = hi - lo
+    assert np.isfinite(out).all()
+    assert (out >= (lo - 0.1 * span - 1e-9)[None, :, None]).all() and (out <= (hi + 0.1 * span + 1e-9)[None, :, None]).all()
+    # Without validation it trains all steps; with a zero-init head an untrained net is persistence.
+    assert MLPBaseline(p=2, steps=5).fit(train).best_step == 5
+    fresh = MLPBaseline(p=2, steps=1, lr=0.0).fit(train)
+    inside, _ = _windows(train[0], t_ctx=3, h=1, stride=10)
+    assert np.allclose(fresh.predict(inside, 1)[..., 0], inside[..., -1], atol=1e-6)
+
+
+def test_tuned_baselines_choose_on_validation_and_fall_back_to_a_training_tail():
+    n = 4
+    a = 0.6 * np.eye(n)
+    a[0, 1] = 0.3
+    x = _var_series(a, 3000, seed=7)
+    base, tuning = tuned_baselines([x[:, :2000]], [x[:, 2000:]], orders=(1, 2), alphas=(1.0, 1e4), mlp=True,
+                                   mlp_steps=50)
+    assert list(base) == ["persistence", "ar1", "ar", "var", "mlp"]
+    assert tuning["var"]["order"] == 1 and tuning["var"]["alpha"] == 1.0          # the true model
+    assert tuning["var"]["chosen_on"] == "validation split" and tuning["mlp"]["order"] == 1
+    assert np.allclose(base["var"].coef[0], a, atol=0.1)
+    _, tail = tuned_baselines([x[:, :2000]], None, orders=(1, 2), alphas=(1.0, 1e4))
+    assert tail["var"]["chosen_on"] == "last 20% of each training span"
+
+
+def test_strongest_baseline_per_horizon():
+    r2 = {"persistence": np.array([0.5, 0.1, np.nan]), "ar1": np.array([0.4, 0.3, 0.2]),
+          "var": np.array([0.6, 0.2, 0.1])}
+    assert strongest_baseline(r2) == ["var", "ar1", "ar1"]

@@ -80,12 +80,19 @@ def test_report_has_every_section_with_finite_numbers(report, run):
     assert p["context_trs"] == p["window_trs"] - max(p["horizons"])
     for m in ("fmri", "eeg"):
         f = on_disk["forecast"][m]
-        assert set(f["baselines"]) == {"persistence", "ar1", "ar3", "var3"}
-        assert set(f["skill"]) == {"persistence", "var3"}
+        assert set(f["baselines"]) == {"persistence", "ar1", "ar", "var"}
+        assert set(f["skill"]) == {"persistence", "strongest"}
+        # skill is against the best baseline of each horizon, and the report names it
+        for i, name in enumerate(f["strongest"]):
+            best = max(v["r2"][i] for v in f["baselines"].values())
+            assert f["baselines"][name]["r2"][i] == best
+            assert f["skill"]["strongest"][i] == pytest.approx((f["model"]["r2"][i] - best) / (1 - best))
+        assert p["baseline_tuning"][m]["var"]["chosen_on"] == "validation split"
         values = list(_numbers([f["model"], f["baselines"], f["skill"], on_disk["reconstruction"][m]]))
         assert values and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values), f
         assert f"## {m.upper()} forecast R²" in md
     assert "| **TwinBrain** |" in md and "skill vs persistence" in md and "Twin validity" in md
+    assert "| strongest baseline |" in md and "skill vs strongest baseline" in md and "val-tuned" in md
     assert report["markdown"] == md
 
 

@@ -14,7 +14,7 @@ import torch
 from twinbrain.config import LoggingConfig
 from twinbrain.train.meters import count_flops, peak_tflops, reduce_scalars
 from twinbrain.train.telemetry import Telemetry, summary_table
-from twinbrain.train.tracker import resolve_wandb_mode
+from twinbrain.train.tracker import STEP_METRIC, resolve_wandb_mode, wandb_name
 
 REQUIRED = {"step", "loss", "windows_per_s", "node_steps_per_s", "rss_gib"}
 WANDB_INTERNAL = {"_runtime", "_step", "_timestamp", "_wandb"}
@@ -96,9 +96,15 @@ def test_offline_wandb_and_jsonl_have_throughput_and_memory_keys(tmp_path, offli
     assert wb["run_id"] == tel.run_id and wb["state"] == "finished"
     summary = wb["summary"]
     logged = {k for k in summary if k not in WANDB_INTERNAL}
-    assert REQUIRED | {"rss_peak_gib", "step_time_s", "data_share", "tflops_per_s", "val/r2_fmri"} <= logged
-    assert logged <= set(recs[-1]) | set(ev)  # wandb got the same keys as metrics.jsonl
-    assert summary["windows_per_s"] == pytest.approx(recs[-1]["windows_per_s"])
+    wanted = REQUIRED - {"step", "time", "kind"} | {"rss_peak_gib", "step_time_s", "data_share", "tflops_per_s"}
+    assert {wandb_name(k) for k in wanted} | {"val/r2_fmri", STEP_METRIC} <= logged
+    # wandb got the same values as metrics.jsonl, under their groups, and no duplicate step/time metrics
+    sent = {k for k, v in {**recs[-1], **ev}.items() if v is not None and k not in ("step", "time", "kind")}
+    assert logged == {wandb_name(k) for k in sent} | {STEP_METRIC}
+    assert all(k.split("/")[0] in ("train", "val", "perf", "mem", "trainer") for k in logged), logged
+    assert summary["perf/windows_per_s"] == pytest.approx(recs[-1]["windows_per_s"])
+    assert summary["train/loss"]["min"] == pytest.approx(0.25) and summary["val/r2_fmri"]["max"] == 0.25
+    assert summary[STEP_METRIC] == 4
     assert wb["config"]["train"]["lr"] == 1e-3
     assert wb["config"]["env"]["torch"] == torch.__version__
 
@@ -118,6 +124,8 @@ def test_resume_continues_the_same_run_id(tmp_path, offline):
     assert [r["step"] for r in records(run)] == [2, 4]
     runs = inspect(run)
     assert len(runs) == 2 and {r["run_id"] for r in runs} == {run_id}
+    # the resumed half continues on the trainer's step axis, not on wandb's own counter
+    assert [r["summary"][STEP_METRIC] for r in runs] == [2, 4]
 
 
 def test_disabled_writes_no_wandb_files(tmp_path, monkeypatch):

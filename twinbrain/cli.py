@@ -49,6 +49,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML (may inherit with 'base:')")
 
 
+def _verb(sub, name: str, help: str, sections=None, keys=(), title=None, **kw) -> argparse.ArgumentParser:
+    """A verb whose ``--help`` lists the config fields it reads (type, default, meaning)."""
+    from .config_help import config_help
+    epilog = config_help(sections, keys, **({"title": title} if title else {}))
+    return sub.add_parser(name, help=help, description=help, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
 def _cmd_config(args, overrides) -> int:
     cfg = load_config(args.config, overrides)
     print(dump_config(cfg), end="")   # --print is accepted for clarity; printing is what this verb does
@@ -116,31 +124,34 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    p = sub.add_parser("config", help="resolve, validate and print a config")
+    p = _verb(sub, "config", "resolve, validate and print a config")
     _config_args(p)
     p.add_argument("--print", action="store_true", help="print the resolved config (default)")
     p.set_defaults(func=_cmd_config)
 
-    p = sub.add_parser("simulate-cohort", help="write the simulated cohort as a BIDS-derivative dataset")
+    p = _verb(sub, "simulate-cohort", "write the simulated cohort as a BIDS-derivative dataset", ("sim",))
     _config_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("prepare", help="turn a BIDS dataset into the prepared graph store")
+    p = _verb(sub, "prepare", "turn a BIDS dataset into the prepared graph store", ("data", "graph"))
     _config_args(p)
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="train in this process (multi-process: accelerate launch launch/train.py)")
+    p = _verb(sub, "train", "train in this process (multi-process: accelerate launch launch/train.py)")
     _config_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="model vs baselines on held-out subjects; twin validity")
+    p = _verb(sub, "evaluate", "model vs baselines on held-out subjects; twin validity", ("eval",),
+              ("data.num_workers",), title="config fields evaluate may override (--eval.KEY VALUE; the "
+              "rest is fixed by the checkpoint)")
     p.add_argument("--checkpoint", required=True, help="exported model (RUN/best/model.pt)")
     p.add_argument("--split", default="test", choices=["val", "test", "train"])
     p.add_argument("--out", help="report directory (default: RUN/eval)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("report", help="render training curves and a Markdown summary")
+    p = _verb(sub, "report", "render training curves and a Markdown summary", ("logging",),
+              title="config fields read from the run's config.yaml")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_report)
 

@@ -33,8 +33,8 @@ class RunConfig:
 @dataclass
 class SimConfig:
     """The built-in simulated cohort (used when ``data.source == 'simulated'``)."""
-    n_subjects: int = 8
-    n_sessions: int = 1
+    n_subjects: int = 8              # simulated subjects
+    n_sessions: int = 1              # sessions (runs) per subject
     minutes: float = 10.0            # recording length per run
     n_regions: int = 80              # fMRI ROI nodes
     n_channels: int = 32             # EEG channels (positions from MNE's standard_1020 montage)
@@ -47,9 +47,9 @@ class SimConfig:
     noise: float = 0.05              # neural noise amplitude
     eeg_noise: float = 0.2           # sensor noise relative to signal std
     n_perturb: int = 4               # regions stimulated for the ground-truth perturbation response
-    perturb_amplitude: float = 1.0
-    perturb_duration_s: float = 2.0
-    seed: int = 0
+    perturb_amplitude: float = 1.0   # ground-truth stimulus amplitude (neural-mass input units)
+    perturb_duration_s: float = 2.0  # ground-truth stimulus duration (s)
+    seed: int = 0                    # simulation random seed
 
 
 @dataclass
@@ -64,7 +64,7 @@ class DataConfig:
     volume_marker: str = ""          # EEG annotation of scanner volumes (e.g. R128); empty = try common names
     eeg_sfreq: float = 250.0         # resampling target for real EEG (Hz)
     eeg_l_freq: float = 1.0          # band-pass (Hz)
-    eeg_h_freq: float = 40.0
+    eeg_h_freq: float = 40.0         # band-pass upper edge (Hz)
     window_s: float = 80.0           # wall-clock span of one window (both modalities)
     stride_s: float = 20.0           # step between window starts
     split: str = "subject"           # subject | chronological
@@ -73,41 +73,41 @@ class DataConfig:
     val_subject_ids: list[str] = field(default_factory=list)   # explicit validation subjects (override the count)
     test_subject_ids: list[str] = field(default_factory=list)  # explicit test subjects, e.g. one LOSO fold
     val_fraction: float = 0.15       # chronological split: tail fractions of every run
-    test_fraction: float = 0.15
+    test_fraction: float = 0.15      # chronological split: tail fraction of every run for testing
     calib_s: float = 0.0             # held-out runs: leading span used only for normalisation stats
     augment_noise: float = 0.0       # std of white noise added to inputs (targets stay clean)
     augment_offset: float = 0.0      # std of a constant per-node offset added to inputs
     augment_smooth: int = 0          # causal moving-average length applied to inputs (0 = off)
-    num_workers: int = 0
+    num_workers: int = 0             # background processes reading windows (0 = in the main process)
 
 
 @dataclass
 class GraphConfig:
     scope: str = "group"             # group: one graph from training subjects | run: per run
     k_fmri: int = 8                  # k nearest (by |r|) neighbours per fMRI node
-    k_eeg: int = 6
+    k_eeg: int = 6                   # k nearest (by |r| or coherence) neighbours per EEG channel
     k_cross: int = 4                 # fMRI targets per EEG channel
     threshold: float = 0.1           # minimum |r| for an edge
     eeg_measure: str = "corr"        # corr | coherence
     cross_lag_min_s: float = 4.0     # EEG leads BOLD by this haemodynamic lag range
-    cross_lag_max_s: float = 6.0
+    cross_lag_max_s: float = 6.0     # upper end of that lag range (s)
     structural: str = ""             # optional [R, R] structural connectivity (.npy)
 
 
 @dataclass
 class ModelConfig:
-    hidden: int = 128
-    blocks: int = 4
-    heads: int = 4
+    hidden: int = 128                # latent features per node and time step
+    blocks: int = 4                  # spatio-temporal blocks
+    heads: int = 4                   # attention heads (hidden must be a multiple)
     kernel_size: int = 3             # causal temporal convolution
-    dropout: float = 0.1
+    dropout: float = 0.1             # dropout probability inside the blocks
     eeg_patch: int = 125             # EEG samples per latent step (causal strided patch embedding)
     eeg_stride: int = 125            # 125 samples at 250 Hz = 2 latent steps per second
     forecast_steps: int = 4          # S: predicted future steps (fMRI TRs; EEG latent steps)
     temporal_attention: bool = True  # causal self-attention over time in each block
     probabilistic: str = "none"      # none | gaussian
     session_affine: bool = False     # per-session input affine layer
-    spectral_norm: bool = False
+    spectral_norm: bool = False      # spectral normalisation of the block weights
     lap_pe_dim: int = 0              # Laplacian positional encoding size (0 = off)
     coupling_rank: int = 4           # rank of the per-subject coupling deltas (0 = population coupling only)
     coupling_l1: float = 1.0e-3      # sparsity penalty on the couplings (weighted by 1 - prior)
@@ -117,37 +117,36 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    max_steps: int = 300
+    seed: int = 0                    # initialisation, sampling and augmentation seed
+    max_steps: int = 300             # optimizer steps to train
     batch_size: int = 8              # windows per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 1e-3
+    grad_accum: int = 1              # micro-batches per optimizer step
+    lr: float = 1e-3                 # peak learning rate (AdamW)
     emb_lr: float = 3e-3             # subject/session embeddings and session layers
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01       # AdamW decoupled weight decay (not on norms, biases, embeddings)
     scheduler: str = "cosine"        # cosine | onecycle | plateau | constant
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
+    warmup_steps: int = 20           # linear learning-rate warm-up steps
+    min_lr_ratio: float = 0.05       # final learning rate as a fraction of lr (cosine, onecycle)
+    grad_clip: float = 1.0           # global gradient-norm clip (0 = off)
     loss: str = "huber"              # huber | mse | smooth_l1
-    huber_delta: float = 1.0
-    forecast_weight: float = 1.0
-    latent_forecast_weight: float = 0.1
-    corr_weight: float = 0.1
+    huber_delta: float = 1.0         # Huber loss transition point (z-units)
+    forecast_weight: float = 1.0     # weight of the signal-space forecast loss
+    latent_forecast_weight: float = 0.1  # weight of the latent-space forecast loss
+    corr_weight: float = 0.1         # weight of the correlation (FC) matching loss
     balancer: str = "uncertainty"    # uncertainty | gradnorm | none
-    gradnorm_alpha: float = 1.5
+    gradnorm_alpha: float = 1.5      # GradNorm restoring-force exponent (balancer == gradnorm)
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     activation_checkpointing: str = "none"  # none | full | every_k
-    ac_every_k: int = 2
-    eval_every: int = 100
+    ac_every_k: int = 2              # checkpoint every k-th block (activation_checkpointing == every_k)
+    eval_every: int = 100            # optimizer steps between validations
     early_stop_patience: int = 0     # evaluations without improvement (0 = off)
     max_skipped_consecutive: int = 10  # stop (diverged) after this many non-finite steps in a row (0 = off)
     max_skipped_fraction: float = 0.5  # ... or when more than this share of steps was skipped (1 = off)
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    # Closed-form ridge-VAR fit of the linear core before step 0: lag order 1..model.linear_order and
-    # ridge alpha from this grid, chosen by one-step R² on the validation split.
-    warm_start: bool = True
-    warm_start_alphas: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0])
+    checkpoint_every: int = 100      # optimizer steps between resumable checkpoints
+    keep_checkpoints: int = 2        # newest checkpoints kept on disk
+    warm_start: bool = True          # fit the linear core as the validation-tuned ridge VAR before step 0
+    warm_start_alphas: list[float] = field(  # ridge alphas tried by the warm start (order 1..model.linear_order)
+        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0])
 
 
 @dataclass
@@ -157,27 +156,30 @@ class ParallelConfig:
     ds_config: str = ""              # DeepSpeed JSON (default: ds_configs/zero<stage>.json)
     offload: bool = False            # ZeRO-3 CPU offload
     reshard_after_forward: bool = True  # FSDP2
-    compile: bool = False
+    compile: bool = False            # torch.compile the blocks
 
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10
+    log_every: int = 10              # optimizer steps per logging window
     wandb: str = "auto"              # auto (offline without an API key) | online | offline | disabled
-    project: str = "twinbrain"
+    project: str = "twinbrain"       # wandb project
     progress: str = "auto"           # auto (bar on a TTY) | bar | lines | off
     flops: bool = True               # count matmul FLOPs of one step once
     profile_steps: int = 0           # record a torch.profiler trace for this many steps
-    memory_snapshot_on_oom: bool = True
+    memory_snapshot_on_oom: bool = True  # dump a CUDA memory snapshot when a step runs out of memory
 
 
 @dataclass
 class EvalConfig:
-    horizons: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    ar_order: int = 3
-    ridge_alpha: float = 1.0
+    horizons: list[int] = field(default_factory=lambda: [1, 2, 3, 4])   # forecast horizons scored (steps)
+    tune_baselines: bool = True      # choose baseline orders and ridge alphas on the validation split
+    baseline_orders: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])   # AR/VAR orders tried
+    baseline_alphas: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5])  # ridge α tried
+    ar_order: int = 3                # fixed AR/VAR/MLP order when tune_baselines is false
+    ridge_alpha: float = 1.0         # fixed ridge penalty when tune_baselines is false (and the linear twin)
     max_windows: int = 0             # 0 = all
-    split: str = "test"
+    split: str = "test"              # split evaluated by default: test (held-out subjects) | val | train
 
 
 @dataclass
@@ -434,6 +436,10 @@ def validate_config(cfg: Config) -> None:
         _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "deepspeed backend needs stage 1, 2 or 3")
     _require(not p.offload or p.zero_stage == 3, "parallel.offload", "CPU offload needs parallel.zero_stage 3")
     _require(all(h >= 1 for h in e.horizons), "eval.horizons", f"horizons must be >= 1, got {e.horizons}")
+    _require(bool(e.baseline_orders) and min(e.baseline_orders) >= 1, "eval.baseline_orders",
+             f"needs at least one order, all >= 1; got {e.baseline_orders}")
+    _require(bool(e.baseline_alphas) and min(e.baseline_alphas) >= 0, "eval.baseline_alphas",
+             f"needs at least one ridge alpha, all >= 0; got {e.baseline_alphas}")
     _require(max(e.horizons, default=1) <= m.forecast_steps, "eval.horizons",
              f"largest horizon {max(e.horizons)} exceeds model.forecast_steps={m.forecast_steps}")
     _require(g.cross_lag_min_s <= g.cross_lag_max_s, "graph.cross_lag_min_s",

@@ -15,7 +15,9 @@ summed (not averaged) squared error, so its effect fades as training data grows.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -172,8 +174,173 @@ class ARBaseline(_Iterated):
         return self.intercept + np.einsum("wnk,nk->wn", lags, self.coef)
 
 
+# ---------------------------------------------------------------- ridge VAR as pure functions
+
+DEFAULT_ORDERS = (1, 2, 3, 4, 5)
+DEFAULT_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+
+
+@dataclass(frozen=True)
+class RidgeVAR:
+    """A fitted ridge VAR(p): ``x(t) = intercept + Σ_k coef[k] @ x(t - 1 - k)``.
+
+    ``coef [p, N, N]`` with ``coef[k, i, j]`` = effect of source node j at lag k + 1 on target node i
+    (row = target, column = source, the project's EC convention); ``intercept [N]``; ``order`` = p;
+    ``alpha`` = the ridge penalty it was fitted with. Units are those of the series (z-units in TwinBrain).
+    """
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    order: int
+    alpha: float
+
+    @property
+    def weights(self) -> np.ndarray:
+        """``[p·N, N]`` lag-major design weights: ``x(t) = intercept + z @ weights`` with
+        ``z = [x(t-1); …; x(t-p)]`` flattened lag-major (``z[k·N + j] = x_j(t - 1 - k)``)."""
+        p, n, _ = self.coef.shape
+        return self.coef.transpose(0, 2, 1).reshape(p * n, n)
+
+    def step(self, lags: np.ndarray) -> np.ndarray:
+        """One step: ``lags [W, N, p]`` (``lags[..., k]`` = k + 1 steps back) -> ``[W, N]``."""
+        w, n, p = lags.shape
+        return self.intercept + lags.transpose(0, 2, 1).reshape(w, p * n) @ self.weights
+
+
+def _var_design(s: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Series ``[N, T]`` -> Z ``[T - p, p·N]`` (lag-major) and Y ``[T - p, N]`` (targets at t = p..T-1)."""
+    z, y = _lagged(s, p)                                    # [N, M, p], [N, M]
+    return z.transpose(1, 2, 0).reshape(z.shape[1], -1), y.T
+
+
+class _VarMoments:
+    """Centred sufficient statistics of the ridge VAR(p) problem on some series, reusable over alphas.
+
+    ``primal``: Gram ``Zcᵀ Zc [D, D]`` and ``Zcᵀ Yc [D, N]``; ``dual``: centred ``Zc [M, D]``, ``Yc [M, N]``
+    and kernel ``Zc Zcᵀ [M, M]`` (cheaper when M < D = p·N).
+    """
+
+    def __init__(self, series: list[np.ndarray], p: int, solver: str):
+        series = [s for s in series if s.shape[1] > p]
+        self.p, self.n = p, series[0].shape[0]
+        d, m = p * self.n, sum(s.shape[1] - p for s in series)
+        self.solver = solver if solver != "auto" else ("dual" if m < d else "primal")
+        if self.solver == "primal":
+            sz, sy = np.zeros(d), np.zeros(self.n)
+            szz, szy = np.zeros((d, d)), np.zeros((d, self.n))
+            for s in series:
+                z, y = _var_design(s, p)
+                sz += z.sum(0)
+                sy += y.sum(0)
+                szz += z.T @ z
+                szy += z.T @ y
+            self.zbar, self.ybar = sz / m, sy / m
+            self.gram = szz - m * np.outer(self.zbar, self.zbar)
+            self.rhs = szy - m * np.outer(self.zbar, self.ybar)
+        else:
+            zs, ys = zip(*(_var_design(s, p) for s in series))
+            z, y = np.concatenate(zs), np.concatenate(ys)
+            self.zbar, self.ybar = z.mean(0), y.mean(0)
+            self.z, self.y = z - self.zbar, y - self.ybar
+            self.kernel = self.z @ self.z.T
+
+    def solve(self, alpha: float) -> RidgeVAR:
+        if self.solver == "primal":
+            a = self.gram.copy()
+            a[np.diag_indices_from(a)] += alpha
+            try:
+                w = scipy.linalg.solve(a, self.rhs, assume_a="pos")
+            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+                w = np.linalg.lstsq(a, self.rhs, rcond=None)[0]
+        else:
+            k = self.kernel.copy()
+            k[np.diag_indices_from(k)] += alpha
+            try:
+                w = self.z.T @ scipy.linalg.solve(k, self.y, assume_a="pos")
+            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+                w = self.z.T @ np.linalg.lstsq(k, self.y, rcond=None)[0]
+        p, n = self.p, self.n                                      # w [p·N, N], lag-major rows
+        return RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
+                        intercept=self.ybar - w.T @ self.zbar, order=p, alpha=float(alpha))
+
+
+def _finite_series(series_list, min_len: int, what: str) -> list[np.ndarray]:
+    series = _check_series(series_list, min_len)
+    for i, s in enumerate(series):
+        if not np.isfinite(s).all():
+            raise ValueError(f"ridge VAR: {what} series {i} has non-finite values; "
+                             f"impute or zero missing slots before fitting the VAR")
+    return series
+
+
+def fit_ridge_var(train_series, order: int, alpha: float, solver: str = "auto") -> RidgeVAR:
+    """Closed-form ridge VAR(``order``) on a list of finite ``[N, T]`` float arrays (one per recording span).
+
+    Lags never cross series boundaries; the intercept is not penalised (features and targets are
+    centred by their training means); ``alpha`` is added to the summed squared error. ``solver``:
+    'primal' (D x D Gram, D = order·N), 'dual' (M x M kernel, M = training steps) or 'auto' (dual when
+    M < D). Returns :class:`RidgeVAR` (``coef [p, N, N]`` row = target, column = source; ``intercept [N]``).
+    """
+    if order < 1 or alpha < 0 or solver not in ("auto", "primal", "dual"):
+        raise ValueError(f"fit_ridge_var needs order >= 1, alpha >= 0, solver in auto|primal|dual; "
+                         f"got order={order}, alpha={alpha}, solver={solver!r}")
+    return _VarMoments(_finite_series(train_series, order + 1, "training"), int(order), solver).solve(alpha)
+
+
+def _one_step_mse(step, series: list[np.ndarray], p: int, start: int) -> float:
+    """Mean squared one-step error of ``step(lags [M, N, p]) -> [M, N]`` on targets ``t >= start`` of every
+    series (``start >= p``, the same targets for every candidate order)."""
+    se, cnt = 0.0, 0
+    for s in series:
+        if s.shape[1] <= start:
+            continue
+        z, y = _lagged(s, p)                                   # [N, T - p, p], targets t = p..T-1
+        z, y = z[:, start - p:].transpose(1, 0, 2), y[:, start - p:].T      # [M, N, p], [M, N]
+        ok = np.isfinite(y) & np.isfinite(z).all(-1)
+        err = np.where(ok, step(np.where(ok[..., None], z, 0.0)) - np.where(ok, y, 0.0), 0.0)
+        se += float((err ** 2).sum())
+        cnt += int(ok.sum())
+    return se / cnt if cnt else math.nan
+
+
+def select_ridge_var(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS,
+                     solver: str = "auto") -> tuple[RidgeVAR, dict[tuple[int, float], float]]:
+    """Choose the ridge VAR order and alpha on validation series; fit on the training series only.
+
+    Args:
+        train_series / val_series: lists of finite ``[N, T]`` float arrays (nodes x steps), e.g. the
+            normalised training and validation spans. Never pass test subjects here.
+        orders / alphas: the candidate grid. Every candidate is scored on the same validation targets
+            (steps ``t >= max(orders)`` of each validation series) by one-step mean squared error.
+    Returns ``(best, scores)``: the :class:`RidgeVAR` with the lowest validation MSE (fitted on
+    ``train_series``; ties go to the smaller order, then the larger alpha) and ``{(order, alpha): val MSE}``.
+    The Gram matrix is built once per order and re-solved per alpha.
+    """
+    orders = sorted({int(p) for p in orders})
+    alphas = sorted({float(a) for a in alphas}, reverse=True)
+    if not orders or not alphas or orders[0] < 1 or alphas[-1] < 0:
+        raise ValueError(f"select_ridge_var needs orders >= 1 and alphas >= 0, got {orders}, {alphas}")
+    p_max = orders[-1]
+    train = _finite_series(train_series, p_max + 1, "training")
+    val = _finite_series(val_series, p_max + 1, "validation")
+    scores: dict[tuple[int, float], float] = {}
+    best, best_mse = None, math.inf
+    for p in orders:
+        mom = _VarMoments(train, p, solver)
+        for a in alphas:
+            fit = mom.solve(a)
+            mse = _one_step_mse(fit.step, val, p, p_max)
+            scores[(p, a)] = mse
+            if mse < best_mse:                      # strict: keeps the smaller order / larger alpha on ties
+                best, best_mse = fit, mse
+    if best is None:
+        raise ValueError("select_ridge_var: no candidate gave a finite validation error; check the series")
+    return best, scores
+
+
 class VARBaseline(_Iterated):
-    """Ridge VAR(p) over all nodes jointly: ``x(t) = c + Σ_k A_k x(t - 1 - k)``, closed form.
+    """Ridge VAR(p) over all nodes jointly: ``x(t) = c + Σ_k A_k x(t - 1 - k)``, closed form
+    (:func:`fit_ridge_var`).
 
     Features per step are the stacked lags ``z = [x(t-1); …; x(t-p)]`` of size D = p·N (lag-major).
     Two exact solvers of the same ridge problem (M = training steps):
@@ -187,7 +354,7 @@ class VARBaseline(_Iterated):
     ``solver='auto'`` picks the dual when M < D. Training series must be finite (impute or zero missing
     slots first). Prediction costs O(W·p·N²) per horizon step (one matmul).
     Attributes after ``fit``: ``coef [p, N, N]`` with ``coef[k, i, j]`` = effect of node j
-    at lag k + 1 on node i, ``intercept [N]``.
+    at lag k + 1 on node i, ``intercept [N]``, ``model`` (the :class:`RidgeVAR`).
     """
 
     def __init__(self, p: int = 3, alpha: float = 1.0, solver: str = "auto"):
@@ -197,54 +364,22 @@ class VARBaseline(_Iterated):
         self.order, self.alpha, self.solver, self.name = int(p), float(alpha), solver, f"var{p}"
         self.fitted = False
 
-    def _design(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Series ``[N, T]`` -> Z ``[M, p·N]`` (lag-major) and Y ``[M, N]``."""
-        z, y = _lagged(s, self.order)                        # [N, M, p], [N, M]
-        return z.transpose(1, 2, 0).reshape(z.shape[1], -1), y.T
+    @classmethod
+    def from_fit(cls, fit: RidgeVAR, name: str | None = None) -> "VARBaseline":
+        """A fitted baseline wrapping an existing :class:`RidgeVAR` (e.g. from :func:`select_ridge_var`)."""
+        b = cls(fit.order, fit.alpha)
+        b._set(fit)
+        if name:
+            b.name = name
+        return b
+
+    def _set(self, fit: RidgeVAR) -> None:
+        self.model, self.coef, self.intercept = fit, fit.coef, fit.intercept
+        self._w = fit.weights
+        self.fitted = True
 
     def fit(self, series_list) -> "VARBaseline":
-        p = self.order
-        series = _check_series(series_list, p + 1)
-        for i, s in enumerate(series):
-            if not np.isfinite(s).all():
-                raise ValueError(f"{self.name}: training series {i} has non-finite values; "
-                                 f"impute or zero missing slots before fitting the VAR")
-        series = [s for s in series if s.shape[1] > p]
-        n = series[0].shape[0]
-        d, m = p * n, sum(s.shape[1] - p for s in series)
-        solver = self.solver if self.solver != "auto" else ("dual" if m < d else "primal")
-        if solver == "primal":
-            sz, sy = np.zeros(d), np.zeros(n)
-            szz, szy = np.zeros((d, d)), np.zeros((d, n))
-            for s in series:
-                z, y = self._design(s)
-                sz += z.sum(0)
-                sy += y.sum(0)
-                szz += z.T @ z
-                szy += z.T @ y
-            zbar, ybar = sz / m, sy / m
-            gram = szz - m * np.outer(zbar, zbar)
-            rhs = szy - m * np.outer(zbar, ybar)
-            gram[np.diag_indices(d)] += self.alpha
-            try:
-                w = scipy.linalg.solve(gram, rhs, assume_a="pos")
-            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-                w = np.linalg.lstsq(gram, rhs, rcond=None)[0]
-        else:
-            zs, ys = zip(*(self._design(s) for s in series))
-            z, y = np.concatenate(zs), np.concatenate(ys)
-            zbar, ybar = z.mean(0), y.mean(0)
-            z, y = z - zbar, y - ybar
-            kernel = z @ z.T
-            kernel[np.diag_indices(m)] += self.alpha
-            try:
-                w = z.T @ scipy.linalg.solve(kernel, y, assume_a="pos")
-            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-                w = z.T @ np.linalg.lstsq(kernel, y, rcond=None)[0]
-        self._w = w                                                      # [p·N, N], lag-major rows
-        self.coef = w.reshape(p, n, n).transpose(0, 2, 1).copy()        # [p, N_dst, N_src]
-        self.intercept = ybar - w.T @ zbar
-        self.fitted = True
+        self._set(fit_ridge_var(series_list, self.order, self.alpha, self.solver))
         return self
 
     def _step(self, lags: np.ndarray) -> np.ndarray:
@@ -255,30 +390,49 @@ class VARBaseline(_Iterated):
 class MLPBaseline(_Iterated):
     """NPI-style MLP: the last p steps of all nodes (p·N inputs) -> the next step of all nodes (N outputs).
 
-    A small two-hidden-layer torch MLP trained with Adam on random training steps for ``steps`` updates
-    (seeded, CPU). Nonlinear, whole-brain, and cheap; a check that the model beats a generic learner.
+    A small two-hidden-layer torch MLP (seeded, CPU, Adam) predicting the change from the last step, so
+    an untrained net is persistence. It cannot diverge when iterated:
+
+    * early stopping: with ``val_series``, the one-step validation MSE is measured every ``eval_every``
+      updates and the best weights are kept (``best_step``, ``val_mse``; 0 = the persistence start);
+    * clipped roll-out: every predicted step is clipped to each node's training range widened by
+      ``clip_margin`` of its span, so an iterated forecast stays in the range of the data.
     """
 
     def __init__(self, p: int = 3, hidden: int = 128, steps: int = 300, lr: float = 1e-3,
-                 batch_size: int = 256, weight_decay: float = 1e-4, seed: int = 0):
-        if p < 1 or hidden < 1 or steps < 1:
-            raise ValueError(f"MLPBaseline needs p, hidden, steps >= 1; got {p}, {hidden}, {steps}")
+                 batch_size: int = 256, weight_decay: float = 1e-4, seed: int = 0, eval_every: int = 25,
+                 clip_margin: float = 0.1):
+        if p < 1 or hidden < 1 or steps < 1 or eval_every < 1 or clip_margin < 0:
+            raise ValueError(f"MLPBaseline needs p, hidden, steps, eval_every >= 1 and clip_margin >= 0; "
+                             f"got {p}, {hidden}, {steps}, {eval_every}, {clip_margin}")
         self.order, self.hidden, self.steps, self.lr = int(p), int(hidden), int(steps), float(lr)
         self.batch_size, self.weight_decay, self.seed = int(batch_size), float(weight_decay), int(seed)
+        self.eval_every, self.clip_margin = int(eval_every), float(clip_margin)
         self.name = f"mlp{p}"
         self.fitted = False
 
-    def fit(self, series_list) -> "MLPBaseline":
+    def _design(self, series: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        zs, ys = zip(*(_var_design(np.nan_to_num(s), self.order) for s in series if s.shape[1] > self.order))
+        return (torch.as_tensor(np.concatenate(zs), dtype=torch.float32),
+                torch.as_tensor(np.concatenate(ys), dtype=torch.float32))
+
+    def fit(self, series_list, val_series=None, max_val_steps: int = 8192) -> "MLPBaseline":
+        """Fit on ``series_list``; with ``val_series`` (``[N, T]`` arrays, never test subjects) keep the
+        weights of the best validation step (at most ``max_val_steps`` evenly spaced targets are scored)."""
         p = self.order
-        series = [s for s in _check_series(series_list, p + 1) if s.shape[1] > p]
+        series = _check_series(series_list, p + 1)
         n = series[0].shape[0]
-        zs, ys = [], []
-        for s in series:
-            z, y = _lagged(np.nan_to_num(s), p)
-            zs.append(z.transpose(1, 2, 0).reshape(z.shape[1], -1))
-            ys.append(y.T)
-        z = torch.as_tensor(np.concatenate(zs), dtype=torch.float32)
-        y = torch.as_tensor(np.concatenate(ys), dtype=torch.float32)
+        lo = np.nanmin(np.concatenate(series, axis=1), axis=1)
+        hi = np.nanmax(np.concatenate(series, axis=1), axis=1)
+        pad = self.clip_margin * (hi - lo)
+        self.clip_lo, self.clip_hi = lo - pad, hi + pad
+        z, y = self._design(series)
+        zv = yv = None
+        if val_series is not None:
+            val = [s for s in _check_series(val_series, p + 1) if s.shape[1] > p]
+            zv, yv = self._design(val)
+            keep = torch.as_tensor(np.unique(np.linspace(0, len(zv) - 1, min(max_val_steps, len(zv))).astype(int)))
+            zv, yv = zv[keep], yv[keep]
         gen = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -286,15 +440,31 @@ class MLPBaseline(_Iterated):
                 torch.nn.Linear(p * n, self.hidden), torch.nn.GELU(),
                 torch.nn.Linear(self.hidden, self.hidden), torch.nn.GELU(),
                 torch.nn.Linear(self.hidden, n))
-        # Residual target: predict the change from the last step, so an untrained net starts at persistence.
-        last = z[:, :n]
+            torch.nn.init.zeros_(self.net[-1].weight)       # start exactly at persistence
+            torch.nn.init.zeros_(self.net[-1].bias)
+
+        def val_mse() -> float:
+            with torch.no_grad():
+                return float(torch.nn.functional.mse_loss(zv[:, :n] + self.net(zv), yv))
+
+        self.best_step, self.val_mse = 0, val_mse() if zv is not None else math.nan
+        best_state = {k: v.clone() for k, v in self.net.state_dict().items()}
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        for _ in range(self.steps):
+        for it in range(1, self.steps + 1):
             idx = torch.randint(0, z.shape[0], (min(self.batch_size, z.shape[0]),), generator=gen)
-            loss = torch.nn.functional.mse_loss(self.net(z[idx]), y[idx] - last[idx])
+            loss = torch.nn.functional.mse_loss(self.net(z[idx]), y[idx] - z[idx, :n])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if zv is not None and (it % self.eval_every == 0 or it == self.steps):
+                v = val_mse()
+                if v < self.val_mse:
+                    self.best_step, self.val_mse = it, v
+                    best_state = {k: t.clone() for k, t in self.net.state_dict().items()}
+        if zv is not None:
+            self.net.load_state_dict(best_state)
+        else:
+            self.best_step = self.steps
         self.net.eval()
         self.fitted = True
         return self
@@ -303,13 +473,14 @@ class MLPBaseline(_Iterated):
     def _step(self, lags: np.ndarray) -> np.ndarray:
         w, n, p = lags.shape
         z = torch.as_tensor(lags.transpose(0, 2, 1).reshape(w, p * n), dtype=torch.float32)
-        return lags[..., 0] + self.net(z).double().numpy()
+        return np.clip(lags[..., 0] + self.net(z).double().numpy(), self.clip_lo, self.clip_hi)
 
 
 def build_baselines(ar_order: int = 3, ridge_alpha: float = 1.0, mlp: bool = False) -> dict[str, Baseline]:
-    """The standard set (unfitted): persistence, fitted AR(1), AR(p), ridge VAR(p) [, MLP(p)].
+    """The fixed set (unfitted): persistence, fitted AR(1), AR(p), ridge VAR(p) [, MLP(p)].
 
     Arguments map to ``EvalConfig.ar_order`` and ``EvalConfig.ridge_alpha``. Keys are the report names.
+    ``twinbrain evaluate`` uses :func:`tuned_baselines` instead unless ``eval.tune_baselines`` is false.
     """
     out: dict[str, Baseline] = {"persistence": Persistence(), "ar1": ARBaseline(1, ridge_alpha)}
     out[f"ar{ar_order}"] = ARBaseline(ar_order, ridge_alpha)
@@ -324,3 +495,72 @@ def fit_baselines(baselines: dict[str, Baseline], series_list: Sequence) -> dict
     for b in baselines.values():
         b.fit(series_list)
     return baselines
+
+
+def holdout_tail(series_list, fraction: float = 0.2) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split every ``[N, T]`` series chronologically: the first ``1 - fraction`` for fitting, the last
+    ``fraction`` for choosing hyper-parameters (used when a run has no validation split)."""
+    fit, val = [], []
+    for s in series_list:
+        cut = int(round(s.shape[1] * (1 - fraction)))
+        fit.append(s[:, :cut])
+        val.append(s[:, cut:])
+    return fit, val
+
+
+def select_ar(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS
+              ) -> tuple[ARBaseline, dict[tuple[int, float], float]]:
+    """Per-node AR with one (order, alpha) for all nodes chosen by one-step validation MSE (on the same
+    targets, ``t >= max(orders)``); fitted on ``train_series`` only. Returns ``(best, scores)``."""
+    orders = sorted({int(p) for p in orders})
+    alphas = sorted({float(a) for a in alphas}, reverse=True)
+    val = _check_series(val_series, orders[-1] + 1)
+    scores, best, best_mse = {}, None, math.inf
+    for p in orders:
+        for a in alphas:
+            b = ARBaseline(p, a).fit(train_series)
+            scores[(p, a)] = mse = _one_step_mse(b._step, val, p, orders[-1])
+            if mse < best_mse:
+                best, best_mse = b, mse
+    if best is None:
+        raise ValueError("select_ar: no candidate gave a finite validation error; check the series")
+    return best, scores
+
+
+def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS,
+                    mlp: bool = False, mlp_steps: int = 300) -> tuple[dict[str, Baseline], dict]:
+    """The baselines as strong as they can honestly be, every hyper-parameter chosen on validation.
+
+    ``persistence``; ``ar1`` (per-node AR(1), alpha tuned); ``ar`` (per-node AR, order and alpha tuned);
+    ``var`` (ridge VAR, order and alpha tuned: :func:`select_ridge_var`); ``mlp`` (order of the tuned VAR,
+    early-stopped on validation, clipped roll-out). All are fitted on ``train_series`` only. Without
+    ``val_series`` (a run with no validation split) the last 20 % of every training series is held out
+    to choose, and the winners are refitted on the whole training series.
+    Returns ``(baselines, tuning)``; ``tuning[name]`` = ``{'order', 'alpha', 'val_mse', ...}``.
+    """
+    train = _check_series(train_series, 2)
+    refit = not val_series
+    fit_on, val = holdout_tail(train) if refit else (train, _check_series(val_series, 2))
+    ar1, s1 = select_ar(fit_on, val, orders=(1,), alphas=alphas)
+    ar, s_ar = select_ar(fit_on, val, orders=orders, alphas=alphas)
+    var, s_var = select_ridge_var(fit_on, val, orders=orders, alphas=alphas)
+    tuning = {"ar1": {"order": 1, "alpha": ar1.alpha, "val_mse": s1[(1, ar1.alpha)]},
+              "ar": {"order": ar.order, "alpha": ar.alpha, "val_mse": s_ar[(ar.order, ar.alpha)]},
+              "var": {"order": var.order, "alpha": var.alpha, "val_mse": s_var[(var.order, var.alpha)]}}
+    if refit:
+        ar1, ar = ARBaseline(1, ar1.alpha).fit(train), ARBaseline(ar.order, ar.alpha).fit(train)
+        var = fit_ridge_var(train, var.order, var.alpha)
+    out: dict[str, Baseline] = {"persistence": Persistence()}
+    ar1.name, ar.name = "ar1", "ar"
+    out.update(ar1=ar1, ar=ar, var=VARBaseline.from_fit(var, "var"))
+    if mlp:
+        m = MLPBaseline(var.order, steps=mlp_steps).fit(fit_on, val)
+        tuning["mlp"] = {"order": m.order, "best_step": m.best_step, "max_steps": m.steps, "val_mse": m.val_mse}
+        if refit and m.best_step > 0:    # the early-stopping point chosen on the held-out tail, all data
+            m = MLPBaseline(var.order, steps=m.best_step).fit(train)
+            m.best_step = tuning["mlp"]["best_step"]
+        m.name = "mlp"
+        out["mlp"] = m
+    for k, v in tuning.items():
+        v["chosen_on"] = "last 20% of each training span" if refit else "validation split"
+    return out, tuning

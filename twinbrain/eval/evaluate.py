@@ -27,7 +27,9 @@ import torch
 
 from twinbrain.config import ConfigError, config_from_dict, parse_overrides
 from twinbrain.data.module import DataModule
+from twinbrain.eval.figures import plot_forecast_example, plot_horizons
 from twinbrain.eval.forecast_eval import evaluate_forecasts
+from twinbrain.eval.publish import publish_evaluation
 from twinbrain.eval.twin_validity import twin_validity
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,17 @@ def _fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def baseline_label(name: str, tuning: dict | None = None) -> str:
+    """Report label of a baseline: ``'ridge VAR(2), α=100, val-tuned'``; fixed ones keep their key."""
+    if not tuning:
+        return name
+    p = tuning.get("order")
+    if name == "mlp":
+        return f"MLP({p}) iterated, stopped at {tuning['best_step']}/{tuning['max_steps']} steps"
+    base = {"ar1": "AR(1) per node", "ar": f"AR({p}) per node", "var": f"ridge VAR({p})"}.get(name, name)
+    return f"{base}, α={tuning['alpha']:g}, val-tuned"
+
+
 def render_markdown(report: dict) -> str:
     """The Markdown summary of a report dict: protocol, per-modality tables, reconstruction, validity."""
     p = report["protocol"]
@@ -176,9 +189,13 @@ def render_markdown(report: dict) -> str:
         lines += [f"## {m.upper()} forecast R² (horizon in {unit}; n = {int(f['model']['n'][0])} per horizon)", "",
                   "| predictor | " + " | ".join(f"h={h}" for h in hs) + " |",
                   "|---|" + "---|" * len(hs)]
-        rows = [("**TwinBrain**", f["model"]["r2"])] + [(k, v["r2"]) for k, v in f["baselines"].items()]
-        rows += [(f"skill vs {k}", v) for k, v in f["skill"].items()]
+        tune = p.get("baseline_tuning", {}).get(m, {})
+        rows = [("**TwinBrain**", f["model"]["r2"])]
+        rows += [(baseline_label(k, tune.get(k)), v["r2"]) for k, v in f["baselines"].items()]
+        rows += [(f"skill vs {k}" + (" baseline" if k == "strongest" else ""), v) for k, v in f["skill"].items()]
         lines += [f"| {name} | " + " | ".join(_fmt(v) for v in vals) + " |" for name, vals in rows]
+        if "strongest" in f:
+            lines.append("| strongest baseline | " + " | ".join(f["strongest"]) + " |")
         lines += ["", "Pearson r: TwinBrain " + ", ".join(_fmt(v) for v in f["model"]["pearson"]) + "; " +
                   "; ".join(f"{k} " + ", ".join(_fmt(x) for x in v["pearson"]) for k, v in f["baselines"].items())]
         if "crps" in f["model"]:
@@ -228,7 +245,7 @@ def _machine(device: torch.device) -> str:
 
 def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Path | None = None,
                         overrides: list[str] | None = None, *, device=None, mlp: bool = True,
-                        validity: bool = True, batch_size: int | None = None) -> dict:
+                        validity: bool = True, batch_size: int | None = None, wandb: str | None = None) -> dict:
     """Evaluate an export and write ``out_dir/report.json`` and ``out_dir/report.md``.
 
     Args:
@@ -237,6 +254,8 @@ def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Pat
         overrides: dotted ``--eval.*`` overrides, e.g. ``['--eval.max_windows', '20']``.
         device: None = CUDA if available. mlp: include the MLP baseline. validity: run the validity
             section when the cohort has ground truth. batch_size: windows per pass (``train.batch_size``).
+        wandb: 'offline' / 'online' / 'disabled' to override the run's ``logging.wandb`` for logging the
+            report, figures and tables into the training run's wandb run (None: the run's setting).
     Returns the report dict (what ``report.json`` holds) plus ``'markdown'``.
     """
     from twinbrain.twin.loader import load_export
@@ -252,7 +271,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Pat
     model = lm.model.eval()
     res = evaluate_forecasts(model, dm, split, cfg, device=lm.device, mlp=mlp,
                              batch_size=batch_size or cfg.train.batch_size)
-    fc = res.pop("fc")
+    fc, example = res.pop("fc"), res.pop("example")
     if validity:
         val = twin_validity(model, cfg, lm.metadata, dm, split, res["protocol"]["window_index"], fc,
                             horizon=max(cfg.eval.horizons), path=lm.path)
@@ -268,5 +287,28 @@ def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Pat
     md = render_markdown(report)
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
     (out / "report.md").write_text(md)
-    log.info("evaluation report written to %s (%.1f s)", out, report["runtime_s"])
-    return {**report, "markdown": md, "out_dir": str(out)}
+    labels = {m: {k: baseline_label(k, report["protocol"].get("baseline_tuning", {}).get(m, {}).get(k))
+                  for k in f["baselines"]} for m, f in report["forecast"].items()}
+    figures = evaluation_figures(report, example, out, lm.metadata, labels)
+    run_id = publish_evaluation(report, figures, lm.path.parent.parent, cfg, lm.step or 0, labels, mode=wandb)
+    log.info("evaluation report written to %s (%.1f s)%s", out, report["runtime_s"],
+             f"; logged to wandb run {run_id}" if run_id else "")
+    return {**report, "markdown": md, "out_dir": str(out), "figures": {k: str(p) for k, p in figures.items()},
+            "wandb_run_id": run_id}
+
+
+def evaluation_figures(report: dict, example: dict, out: Path, meta: dict, labels: dict) -> dict[str, Path]:
+    """``out/horizons.png`` (every predictor by horizon) and ``out/forecast_<m>.png`` (one window)."""
+    figs = {}
+    p = plot_horizons(report, out / "horizons.png", labels)
+    if p:
+        figs["horizons"] = p
+    prot = report["protocol"]
+    for m, ex in example.items():
+        period = prot["tr_s"] if m == "fmri" else prot["tr_s"] / prot["samples_per_tr"]
+        names = meta.get("region_names" if m == "fmri" else "channel_names")
+        f = report["forecast"][m]
+        strongest = f.get("strongest", [None])[0]
+        figs[f"forecast_{m}"] = plot_forecast_example(ex, out / f"forecast_{m}.png", period, m, names,
+                                                      strongest=strongest, labels=labels.get(m))
+    return figs

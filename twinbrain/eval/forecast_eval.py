@@ -28,7 +28,7 @@ from torch_geometric.data import Batch
 
 from twinbrain.data.series import span_series
 from twinbrain.data.timing import volumes
-from twinbrain.eval.baselines import build_baselines, fit_baselines
+from twinbrain.eval.baselines import build_baselines, fit_baselines, tuned_baselines
 from twinbrain.eval.metrics import MetricSet, all_reduce_sum, skill
 
 MODALITIES = ("fmri", "eeg")
@@ -42,10 +42,11 @@ def select_windows(n_windows: int, max_windows: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_windows - 1, max_windows).round().astype(np.int64))
 
 
-def train_series(dm, modality: str) -> list[np.ndarray]:
-    """Normalised training spans of ``dm`` (training subjects only): one float64 ``[N, T]`` per span, in
-    TRs (fMRI) or EEG samples, z-scored exactly as the windows are (missing slots are 0)."""
-    return span_series(dm.cohort, dm.stats, dm.split.train, modality)
+def train_series(dm, modality: str, split: str = "train") -> list[np.ndarray]:
+    """Normalised spans of one split of ``dm`` (default: the training subjects' training spans): one
+    float64 ``[N, T]`` per span, in TRs (fMRI) or EEG samples, z-scored exactly as the windows are
+    (missing slots are 0)."""
+    return span_series(dm.cohort, dm.stats, dm.split.spans(split), modality)
 
 
 def truncate(data, t_ctx: int, spt: int):
@@ -94,6 +95,14 @@ def _series(ms: MetricSet, m: str, horizons: list[int], names: tuple[str, ...]) 
     return {k: [_finite(res[(m, k, h)]) for h in horizons] for k in names if (m, k, horizons[0]) in res}
 
 
+def strongest_baseline(r2: dict[str, np.ndarray]) -> list[str]:
+    """Per horizon, the name of the baseline with the highest R² (``r2[name]`` is ``[H]``, NaN = missing;
+    ties keep the first name in ``r2``'s order)."""
+    names = list(r2)
+    table = np.stack([np.where(np.isfinite(r2[k]), r2[k], -np.inf) for k in names])     # [B, H]
+    return [names[i] for i in table.argmax(0)]
+
+
 @torch.no_grad()
 def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 8, mlp: bool = True,
                        rank: int = 0, world_size: int = 1) -> dict:
@@ -105,7 +114,9 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
         rank, world_size: shard the windows (``window[rank::world_size]``); results are all-reduced.
     Returns a JSON-ready dict: ``protocol``, ``forecast[m]`` (per-horizon lists for the model, every
     baseline and the skill scores), ``reconstruction[m]``, ``causality[m]`` (max |full - truncated|),
-    and ``fc`` (``model`` / ``empirical`` ``[N_f, N_f]`` numpy arrays for the validity section).
+    ``fc`` (``model`` / ``empirical`` ``[N_f, N_f]`` numpy arrays for the validity section) and
+    ``example[m]`` (this rank's first window: ``context [N, T_ctx]``, ``observed`` / ``model`` /
+    ``baselines[name]`` ``[N, H*step]`` in signal samples, ``mask [N]``; numpy, for the figures).
     """
     e, mc = cfg.eval, cfg.model
     ds = dm.dataset(split)
@@ -115,9 +126,11 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     h_max, s_steps, spt = horizons[-1], mc.forecast_steps, dm.samples_per_tr
     t_f = volumes(cfg.data.window_s, dm.tr, "data.window_s")
     t_ctx = t_f - h_max
-    if t_ctx < max(e.ar_order, 2):
+    max_order = max(e.baseline_orders) if e.tune_baselines else e.ar_order
+    if t_ctx < max(max_order, 2):
         raise ValueError(f"windows of {t_f} TRs leave {t_ctx} context TRs for horizons up to {h_max}; need "
-                         f"at least {max(e.ar_order, 2)} (eval.ar_order); use longer windows or shorter horizons")
+                         f"at least {max(max_order, 2)} (the largest baseline order, eval.baseline_orders / "
+                         f"eval.ar_order); use longer windows, shorter horizons or lower orders")
     step = {"fmri": 1, "eeg": mc.eeg_stride}
     ctx_len = {"fmri": t_ctx, "eeg": t_ctx * spt}
     lat_ctx = {"fmri": t_ctx, "eeg": t_ctx * spt // mc.eeg_stride}     # latent steps in the context
@@ -125,9 +138,14 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     prob = mc.probabilistic == "gaussian"
     mods = dm.modalities                # fMRI-only cohorts score no EEG
 
+    base, tuning = {}, {}
     with torch.enable_grad():           # the MLP baseline trains by gradient descent
-        base = {m: fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))
-                for m in mods}
+        for m in mods:
+            if e.tune_baselines:        # hyper-parameters chosen on the validation split, never on test
+                base[m], tuning[m] = tuned_baselines(train_series(dm, m), train_series(dm, m, "val"),
+                                                     orders=e.baseline_orders, alphas=e.baseline_alphas, mlp=mlp)
+            else:
+                base[m] = fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))
     names = list(base[mods[0]])
     sets = {"model": MetricSet(mods, horizons, probabilistic=prob)}
     sets.update({b: MetricSet(mods, horizons) for b in names})
@@ -136,6 +154,7 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     fc_model, fc_emp = CovAccumulator(dm.n_fmri_slots), CovAccumulator(dm.n_fmri_slots)
     present = torch.ones(dm.n_fmri_slots, dtype=torch.bool)
 
+    example: dict[str, dict] = {}
     all_idx = select_windows(len(ds), e.max_windows)
     idx = all_idx[rank::world_size]
     for c0 in range(0, len(idx), batch_size):
@@ -165,9 +184,16 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
             same = out_full.forecast[m].float().view(b, n, l_full, -1)[:, :, lat_ctx[m] - 1, :f]
             diff[j] = max(float(diff[j]), float((same - pred).abs().max()))
             ctx_np = y[:, :, :c].cpu().numpy()
+            first = c0 == 0 and m not in example
+            if first:       # the first evaluated window, kept whole for the forecast figures
+                example[m] = {"context": ctx_np[0], "observed": target[0].cpu().numpy(),
+                              "model": pred[0].cpu().numpy(), "mask": keep[0].cpu().numpy(),
+                              "window": int(idx[0]), "baselines": {}}
             for name, bl in base[m].items():
                 bp = torch.as_tensor(bl.predict(ctx_np, f), dtype=torch.float32, device=y.device)
                 sets[name].update(m, hv(bp), hv(target), mask)
+                if first:
+                    example[m]["baselines"][name] = bp[0].cpu().numpy()
             recon.update(m, out_full.recon[m].float()[..., 0].view(b, n, -1), y, keep[:, :, None])
             if m == "fmri":      # one-step-ahead forecast series over the full window, for model FC
                 one = out_full.forecast[m].float().view(b, n, l_full, -1)[:, :, :-1, 0]     # [B, N, T_f - 1]
@@ -188,12 +214,13 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
         mod = _series(sets["model"], m, horizons, metric_names)
         bls = {k: _series(sets[k], m, horizons, ("r2", "pearson", "mse", "n")) for k in names}
         model_r2 = np.array([np.nan if v is None else v for v in mod["r2"]], dtype=np.float64)
-        sk = {}
-        for against in ("persistence", var_name):
-            base_r2 = np.array([np.nan if v is None else v for v in bls[against]["r2"]], dtype=np.float64)
-            sk[against] = [_finite(v) for v in np.atleast_1d(skill(model_r2, base_r2))]
+        r2 = {k: np.array([np.nan if v is None else v for v in bls[k]["r2"]], dtype=np.float64) for k in names}
+        strongest = strongest_baseline(r2)
+        best_r2 = np.array([r2[k][i] for i, k in enumerate(strongest)], dtype=np.float64)
+        sk = {"strongest": [_finite(v) for v in np.atleast_1d(skill(model_r2, best_r2))],
+              "persistence": [_finite(v) for v in np.atleast_1d(skill(model_r2, r2["persistence"]))]}
         forecast[m] = {"horizons": horizons, "unit": "TR" if m == "fmri" else f"{mc.eeg_stride} EEG samples",
-                       "model": mod, "baselines": bls, "skill": sk}
+                       "model": mod, "baselines": bls, "strongest": strongest, "skill": sk}
     rec = recon.compute()
     reconstruction = {m: {"r2": _finite(rec[(m, "r2", 0)]), "pearson": _finite(rec[(m, "pearson", 0)]),
                           "n": rec[(m, "n", 0)]} for m in mods}
@@ -201,9 +228,11 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
                 "horizons": horizons, "forecast_steps": s_steps, "eeg_stride": mc.eeg_stride,
                 "samples_per_tr": spt, "tr_s": dm.tr, "n_windows": int(len(all_idx)),
                 "n_windows_in_split": len(ds), "max_windows": e.max_windows, "baselines": names,
-                "var_baseline": var_name, "ar_order": e.ar_order, "ridge_alpha": e.ridge_alpha,
+                "var_baseline": var_name, "tuned": bool(e.tune_baselines), "baseline_tuning": tuning,
+                "ar_order": e.ar_order, "ridge_alpha": e.ridge_alpha,
                 "probabilistic": prob, "subjects": list(dm.split.subjects.get(split, [])),
                 "window_index": [int(i) for i in all_idx]}
     return {"protocol": protocol, "forecast": forecast, "reconstruction": reconstruction,
             "causality": {m: float(diff[j]) for j, m in enumerate(mods)},
-            "fc": {"model": fc_model.corr(), "empirical": fc_emp.corr(), "present": present.numpy()}}
+            "fc": {"model": fc_model.corr(), "empirical": fc_emp.corr(), "present": present.numpy()},
+            "example": example}

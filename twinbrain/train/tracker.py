@@ -135,15 +135,109 @@ class WandbRun:
             self.tracker.start()
         self.run = self.tracker.run
         # allow_val_change: a resumed run may carry an edited config (e.g. more steps).
-        self.tracker.store_init_configuration(config)
+        if config:
+            self.tracker.store_init_configuration(config)
+
+        self._define_metrics()
+
+    def _define_metrics(self) -> None:
+        """Every metric is plotted against ``trainer/step`` (the optimizer step, restored on resume), so a
+        resumed run continues at the right step even when wandb's own counter is ahead of the checkpoint;
+        summaries keep the best validation values, not the last."""
+        r = self.run
+        r.define_metric(STEP_METRIC)
+        r.define_metric("*", step_metric=STEP_METRIC)
+        r.define_metric("train/loss", summary="min,last")
+        r.define_metric("val/loss", summary="min,last")
+        self._defined = {"train/loss", "val/loss"}
 
     @property
     def run_id(self) -> str:
         return str(self.run.id)
 
     def log(self, values: dict[str, Any], step: int) -> None:
-        clean = {k: v for k, v in values.items() if v is not None and not isinstance(v, str)}
-        self.tracker.log(clean, step=int(step))
+        """Scalars under their group (:func:`wandb_name`) at optimizer step ``step``."""
+        clean = {wandb_name(k): v for k, v in values.items()
+                 if v is not None and not isinstance(v, str) and k not in NOT_METRICS}
+        for k in clean:
+            if k not in self._defined and k.startswith(("val/", "eval/")) and _higher_is_better(k):
+                self.run.define_metric(k, summary="max,last")
+                self._defined.add(k)
+        self.run.log({**clean, STEP_METRIC: int(step)})
+
+    def log_media(self, step: int, images: dict[str, Path] | None = None,
+                  tables: dict[str, tuple[list[str], list[list]]] | None = None) -> None:
+        """PNG files as ``wandb.Image`` and ``(columns, rows)`` as ``wandb.Table``, at ``step``."""
+        import wandb
+
+        out: dict[str, Any] = {STEP_METRIC: int(step)}
+        for k, path in (images or {}).items():
+            if Path(path).is_file():
+                out[k] = wandb.Image(str(path))
+        for k, (cols, rows) in (tables or {}).items():
+            out[k] = wandb.Table(columns=list(cols), data=[list(r) for r in rows])
+        if len(out) > 1:
+            self.run.log(out)
+
+    def log_summary(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            if v is not None:
+                self.run.summary[k] = v
+
+    def log_export(self, folder: Path, step: int, aliases: tuple[str, ...] = ("best",)) -> None:
+        """The export folder (``model.safetensors``, ``config.json``, ``model.pt``) as a model artifact."""
+        import wandb
+
+        folder = Path(folder)
+        files = [folder / f for f in ("model.safetensors", "config.json", "model.pt") if (folder / f).is_file()]
+        if not files:
+            return
+        art = wandb.Artifact(f"model-{self.run_id}", type="model", metadata={"step": int(step), "folder": str(folder)})
+        for f in files:
+            art.add_file(str(f))
+        self.run.log_artifact(art, aliases=[*aliases, f"step-{int(step)}"])
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+STEP_METRIC = "trainer/step"
+NOT_METRICS = frozenset({"step", "time", "kind"})       # wandb keeps its own step and timestamps
+_PERF = ("windows_per_s", "node_steps_per_s", "step_time_s", "data_share", "tflops_per_s", "mfu", "elapsed_s")
+_MEM = ("mem_", "rss_", "alloc_retries", "ooms")
+_GROUPS = ("train/", "val/", "eval/", "perf/", "mem/", "trainer/")
+
+
+def wandb_name(key: str) -> str:
+    """Dashboard name of a telemetry key: ``val/*`` and ``eval/*`` as they are; throughput and FLOPs under
+    ``perf/``, memory under ``mem/``, everything else the optimizer step produced (loss terms, lr, grad
+    norm, balancer weights) under ``train/`` (``loss`` -> ``train/loss``, ``lr/base`` -> ``train/lr/base``)."""
+    if key.startswith(_GROUPS):
+        return key
+    if key.startswith(_PERF):
+        return f"perf/{key}"
+    if key.startswith(_MEM):
+        return f"mem/{key[4:] if key.startswith('mem_') else key}"
+    return f"train/{key}"
+
+
+def _higher_is_better(key: str) -> bool:
+    leaf = key.rsplit("/", 1)[-1].lower()
+    return any(w in leaf for w in ("r2", "skill", "pearson", "auroc")) or "skill" in key
+
+
+def reopen_run(run_dir: Path, logging_cfg, config: dict | None = None, device=None) -> "WandbRun | None":
+    """The training run's wandb run, re-opened (same id, ``resume='allow'``) so evaluation and reports land
+    in the same notebook; None when wandb is disabled or the run directory records no run id."""
+    import json
+
+    mode = resolve_wandb_mode(logging_cfg.wandb)
+    env = Path(run_dir) / "environment.jsonl"
+    if mode is None or not env.is_file():
+        return None
+    ids = [json.loads(line).get("run_id") for line in env.read_text().splitlines() if line.strip()]
+    ids = [i for i in ids if i]
+    if not ids:
+        return None
+    return WandbRun(project=logging_cfg.project, run_id=ids[-1], name="", run_dir=Path(run_dir), mode=mode,
+                    config=config or {}, device=torch.device("cpu") if device is None else device)

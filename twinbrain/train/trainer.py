@@ -468,11 +468,14 @@ class Trainer:
         self.export("final", {f"val/{k}": v for k, v in last_eval.items()}, diverged=diverged)
         if self.is_main and not (self.run_dir / "best" / "model.pt").is_file():
             if diverged:
-                log.warning("no best/model.pt: no validation was finite (%s)", diverged)
+                log.warning("no best/ export: no validation was finite (%s)", diverged)
             else:
-                # No validation improved on an earlier one: the final weights are the best we have.
+                # No validation improved on an earlier one (or none ran): the final weights are the best we have.
                 (self.run_dir / "best").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self.run_dir / "final" / "model.pt", self.run_dir / "best" / "model.pt")
+                for f in ("model.pt", "model.safetensors", "config.json"):
+                    shutil.copyfile(self.run_dir / "final" / f, self.run_dir / "best" / f)
+        if self.is_main and self.tel.wandb is not None and (self.run_dir / "best" / "model.pt").is_file():
+            self.tel.wandb.log_export(self.run_dir / "best", self.step)     # the best export as an artifact
         self.last_eval = last_eval
         return last_eval
 

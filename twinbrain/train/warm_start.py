@@ -10,45 +10,25 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..data.graph import load_structural
 from ..data.series import mean_abs_correlation, span_series
-from ..eval.baselines import VARBaseline
+from ..eval.baselines import fit_ridge_var, select_ridge_var
 from ..schema import relation_key
 
 log = logging.getLogger(__name__)
 
 
-def one_step_mse(var: VARBaseline, series: list[np.ndarray]) -> float:
-    """Mean squared one-step error of a fitted VAR over every step of every series with a full past."""
-    p, err, count = var.order, 0.0, 0
-    for s in series:
-        if s.shape[1] <= p:
-            continue
-        lags = sliding_window_view(s, p + 1, axis=1)                  # [N, T - p, p + 1]
-        ctx = lags[..., :p].transpose(1, 0, 2)                        # [T - p, N, p] (oldest first)
-        pred = var.predict(ctx, 1)[..., 0]                            # [T - p, N]
-        err += float(((pred - lags[..., p].T) ** 2).sum())
-        count += pred.size
-    return err / count if count else float("nan")
-
-
-def select_var(train: list[np.ndarray], val: list[np.ndarray], orders, alphas) -> tuple[VARBaseline, dict]:
-    """Fit a ridge VAR for every (order, alpha) on ``train``; keep the lowest one-step MSE on ``val``.
-    Without validation series the largest order and the middle alpha are used (reported as such)."""
-    if not any(v.shape[1] > max(orders) for v in val):
-        p, a = max(orders), sorted(alphas)[len(alphas) // 2]
-        return VARBaseline(p, a).fit(train), {"order": p, "alpha": a, "val_mse": None, "chosen_on": "default"}
-    best = None
-    for p in orders:
-        for a in alphas:
-            var = VARBaseline(p, a).fit(train)
-            mse = one_step_mse(var, val)
-            if best is None or mse < best[0]:
-                best = (mse, var, p, a)
-    mse, var, p, a = best
-    return var, {"order": p, "alpha": a, "val_mse": mse, "chosen_on": "val"}
+def select_var(train: list[np.ndarray], val: list[np.ndarray], orders, alphas):
+    """The validation-tuned ridge VAR (the baseline's own selection, :func:`select_ridge_var`) and what was
+    chosen. Without validation series long enough, the largest order and the middle alpha (reported so)."""
+    orders = sorted(orders)
+    if not any(v.shape[1] > orders[-1] for v in val):
+        p, a = orders[-1], sorted(alphas)[len(alphas) // 2]
+        return fit_ridge_var(train, p, a), {"order": p, "alpha": a, "val_mse": None, "chosen_on": "default"}
+    var, scores = select_ridge_var(train, [v for v in val if v.shape[1] > orders[-1]], orders, alphas)
+    return var, {"order": var.order, "alpha": var.alpha, "val_mse": scores[(var.order, var.alpha)],
+                 "chosen_on": "val"}
 
 
 def warm_start(model, dm, cfg) -> dict:

@@ -31,8 +31,11 @@ VERBS = ("forecast", "perturb", "ec", "personalize", "attribute")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from twinbrain.config_help import config_help
     p = argparse.ArgumentParser(prog="twinbrain twin", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=config_help(("data", "sim"), title="config fields personalize may override "
+                                                   "(the new subject's data; the model is fixed by the checkpoint)"))
     p.add_argument("verb", choices=VERBS)
     p.add_argument("--checkpoint", required=True, help="export: RUN/best/model.pt (or RUN, RUN/best)")
     p.add_argument("--out", help="output folder (default RUN/twin/<verb>)")

@@ -24,6 +24,7 @@ from torch import nn
 
 from twinbrain.config import Config, ConfigError, config_from_dict
 from twinbrain.model import build_model
+from twinbrain.weights import save_weights
 
 REQUIRED_KEYS = ("model", "config", "data")
 REQUIRED_META = ("subject_map", "session_map", "n_fmri_slots", "n_eeg_slots", "samples_per_tr", "tr",
@@ -136,7 +137,8 @@ def load_export(path: str | Path, device: str | torch.device | None = None) -> L
 
 def save_export(path: str | Path, model: nn.Module, config: Config, metadata: dict, *, step: int = 0,
                 metrics: dict | None = None, backend: str = "twin") -> Path:
-    """Write ``model`` in the export format above (fp32 CPU weights), atomically."""
+    """Write ``model`` in the export format above (fp32 CPU weights), atomically, with ``model.safetensors``
+    and ``config.json`` beside it (:mod:`twinbrain.weights`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
@@ -145,4 +147,5 @@ def save_export(path: str | Path, model: nn.Module, config: Config, metadata: di
     torch.save({"model": weights, "config": config.to_dict(), "data": metadata, "step": int(step),
                 "metrics": metrics or {}, "backend": backend}, tmp)
     tmp.replace(path)
+    save_weights(path.parent, weights, config=config.to_dict(), metadata=metadata, step=step, metrics=metrics)
     return path

@@ -24,6 +24,7 @@ from torch_geometric.data import Batch, HeteroData
 
 from twinbrain.schema import relation_key
 from twinbrain.twin import perturb as _pt
+from twinbrain.twin.exports import twin_node_table, write_ec_maps
 from twinbrain.twin.loader import load_export, save_export
 
 log = logging.getLogger(__name__)
@@ -320,9 +321,12 @@ class Twin:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, np.asarray(ec))
         meta = {"modality": modality, "names": self.node_names(modality), "shape": list(np.shape(ec)),
-                "convention": EC_CONVENTION, "units": "forecast z-units per stimulus z-unit", **info}
+                "convention": EC_CONVENTION, "units": "forecast z-units per stimulus z-unit", **info,
+                **twin_node_table(self, modality)}
         side = path.with_suffix(".json")
         side.write_text(json.dumps(meta, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+        if modality == "fmri":
+            write_ec_maps(self, ec, path.parent)
         return path, side
 
     def attribute(self, window, target_node, modality: str = "fmri", horizon: int = 1,
