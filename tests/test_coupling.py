@@ -104,7 +104,7 @@ def test_jacobian_ec_equals_perturbation_ec_at_small_amplitude(var_system):
     _, cfg, dm = var_system
     twin, _ = twin_for(cfg, dm, warm=True, seed=1)
     with torch.no_grad():                                   # open the nonlinear path: EC is no longer linear
-        twin.model.gate["fmri"].fill_(1.0)
+        twin.model.gate["fmri"].weight.fill_(1.0)
     windows = twin.windows(split="val")[:3]
     jac = twin.effective_connectivity(windows, method="jacobian", horizon=2)
     small = twin.effective_connectivity(windows, amplitude=1e-3, horizon=2)

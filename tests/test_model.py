@@ -42,8 +42,8 @@ def make(cfg: ModelConfig, seed: int = 0, random_embeddings: bool = False):
     if random_embeddings:
         for p in model.embedding_parameters():
             torch.nn.init.normal_(p, std=0.5)
-        for p in model.gate.values():             # open the nonlinear correction (0 = pure linear core)
-            torch.nn.init.constant_(p, 0.5)
+        for g in model.gate.values():             # open the nonlinear correction (0 = pure linear core)
+            torch.nn.init.constant_(g.weight, 0.5)
     return model
 
 

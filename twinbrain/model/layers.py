@@ -26,6 +26,21 @@ def fp32_region(t: Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
+class ScaledSum(nn.Module):
+    """``base + w * x`` with one learned scalar ``w`` (1-D: FSDP2 cannot shard a 0-d parameter).
+
+    A module, not a bare parameter of the parent, because ZeRO-3 re-gathers a parameter for backward only
+    through the hooks of the module that owns it, and those need tensor outputs.
+    """
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((1,), float(init)))
+
+    def forward(self, base: Tensor, x: Tensor) -> Tensor:
+        return base + self.weight.to(x.dtype) * x
+
+
 class CausalConv(nn.Module):
     """Causal temporal convolution per node: ``[N, T, H] -> [N, T, H]``.
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from twinbrain.model.blocks import STBlock
 from twinbrain.model.coupling import Coupling, LinearCore, from_dense, to_dense
-from twinbrain.model.layers import CausalPatchEmbed, LatentPredictor, dense_index, laplacian_pe
+from twinbrain.model.layers import CausalPatchEmbed, LatentPredictor, ScaledSum, dense_index, laplacian_pe
 from twinbrain.schema import MODALITIES, RELATIONS, relation_key
 
 FC = {"fmri": ("fmri", "fc", "fmri"), "eeg": ("eeg", "fc", "eeg")}
@@ -127,12 +127,11 @@ class TwinBrain(nn.Module):
         self.linear = nn.ModuleDict({m: LinearCore(self.n_slots[m], cfg.linear_order, s_steps, n_subjects,
                                                    cfg.coupling_rank)
                                      for m in self.linear_modalities})
-        # 1-D parameters: FSDP2 cannot shard scalars.
-        self.gate = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.linear_modalities})
+        self.gate = nn.ModuleDict({m: ScaledSum(0.0) for m in self.linear_modalities})
         # Other modalities: a learned gain times the last observed sample of the step plus the decoded
         # prediction (oscillatory EEG starts without it, gain 0; fMRI without the core at persistence).
-        self.anchor = nn.ParameterDict({m: nn.Parameter(torch.full((1,), 1.0 if m == "fmri" else 0.0))
-                                        for m in MODALITIES if m not in self.linear_modalities})
+        self.anchor = nn.ModuleDict({m: ScaledSum(1.0 if m == "fmri" else 0.0)
+                                     for m in MODALITIES if m not in self.linear_modalities})
         if cfg.probabilistic == "gaussian":
             self.std_head = nn.ModuleDict({m: nn.Linear(hid, self.step[m]) for m in MODALITIES})
 
@@ -273,10 +272,10 @@ class TwinBrain(nn.Module):
                 x = g[m]["x"][..., 0] * g[m]["mask"].to(g[m]["x"].dtype).unsqueeze(-1)         # [N, T]
                 lin = self.linear[m](to_dense(x, idx[m], n_windows, self.n_slots[m]), subject)  # [B, M, T, S]
                 lin = from_dense(lin.flatten(2), idx[m], (steps, s_steps))                     # [N, T, S]
-                out.forecast[m] = lin.to(fc.dtype) + self.gate[m].to(fc.dtype) * fc
+                out.forecast[m] = self.gate[m](lin.to(fc.dtype), fc)
             else:
                 last = g[m]["x"][:, self.step[m] - 1::self.step[m], 0][:, :steps]  # [N, L] input at end of step
-                out.forecast[m] = fc + self.anchor[m].to(fc.dtype) * last.to(fc.dtype).unsqueeze(-1)
+                out.forecast[m] = self.anchor[m](fc, last.to(fc.dtype).unsqueeze(-1))
             if out.forecast_std is not None:
                 std = F.softplus(self.std_head[m](zf).float()) + 1e-3
                 out.forecast_std[m] = std.reshape(n, steps, s_steps * self.step[m])
