@@ -76,7 +76,7 @@ def write_eeg(rec: Recording, folder: Path, stem: str, fmt: str = "fif", marker:
     if fmt not in EEG_FORMATS:
         raise ValueError(f"EEG format '{fmt}' not supported; use one of {', '.join(EEG_FORMATS)}")
     folder.mkdir(parents=True, exist_ok=True)
-    onsets = volume_onsets(rec)
+    onsets = volume_onsets(rec) if rec.fmri.shape[0] else np.zeros(0)   # EEG-only: no scanner, no markers
     info = mne.create_info(list(rec.channel_names), rec.eeg_sfreq, "eeg")
     raw = mne.io.RawArray(np.asarray(rec.eeg, np.float64), info, verbose="error")
     pos = np.asarray(rec.channel_pos, float)
@@ -95,8 +95,8 @@ def write_eeg(rec: Recording, folder: Path, stem: str, fmt: str = "fif", marker:
         "TaskName": rec.task or "rest", "SamplingFrequency": rec.eeg_sfreq, "EEGReference": "n/a",
         "PowerLineFrequency": "n/a", "SoftwareFilters": "n/a", "EEGChannelCount": len(rec.channel_names),
         "RecordingDuration": rec.eeg.shape[1] / rec.eeg_sfreq,
-        "Description": "TwinBrain export; one annotation per fMRI volume marks the volume onset",
-        "VolumeMarker": marker})
+        "Description": "TwinBrain export; one annotation per fMRI volume marks the volume onset"
+        if len(onsets) else "TwinBrain export (EEG-only run)", **({"VolumeMarker": marker} if len(onsets) else {})})
     _write_tsv(folder / f"{stem}_channels.tsv", ["name", "type", "units", "status"],
                [[n, "EEG", "V", "good"] for n in rec.channel_names])
     _write_tsv(folder / f"{stem}_electrodes.tsv", ["name", "x", "y", "z"],
@@ -151,8 +151,10 @@ def write_cohort_bids(cohort: Cohort, out_dir: str | Path, *, eeg_format: str = 
         if stem in seen:
             raise ValueError(f"two recordings map to the same BIDS name {stem}; give them distinct run labels")
         seen.add(stem)
-        write_eeg(rec, out / folder / "eeg", stem, eeg_format, marker)
-        write_fmri(rec, out / folder / "func", stem, fmri_format)
+        if rec.eeg.shape[0]:               # a one-modality run writes only the modality it has
+            write_eeg(rec, out / folder / "eeg", stem, eeg_format, marker)
+        if rec.fmri.shape[0]:
+            write_fmri(rec, out / folder / "func", stem, fmri_format)
     _write_json(out / "dataset_description.json", {
         "Name": "TwinBrain cohort", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "twinbrain", "Description": "write_cohort_bids"}],

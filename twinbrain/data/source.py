@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from twinbrain.config import Config
+from twinbrain.data.clock import apply_clock
 from twinbrain.data.types import Cohort
 
 
@@ -18,11 +19,16 @@ def load_cohort(cfg: Config) -> Cohort:
     elif cfg.data.source in ("bids", "store"):
         from twinbrain.data.prepare import load_prepared_cohort
         cohort = load_prepared_cohort(cfg)
+    elif cfg.data.source == "arrays":
+        from twinbrain.data.arrays import load_arrays_cohort
+        cohort = load_arrays_cohort(cfg)
     else:
-        raise ValueError(f"data.source: unknown source '{cfg.data.source}'; use simulated, bids, store or hcp")
+        raise ValueError(f"data.source: unknown source '{cfg.data.source}'; use simulated, bids, store, arrays "
+                         f"or hcp")
     if not cohort.recordings:
         raise ValueError(f"data.source '{cfg.data.source}' produced no recordings; check data.bids_root, "
-                         f"data.store_dir and data.tasks")
+                         f"data.store_dir, data.arrays_root and data.tasks")
+    cohort = apply_clock(cohort, cfg)     # one-modality runs: the empty modality on the shared clock
     for rec in cohort.recordings:
         rec.check()
     return cohort

@@ -20,9 +20,23 @@ def present_modalities(n_fmri_slots: int, n_eeg_slots: int) -> tuple[str, ...]:
     return present
 
 
+def entity_label(subject: str, session: str = "", task: str = "", run: str = "") -> str:
+    """BIDS-style run id with only the entities that have a value: ``sub-01_task-rest``, never
+    ``sub-01_ses-_task-rest_run-``."""
+    return "_".join(f"{k}-{v}" for k, v in (("sub", subject), ("ses", session), ("task", task), ("run", run)) if v)
+
+
+def modality_counts(rec: "Recording") -> tuple[int, int]:
+    """``(n_fmri_rows, n_eeg_rows)`` of a recording."""
+    return int(rec.fmri.shape[0]), int(rec.eeg.shape[0])
+
+
 @dataclass
 class Recording:
-    """One simultaneous EEG-fMRI run: (subject, session, task, run).
+    """One run: (subject, session, task, run), with EEG, fMRI or both.
+
+    An absent modality has zero rows on the shared clock (EEG ``[0, S]`` or fMRI ``[0, T]``); the clock
+    of an EEG-only run is a latent step instead of a TR (see :mod:`twinbrain.data.clock`).
 
     Attributes:
         eeg: ``[C, S]`` float32, channels x samples at ``eeg_sfreq`` Hz.
@@ -53,7 +67,7 @@ class Recording:
 
     @property
     def key(self) -> str:
-        return f"sub-{self.subject}_ses-{self.session}_task-{self.task}_run-{self.run}"
+        return entity_label(self.subject, self.session, self.task, self.run)
 
     @property
     def duration_s(self) -> float:
