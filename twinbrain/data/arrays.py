@@ -20,7 +20,9 @@ per channel (no filter: a filter over the whole run would leak the future into e
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,10 @@ from twinbrain.data.fmri import clean, load_confounds, read_parcellated, read_re
 from twinbrain.data.types import Cohort, Recording, entity_label
 
 MANIFEST = "manifest.json"
-RUN_KEYS = {"subject", "session", "task", "run", "fmri", "eeg", "eeg_onset_s", "tr", "eeg_sfreq", "confounds"}
-TOP_KEYS = {"tr", "eeg_sfreq", "regions", "channels", "runs", "description"}
+RUN_KEYS = {"subject", "session", "task", "run", "fmri", "eeg", "eeg_onset_s", "tr", "eeg_sfreq", "confounds",
+            "clock"}
+TOP_KEYS = {"tr", "eeg_sfreq", "regions", "channels", "runs", "description", "preprocessed", "truth",
+            "fingerprint"}
 
 
 class ArraysError(ValueError):
@@ -140,7 +144,7 @@ def load_run(root: Path, man: dict, run: dict, modalities: str) -> Recording:
             conf, meta["confounds"] = load_confounds(_file(root, run["confounds"], "confounds"), ts.shape[1])
         if ts.shape[1] < 3:
             raise ArraysError(f"{f}: only {ts.shape[1]} volumes")
-        fmri = clean(ts, mask, conf).astype(np.float32)
+        fmri = (ts if man.get("preprocessed") else clean(ts, mask, conf)).astype(np.float32)
         meta["fmri_file"] = str(f)
     eeg, sfreq, ch, cpos = np.zeros((0, 0)), 0.0, [], np.zeros((0, 3))
     if use_e:
@@ -149,7 +153,8 @@ def load_run(root: Path, man: dict, run: dict, modalities: str) -> Recording:
         sfreq = _rate(run, man, "eeg_sfreq", path, label)
         ch, cpos = read_channel_table(_file(root, man["channels"], "channels"))
         e = _file(root, run["eeg"], "eeg")
-        eeg = robust_zscore(_read_eeg(e, len(ch))).astype(np.float32)
+        x = _read_eeg(e, len(ch))
+        eeg = (x if man.get("preprocessed") else robust_zscore(x)).astype(np.float32)
         meta["eeg_file"] = str(e)
     if not use_f:
         fmri, tr = np.zeros((0, eeg.shape[1]), np.float32), 1.0 / sfreq
@@ -159,7 +164,16 @@ def load_run(root: Path, man: dict, run: dict, modalities: str) -> Recording:
                     channel_names=ch, region_names=list(names), channel_pos=cpos, region_pos=rpos,
                     region_mask=np.asarray(mask, bool), eeg_onset_s=float(run.get("eeg_onset_s", 0.0)) if use_f
                     else 0.0, modules=modules, meta=meta)
-    rec = native_placeholder(rec)
+    clock = run.get("clock")
+    if clock and man.get("preprocessed"):   # a recorded cohort: the exact clock it was trained on
+        if not use_f:
+            fmri, tr = np.zeros((0, int(clock["n_fmri"])), np.float32), float(clock["tr"])
+        if not use_e:
+            eeg, sfreq = np.zeros((0, int(clock["n_eeg"])), np.float32), float(clock["eeg_sfreq"])
+        rec = dataclasses.replace(rec, fmri=fmri, tr=tr, eeg=eeg, eeg_sfreq=sfreq,
+                                  meta={**rec.meta, "clock": "recorded"})
+    else:
+        rec = native_placeholder(rec)
     rec.check(f"{path} run {label}")
     return rec
 
@@ -183,41 +197,73 @@ def load_arrays_cohort(cfg: Config) -> Cohort:
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
         raise ArraysError(f"{root / MANIFEST}: runs {dup} share subject/session/task/run; give them distinct labels")
-    return Cohort(sorted(recs, key=lambda r: r.key))
+    truth = None
+    if man.get("truth"):
+        from twinbrain.data.simulate import load_truth  # lazy: only cohorts recorded from the simulator
+        truth = load_truth(_file(root, man["truth"], "truth"))
+    return Cohort(sorted(recs, key=lambda r: r.key), truth)
 
 
-def write_arrays(cohort: Cohort, root: str | Path) -> Path:
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename, so concurrent writers (ranks) and kills never leave a torn file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    def w(tmp):
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+    _atomic_write(path, w)
+
+
+def write_arrays(cohort: Cohort, root: str | Path, *, preprocessed: bool = False, fingerprint: str = "") -> Path:
     """Write ``cohort`` as an arrays folder (``.npy`` per run + tables + manifest); returns ``root``.
 
-    Also records an in-memory cohort so that every CLI verb can find it again from the saved config
-    (``--data.source arrays --data.arrays_root ROOT``)."""
+    ``preprocessed=True`` records the cohort exactly as it is (no cleaning on reading, the clock of every
+    run kept, ground truth copied): this is how a cohort passed in memory is recorded in its run so that
+    every CLI verb can rebuild it. The manifest is written last (the commit marker)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     first = cohort.recordings[0]
     man: dict = {"runs": []}
+    if preprocessed:
+        man.update(preprocessed=True, fingerprint=fingerprint,
+                   description="cohort recorded by TwinBrain; arrays are used as they are")
     if first.fmri.shape[0]:
         rows = ["index\tname\tx\ty\tz" + ("\tmodule" if first.modules is not None else "") + "\tmask"]
         for i, n in enumerate(first.region_names):
             x, y, z = (float(v) * 1000.0 for v in first.region_pos[i])
             mod = f"\t{int(first.modules[i])}" if first.modules is not None else ""
-            rows.append(f"{i + 1}\t{n}\t{x:.3f}\t{y:.3f}\t{z:.3f}{mod}\t{int(bool(first.region_mask[i]))}")
-        (root / "regions.tsv").write_text("\n".join(rows) + "\n")
+            rows.append(f"{i + 1}\t{n}\t{x:.6f}\t{y:.6f}\t{z:.6f}{mod}\t{int(bool(first.region_mask[i]))}")
+        _atomic_write(root / "regions.tsv", lambda t: t.write_text("\n".join(rows) + "\n"))
         man["regions"] = "regions.tsv"
     if first.eeg.shape[0]:
-        rows = ["name\tx\ty\tz"] + [f"{n}\t" + "\t".join(f"{float(v) * 1000.0:.3f}" for v in p)
+        rows = ["name\tx\ty\tz"] + [f"{n}\t" + "\t".join(f"{float(v) * 1000.0:.6f}" for v in p)
                                     for n, p in zip(first.channel_names, first.channel_pos)]
-        (root / "channels.tsv").write_text("\n".join(rows) + "\n")
+        _atomic_write(root / "channels.tsv", lambda t: t.write_text("\n".join(rows) + "\n"))
         man["channels"] = "channels.tsv"
     for rec in cohort.recordings:
         entry = {"subject": rec.subject, "session": rec.session, "task": rec.task, "run": rec.run}
         if rec.fmri.shape[0]:
-            np.save(root / f"{rec.key}_bold.npy", np.asarray(rec.fmri, np.float32))
+            _save_npy(root / f"{rec.key}_bold.npy", np.asarray(rec.fmri, np.float32))
             entry.update(fmri=f"{rec.key}_bold.npy", tr=rec.tr)
         if rec.eeg.shape[0]:
-            np.save(root / f"{rec.key}_eeg.npy", np.asarray(rec.eeg, np.float32))
+            _save_npy(root / f"{rec.key}_eeg.npy", np.asarray(rec.eeg, np.float32))
             entry.update(eeg=f"{rec.key}_eeg.npy", eeg_sfreq=rec.eeg_sfreq)
             if rec.fmri.shape[0]:
                 entry["eeg_onset_s"] = rec.eeg_onset_s
+        if preprocessed:
+            entry["clock"] = {"tr": rec.tr, "eeg_sfreq": rec.eeg_sfreq, "n_fmri": int(rec.fmri.shape[1]),
+                              "n_eeg": int(rec.eeg.shape[1])}
         man["runs"].append({k: v for k, v in entry.items() if v != ""})
-    (root / MANIFEST).write_text(json.dumps(man, indent=1) + "\n")
+    if preprocessed and cohort.truth is not None:
+        from twinbrain.data.simulate import save_truth
+        save_truth(cohort.truth, root / "truth.npz")
+        man["truth"] = "truth.npz"
+    _atomic_write(root / MANIFEST, lambda t: t.write_text(json.dumps(man, indent=1) + "\n"))
     return root

@@ -63,6 +63,9 @@ def apply_clock(cohort: Cohort, cfg: Config) -> Cohort:
     """
     out = []
     for rec in cohort.recordings:
+        if rec.meta.get("clock") == "recorded":      # a recorded cohort keeps the clock it was trained on
+            out.append(rec)
+            continue
         n_f, n_e = rec.fmri.shape[0], rec.eeg.shape[0]
         if n_f and not n_e:
             rec = fmri_only_clock(rec, cfg.model.eeg_stride)

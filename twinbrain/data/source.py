@@ -32,3 +32,38 @@ def load_cohort(cfg: Config) -> Cohort:
     for rec in cohort.recordings:
         rec.check()
     return cohort
+
+
+# Data keys that say WHERE a cohort is, not WHAT it is: a checkpoint's saved config may be pointed at the
+# same data moved elsewhere (verified by the cohort fingerprint), never at different data.
+LOCATION_KEYS = ("data.source", "data.bids_root", "data.store_dir", "data.arrays_root", "data.atlas",
+                 "data.atlas_labels", "data.num_workers")
+
+
+def check_location_overrides(keys: list[str], verb: str) -> None:
+    """Refuse ``--data.*`` overrides other than :data:`LOCATION_KEYS` for a trained model."""
+    bad = [k for k in keys if k.startswith("data.") and k not in LOCATION_KEYS]
+    if bad:
+        raise ValueError(f"{verb}: {bad} would change the data the model was trained on; only the location of "
+                         f"the same cohort may change ({', '.join(LOCATION_KEYS)})")
+
+
+def cohort_config(cfg: Config, meta: dict, overridden: bool = False) -> Config:
+    """The config that rebuilds a checkpoint's cohort: its own config, unless the cohort was passed in
+    memory and recorded in the run (``meta['cohort_record']``, an arrays folder) and no ``--data.*``
+    location override was given."""
+    record = meta.get("cohort_record")
+    if not record or overridden:
+        return cfg
+    import copy
+    out = copy.deepcopy(cfg)
+    out.data.source, out.data.arrays_root, out.data.modalities = "arrays", str(record), "auto"
+    return out
+
+
+def verify_fingerprint(got: dict, want: dict, where) -> None:
+    """Raise unless the rebuilt cohort has the checkpoint's fingerprint (when the checkpoint has one)."""
+    if "cohort_fingerprint" in want and got.get("cohort_fingerprint") != want["cohort_fingerprint"]:
+        raise ValueError(f"{where}: the cohort rebuilt from the config (fingerprint {got.get('cohort_fingerprint')}) "
+                         f"is not the one the model was trained on ({want['cohort_fingerprint']}): the data "
+                         f"changed or data.* points elsewhere; point --data.* at the training cohort")

@@ -31,6 +31,19 @@ def modality_counts(rec: "Recording") -> tuple[int, int]:
     return int(rec.fmri.shape[0]), int(rec.eeg.shape[0])
 
 
+def cohort_fingerprint(recordings: list["Recording"]) -> str:
+    """sha256 over every recording's ids, clock, node names and signal bytes (float32): equal only for the
+    same data on the same clock. Stored in checkpoints so every verb can verify the cohort it rebuilds."""
+    import hashlib
+    h = hashlib.sha256()
+    for r in recordings:
+        h.update(repr((r.key, r.tr, r.eeg_sfreq, round(float(r.eeg_onset_s), 9), list(r.region_names),
+                       list(r.channel_names), r.fmri.shape, r.eeg.shape)).encode())
+        for arr in (r.fmri, r.eeg):
+            h.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
+    return h.hexdigest()[:32]
+
+
 @dataclass
 class Recording:
     """One run: (subject, session, task, run), with EEG, fMRI or both.
