@@ -36,6 +36,34 @@ def fmri_only_bids(root: Path) -> list[str]:
     return ["--data.source", "bids", "--data.bids_root", str(root)]
 
 
+def fmri_nifti_bids(root: Path) -> list[str]:
+    """4D BOLD on a 3 mm grid; a 6-parcel atlas on a 1.5 mm grid with its own lookup table beside it (no
+    data.atlas_labels): the nilearn masker resamples it onto the BOLD grid."""
+    import nibabel as nib
+    from twinbrain.data.bids_io import _write_json
+    lab = np.zeros((6, 4, 3), np.int16)
+    for k in range(6):
+        lab[k] = k + 1                                              # parcel k+1 = slab x == k
+    fine = np.repeat(np.repeat(np.repeat(lab, 2, 0), 2, 1), 2, 2)
+    adir = root.parent / "atlas"
+    adir.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(fine, np.diag([1.5, 1.5, 1.5, 1.0])), str(adir / "space-MNI_atlas-slabs_dseg.nii.gz"))
+    (adir / "space-MNI_atlas-slabs_dseg.txt").write_text("".join(f"{k + 1} slab{k + 1} 0 0 0 0\n" for k in range(6)))
+    for s in range(4):
+        sig = make_cohort(1, n_regions=6, n_channels=0, n_vols=80, tr=1.0).recordings[0].fmri
+        rng = np.random.default_rng(s)
+        vox = sig[lab - 1] + 0.3 * rng.standard_normal(lab.shape + (80,))        # [6, 4, 3, T]
+        img = nib.Nifti1Image(vox.astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
+        img.header.set_xyzt_units("mm", "sec")
+        img.header.set_zooms((3.0, 3.0, 3.0, 1.0))
+        func = root / f"sub-{s:02d}" / "func"
+        func.mkdir(parents=True)
+        nib.save(img, str(func / f"sub-{s:02d}_task-rest_space-MNI_bold.nii.gz"))
+        _write_json(func / f"sub-{s:02d}_task-rest_space-MNI_bold.json", {"RepetitionTime": 1.0})
+    return ["--data.source", "bids", "--data.bids_root", str(root),
+            "--data.atlas", str(adir / "space-MNI_atlas-slabs_dseg.nii.gz")]
+
+
 def eeg_only_bids(root: Path) -> list[str]:
     c = make_cohort(4, n_regions=0, n_channels=4, n_vols=80, tr=1.0, sfreq=100.0)
     for r in c.recordings:
@@ -57,7 +85,8 @@ def arrays(root: Path) -> list[str]:
     return ["--data.source", "arrays", "--data.arrays_root", str(root)]
 
 
-LAYOUTS = {"fmri_bids": (fmri_only_bids, ("fmri",), "fMRI-only"), "eeg_bids": (eeg_only_bids, ("eeg",), "EEG-only"),
+LAYOUTS = {"fmri_bids": (fmri_only_bids, ("fmri",), "fMRI-only"),
+           "fmri_nifti": (fmri_nifti_bids, ("fmri",), "fMRI-only"), "eeg_bids": (eeg_only_bids, ("eeg",), "EEG-only"),
            "paired_bids": (paired_bids, ("fmri", "eeg"), "paired EEG-fMRI"), "arrays": (arrays, ("fmri",), None)}
 
 
@@ -80,7 +109,7 @@ def trained(tmp_path_factory):
             make, mods, kind = LAYOUTS[name]
             (tmp / "tiny.yaml").write_text(TINY)
             args = ["--config", str(tmp / "tiny.yaml"), "--run.out", str(tmp / "run"), *make(tmp / "data")]
-            prep = run_cli(capsys, "prepare", *args) if "bids" in name else ""
+            prep = run_cli(capsys, "prepare", *args) if LAYOUTS[name][2] else ""
             run_cli(capsys, "train", *args)
             runs[name] = (tmp, tmp / "run" / "best" / "model.pt", mods, kind, prep)
         return runs[name]
@@ -97,6 +126,8 @@ def test_layout_runs_every_verb_through_the_cli(trained, capsys, name):
     assert tuple(meta["modalities"]) == mods and len(meta["cohort_fingerprint"]) == 32
     for m in ("fmri", "eeg"):
         assert (meta[f"n_{m}_slots"] > 0) == (m in mods)
+    if name == "fmri_nifti":                       # names from the atlas's own lookup table
+        assert meta["region_names"] == [f"slab{k}" for k in range(1, 7)]
 
     run_cli(capsys, "evaluate", "--checkpoint", str(ckpt))
     report = json.loads((ckpt.parent.parent / "eval" / "report.json").read_text())

@@ -58,8 +58,8 @@ class DataConfig:
     modalities: str = "auto"         # auto | both | fmri | eeg: which modalities a cohort is built from
     latent_step_s: float = 0.0       # clock step of an EEG-only cohort (s); 0 = model.eeg_stride / EEG rate
     store_dir: str = ""              # prepared graph store; default: <run.out>/../.twinbrain_store
-    atlas: str = ""                  # NIfTI label image (bids); empty = pre-parcellated input
-    atlas_labels: str = ""           # label table (TSV: index, name) for the atlas
+    atlas: str = ""                  # NIfTI atlas (bids): 3D labels or 4D probabilistic maps; empty = parcellated input
+    atlas_labels: str = ""           # label table (TSV index/name, or INDEX NAME lines); empty = the one beside the atlas
     tasks: list[str] = field(default_factory=list)  # empty = all tasks
     pair_map: list[str] = field(default_factory=list)  # EEG->fMRI entity renames for pairing, e.g. "task-eegNF=NF"
     volume_marker: str = ""          # EEG annotation of scanner volumes (e.g. R128); empty = try common names

@@ -26,13 +26,13 @@ from twinbrain.data.bids import (EXPECTED_LAYOUT, DiscoveryReport, RunPair, acq_
 from twinbrain.data.bids_io import TRUTH_FILE
 from twinbrain.data.clock import native_placeholder
 from twinbrain.data.eeg import load_eeg, load_eeg_alone
-from twinbrain.data.fmri import DEFAULT_CONFOUNDS, Atlas, load_atlas, load_fmri
+from twinbrain.data.fmri import DEFAULT_CONFOUNDS, Atlas, find_label_table, load_atlas, load_fmri
 from twinbrain.data.store import SCHEMA_VERSION, Store, file_fingerprint, file_sha256, params_hash
 from twinbrain.data.types import Cohort, Recording
 
 # Names of the steps, so a change of method (not only of a number) changes every key.
 EEG_PIPELINE = "pick-eeg|fir-minimum-phase-bandpass|average-ref|linear-resample-on-fmri-clock|median-iqr-z"
-FMRI_PIPELINE = "parcel-mean-live-voxels|linear-detrend+confounds|z"
+FMRI_PIPELINE = "nilearn-masker:resample-to-bold|labels-mean-live-voxels|maps-lstsq|linear-detrend+confounds|z"
 
 
 class PrepareError(RuntimeError):
@@ -62,6 +62,14 @@ def _sha_if_file(path: str) -> str:
     return file_sha256(path) if path and Path(path).is_file() else ""
 
 
+def _label_table(d) -> str:
+    """The atlas label table in use: data.atlas_labels, else the one shipped beside data.atlas."""
+    if d.atlas_labels or not d.atlas or not Path(d.atlas).is_file():
+        return d.atlas_labels
+    found = find_label_table(Path(d.atlas))
+    return str(found) if found else ""
+
+
 def preprocessing_params(cfg: Config) -> dict:
     """Flat dict of everything that changes a prepared run or its graphs (hashed into the key)."""
     d = cfg.data
@@ -73,7 +81,7 @@ def preprocessing_params(cfg: Config) -> dict:
         "eeg.h_freq": d.eeg_h_freq, "eeg.volume_marker": d.volume_marker,
         "fmri.pipeline": FMRI_PIPELINE, "fmri.confounds": list(DEFAULT_CONFOUNDS),
         "fmri.atlas": Path(d.atlas).name if d.atlas else "",
-        "fmri.atlas_sha256": _sha_if_file(d.atlas), "fmri.atlas_labels_sha256": _sha_if_file(d.atlas_labels),
+        "fmri.atlas_sha256": _sha_if_file(d.atlas), "fmri.atlas_labels_sha256": _sha_if_file(_label_table(d)),
     }
     for f in dataclasses.fields(cfg.graph):
         params[f"graph.{f.name}"] = getattr(cfg.graph, f.name)
@@ -126,8 +134,6 @@ def check_files(cfg: Config) -> None:
                       ("graph.structural", cfg.graph.structural)):
         if path and not Path(path).is_file():
             raise PrepareError(f"{key} file {path} does not exist; fix the path (or clear {key})")
-    if cfg.data.atlas and not cfg.data.atlas_labels:
-        raise PrepareError(f"data.atlas {cfg.data.atlas} needs data.atlas_labels (its TSV label table: index, name)")
 
 
 def _progress_on(cfg: Config) -> bool:
