@@ -22,8 +22,8 @@ def test_parcellation_means_and_empty_parcel_mask(tmp_path):
     for slot, value in ((0, 1), (1, 2)):
         np.testing.assert_allclose(ts[slot], data[lab == value].mean(0), rtol=1e-5)
     assert not ts[2:].any()
-    # centroid of label 1 (voxels x 0..1, y 0..3, z 0..2 at 3 mm) in metres
-    np.testing.assert_allclose(atlas.pos[0], [0.0015, 0.0045, 0.003], atol=1e-9)
+    # centroid of label 1 (voxels x 0..1, y 0..3, z 0..2 at 3 mm) in MNI mm
+    np.testing.assert_allclose(atlas.pos[0], [1.5, 4.5, 3.0], atol=1e-6)
     run = load_fmri(bold, "nifti", tr=2.0, atlas=atlas)
     np.testing.assert_allclose(run.data[:2].std(1), 1.0, rtol=1e-5)
     assert not run.data[2:].any() and run.meta["empty_regions"] == ["ghost", "outside"]
@@ -85,7 +85,7 @@ def test_probabilistic_atlas_and_the_atlas_own_label_table(tmp_path):
     # Disjoint binary maps: the least-squares map time series is the parcel mean.
     for slot, value in ((0, 1), (1, 2)):
         np.testing.assert_allclose(ts[slot], data[lab == value].mean(0), rtol=1e-4)
-    np.testing.assert_allclose(atlas.pos[0], [0.0015, 0.0045, 0.003], atol=1e-9)     # weighted centroid
+    np.testing.assert_allclose(atlas.pos[0], [1.5, 4.5, 3.0], atol=1e-6)     # weighted centroid
 
 
 def _shift(mm: float) -> np.ndarray:

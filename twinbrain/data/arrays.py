@@ -87,7 +87,7 @@ def _rate(run: dict, man: dict, key: str, path: Path, label: str) -> float:
 
 
 def read_channel_table(path: Path) -> tuple[list[str], np.ndarray]:
-    """``name, x, y, z`` (MNI mm) -> (names ``[C]``, positions ``[C, 3]`` in metres, 0 where unknown)."""
+    """``name, x, y, z`` (MNI mm) -> (names ``[C]``, positions ``[C, 3]`` in mm, 0 where unknown)."""
     rows = read_tsv(path)
     if not rows or "name" not in rows[0]:
         raise ArraysError(f"{path}: a channel table needs a header with 'name' (and x, y, z in MNI mm)")
@@ -100,7 +100,7 @@ def read_channel_table(path: Path) -> tuple[list[str], np.ndarray]:
             return float(r.get(k, "nan"))
         except ValueError:
             return float("nan")
-    pos = np.array([[num(r, k) for k in "xyz"] for r in rows]) / 1000.0        # mm -> m (Recording unit)
+    pos = np.array([[num(r, k) for k in "xyz"] for r in rows])
     return names, np.nan_to_num(pos)
 
 
@@ -237,13 +237,13 @@ def write_arrays(cohort: Cohort, root: str | Path, *, preprocessed: bool = False
     if first.fmri.shape[0]:
         rows = ["index\tname\tx\ty\tz" + ("\tmodule" if first.modules is not None else "") + "\tmask"]
         for i, n in enumerate(first.region_names):
-            x, y, z = (float(v) * 1000.0 for v in first.region_pos[i])
+            x, y, z = (float(v) for v in first.region_pos[i])
             mod = f"\t{int(first.modules[i])}" if first.modules is not None else ""
             rows.append(f"{i + 1}\t{n}\t{x:.6f}\t{y:.6f}\t{z:.6f}{mod}\t{int(bool(first.region_mask[i]))}")
         _atomic_write(root / "regions.tsv", lambda t: t.write_text("\n".join(rows) + "\n"))
         man["regions"] = "regions.tsv"
     if first.eeg.shape[0]:
-        rows = ["name\tx\ty\tz"] + [f"{n}\t" + "\t".join(f"{float(v) * 1000.0:.6f}" for v in p)
+        rows = ["name\tx\ty\tz"] + [f"{n}\t" + "\t".join(f"{float(v):.6f}" for v in p)
                                     for n, p in zip(first.channel_names, first.channel_pos)]
         _atomic_write(root / "channels.tsv", lambda t: t.write_text("\n".join(rows) + "\n"))
         man["channels"] = "channels.tsv"

@@ -28,7 +28,7 @@ _NON_EEG_NAME = {"ecg": r"^(ECG|EKG)", "eog": r"^(EOG|VEOG|HEOG|LEOG|REOG)", "em
                  "stim": r"^(STI|STATUS|TRIG)", "misc": r"^(RESP|GSR|PULSE|PPG)"}
 _BIDS_TYPES = {"EEG": "eeg", "ECG": "ecg", "EKG": "ecg", "EOG": "eog", "VEOG": "eog", "HEOG": "eog",
                "EMG": "emg", "TRIG": "stim", "MISC": "misc", "RESP": "resp", "GSR": "gsr", "PPG": "bio"}
-_UNITS = {"m": 1.0, "cm": 1e-2, "mm": 1e-3}
+_UNITS = {"m": 1e3, "cm": 10.0, "mm": 1.0}      # -> millimetres
 
 
 @dataclass
@@ -36,7 +36,8 @@ class EEGRun:
     """Preprocessed EEG on the fMRI clock.
 
     data: ``[C, S]`` float32, robust z-scored, sample ``k`` at ``onset_s + k / sfreq`` s after volume 0.
-    pos: ``[C, 3]`` metres (head frame); channels without a position are at 0 (listed in meta).
+    pos: ``[C, 3]`` millimetres (the frame of electrodes.tsv / the file); channels without a position are
+        at 0 (listed in meta).
     """
     data: np.ndarray
     sfreq: float
@@ -126,13 +127,14 @@ def pick_eeg(raw, channels_tsv: Path | None, source: Path) -> dict[str, list[str
 
 
 def channel_positions(raw, electrodes: Path | None, coordsystem: Path | None, source: Path) -> tuple[np.ndarray, str]:
-    """``[C, 3]`` metres: electrodes.tsv, else positions stored in the file, else the 10-20 template."""
+    """``[C, 3]`` millimetres: electrodes.tsv (units from coordsystem.json), else positions stored in the file
+    (MNE keeps metres), else the 10-20 template (MNE head frame)."""
     names = raw.ch_names
     pos = np.full((len(names), 3), np.nan)
     origin = "file"
     if electrodes is not None:
         unit = read_json(coordsystem).get("EEGCoordinateUnits", "m") if coordsystem else "m"
-        scale = _UNITS.get(str(unit), 1.0)
+        scale = _UNITS.get(str(unit), 1e3)
         rows = {r.get("name"): r for r in read_tsv(electrodes)}
         for i, n in enumerate(names):
             r = rows.get(n)
@@ -143,7 +145,7 @@ def channel_positions(raw, electrodes: Path | None, coordsystem: Path | None, so
                     pass
         origin = electrodes.name
     else:
-        pos = np.array([ch["loc"][:3] for ch in raw.info["chs"]], dtype=float)
+        pos = np.array([ch["loc"][:3] for ch in raw.info["chs"]], dtype=float) * 1e3     # MNE: metres
         pos[np.all(pos == 0, axis=1)] = np.nan
     if np.isnan(pos).all():
         pos, origin = _template_positions(raw), "template"
@@ -163,7 +165,7 @@ def _template_positions(raw) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tmp.set_montage(montage, match_case=False, on_missing="ignore", verbose="error")
-    return np.array([ch["loc"][:3] for ch in tmp.info["chs"]], dtype=float)
+    return np.array([ch["loc"][:3] for ch in tmp.info["chs"]], dtype=float) * 1e3      # metres -> mm
 
 
 def volume_markers(raw, marker: str = "") -> tuple[np.ndarray, str]:

@@ -37,7 +37,7 @@ _TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6, "unknown": 1.0}
 class Atlas:
     """labels: ``[X, Y, Z]`` int label image (``kind == 'labels'``) or ``[X, Y, Z, K]`` float maps
     (``kind == 'maps'``, probabilistic: one map per slot, in table order); index/names/pos/modules: one
-    entry per slot ``[R]`` (table order; for maps ``index`` is 1..K); pos in metres (MNI); affine ``[4, 4]``
+    entry per slot ``[R]`` (table order; for maps ``index`` is 1..K); pos in MNI mm; affine ``[4, 4]``
     voxel -> mm."""
     path: Path
     table: Path | None
@@ -53,7 +53,7 @@ class Atlas:
 
 @dataclass
 class FMRIRun:
-    """data: ``[R, T]`` float32 cleaned and z-scored (masked rows 0); pos ``[R, 3]`` m; mask ``[R]`` bool."""
+    """data: ``[R, T]`` float32 cleaned and z-scored (masked rows 0); pos ``[R, 3]`` MNI mm; mask ``[R]`` bool."""
     data: np.ndarray
     tr: float
     names: list[str]
@@ -82,7 +82,7 @@ def _modules(values: list[str]) -> np.ndarray | None:
 
 
 def read_region_table(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None, list[int]]:
-    """Region table -> (names ``[R]``, pos ``[R, 3]`` m (NaN unknown), modules, mask, index)."""
+    """Region table -> (names ``[R]``, pos ``[R, 3]`` MNI mm (NaN unknown), modules, mask, index)."""
     rows = read_tsv(path)
     if not rows or "name" not in rows[0]:
         raise ValueError(f"{path}: a region/label table needs a header with a 'name' column (and 'index' "
@@ -91,7 +91,7 @@ def read_region_table(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | N
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"{path}: duplicate region names {dup[:5]}; names must be unique")
-    pos = np.array([[_float(r, "x"), _float(r, "y"), _float(r, "z")] for r in rows]) / 1000.0  # mm -> m
+    pos = np.array([[_float(r, "x"), _float(r, "y"), _float(r, "z")] for r in rows])  # MNI mm, as stored
     mod_key = "module" if "module" in rows[0] else "network" if "network" in rows[0] else None
     modules = _modules([r[mod_key] for r in rows]) if mod_key else None
     mask = np.array([r["mask"].strip().lower() in ("1", "true") for r in rows]) if "mask" in rows[0] else None
@@ -134,7 +134,7 @@ def find_label_table(path: Path) -> Path | None:
 
 
 def read_label_table(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None, list[int]]:
-    """An atlas label table -> (names, pos ``[R, 3]`` m (NaN unknown), modules, index).
+    """An atlas label table -> (names, pos ``[R, 3]`` mm (NaN unknown), modules, index).
 
     Either a TSV with a header (``index``, ``name``, optional ``x y z`` mm, ``module``), or a plain
     lookup table without header, one ``INDEX NAME [...]`` line per label (FreeSurfer LUT style, as the
@@ -204,13 +204,13 @@ def load_atlas(path: str | Path, table: str | Path = "") -> Atlas:
                              f"{table}; one row per map, in map order")
         index = list(range(1, lab.shape[3] + 1))
     affine = img.affine
-    for i, v in enumerate(index):  # centroids (mm -> m) where the table gives no coordinates
+    for i, v in enumerate(index):  # centroids (MNI mm) where the table gives no coordinates
         if np.isnan(pos[i]).any():
             w = (lab == v).astype(np.float64) if kind == "labels" else np.clip(lab[..., i], 0, None)
             if w.sum() > 0:
                 ijk = np.stack(np.nonzero(w), 1)
                 c = (ijk * w[tuple(ijk.T)][:, None]).sum(0) / w[tuple(ijk.T)].sum()
-                pos[i] = (affine[:3, :3] @ c + affine[:3, 3]) / 1000.0
+                pos[i] = affine[:3, :3] @ c + affine[:3, 3]
     f = parse_bids_name(path)
     return Atlas(path, table, lab, affine, np.asarray(index), names, np.nan_to_num(pos), modules,
                  f.get("space") if f else "", kind)
@@ -294,7 +294,7 @@ def parcellate(path: Path, atlas: Atlas, tr: float, sidecar: Path | None = None)
 
 def read_parcellated(path: Path, regions: Path | None) -> tuple[np.ndarray, list[str], np.ndarray,
                                                                   np.ndarray | None, np.ndarray]:
-    """Already parcellated run -> (``[R, T]`` float64, names, pos ``[R, 3]`` m, modules, mask ``[R]``)."""
+    """Already parcellated run -> (``[R, T]`` float64, names, pos ``[R, 3]`` MNI mm, modules, mask ``[R]``)."""
     table = read_region_table(regions) if regions is not None else None
     if path.suffix == ".npy":
         if table is None:

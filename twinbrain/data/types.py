@@ -57,7 +57,8 @@ class Recording:
             Rows of regions absent in this subject (``region_mask`` False) are 0.
         eeg_onset_s: time of EEG sample 0 relative to the onset of fMRI volume 0
             (positive: EEG starts later). Windows are cut on the shared clock.
-        channel_pos / region_pos: ``[C, 3]`` / ``[R, 3]`` positions in metres (head / MNI-like frame).
+        channel_pos / region_pos: ``[C, 3]`` / ``[R, 3]`` positions in millimetres (MNI for regions; for
+            channels the frame of the dataset's electrodes, see docs/data.md), 0 where unknown.
         region_mask: ``[R]`` bool, True where the atlas slot has data.
         modules: ``[R]`` int network label per region, or None if unknown.
     """
