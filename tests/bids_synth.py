@@ -18,12 +18,12 @@ def make_recording(subject="01", session="1", task="rest", run="1", n_channels=4
     n_samp = int(round((n_vols * tr + lead_s + tail_s) * sfreq))
     eeg = rng.standard_normal((n_channels, n_samp)) * 1e-5
     fmri = rng.standard_normal((n_regions, n_vols)).astype(np.float32)
-    pos = np.column_stack([np.linspace(-0.05, 0.05, n_channels), np.linspace(0.05, -0.05, n_channels),
-                           np.full(n_channels, 0.08)])
+    pos = np.column_stack([np.linspace(-50, 50, n_channels), np.linspace(50, -50, n_channels),
+                           np.full(n_channels, 80.0)])                           # mm
     return Recording(subject=subject, session=session, task=task, run=run, eeg=eeg, eeg_sfreq=sfreq,
                      fmri=fmri, tr=tr, channel_names=CHANNELS[:n_channels],
                      region_names=[f"roi{i}" for i in range(n_regions)], channel_pos=pos,
-                     region_pos=rng.uniform(-0.06, 0.06, (n_regions, 3)),
+                     region_pos=rng.uniform(-60, 60, (n_regions, 3)),
                      region_mask=np.ones(n_regions, bool), eeg_onset_s=-lead_s,
                      modules=np.arange(n_regions) % 2)
 

@@ -154,7 +154,7 @@ def test_template_positions_with_warning_for_unknown(tmp_path):
     with pytest.warns(UserWarning, match="1 EEG channel.*no position.*X9"):
         out = load_prepared_cohort(make_config(root, tmp_path / "store")).recordings[0]
     assert out.meta["positions"] == "template" and out.meta["channels_without_position"] == ["X9"]
-    assert np.linalg.norm(out.channel_pos[:3], axis=1).min() > 0.05 and not out.channel_pos[3].any()
+    assert np.linalg.norm(out.channel_pos[:3], axis=1).min() > 50 and not out.channel_pos[3].any()   # mm
 
 
 def test_eeg_pipeline_is_causal(tmp_path):

@@ -22,24 +22,70 @@ def test_parcellation_means_and_empty_parcel_mask(tmp_path):
     for slot, value in ((0, 1), (1, 2)):
         np.testing.assert_allclose(ts[slot], data[lab == value].mean(0), rtol=1e-5)
     assert not ts[2:].any()
-    # centroid of label 1 (voxels x 0..1, y 0..3, z 0..2 at 3 mm) in metres
-    np.testing.assert_allclose(atlas.pos[0], [0.0015, 0.0045, 0.003], atol=1e-9)
+    # centroid of label 1 (voxels x 0..1, y 0..3, z 0..2 at 3 mm) in MNI mm
+    np.testing.assert_allclose(atlas.pos[0], [1.5, 4.5, 3.0], atol=1e-6)
     run = load_fmri(bold, "nifti", tr=2.0, atlas=atlas)
     np.testing.assert_allclose(run.data[:2].std(1), 1.0, rtol=1e-5)
     assert not run.data[2:].any() and run.meta["empty_regions"] == ["ghost", "outside"]
 
 
-def test_affine_shape_and_space_mismatch_refused(tmp_path):
+def _reference_parcellation(data: np.ndarray, lab: np.ndarray, index: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The previous hand-written parcellation (atlas on the BOLD grid): mean over live voxels per label."""
+    live = data.std(-1) > 0
+    ts, mask = np.zeros((len(index), data.shape[-1])), np.zeros(len(index), bool)
+    for i, v in enumerate(index):
+        sel = (lab == v) & live
+        if sel.any():
+            ts[i], mask[i] = data[sel].mean(0), True
+    return ts, mask
+
+
+def test_masker_equals_previous_parcellation_on_grid_and_resamples_off_grid(tmp_path):
+    import nibabel as nib
     apath, table, lab, aff = tiny_atlas(tmp_path / "atlas")
-    atlas = load_atlas(apath, table)
-    shifted = tmp_path / "sub-01_task-rest_bold.nii.gz"
-    write_bold(shifted, lab, aff + _shift(2.0), n_vols=5, tr=2.0)
-    with pytest.raises(ValueError, match=r"(?s)sub-01_task-rest_bold.*does not match the atlas.*resample"):
-        parcellate(shifted, atlas, tr=2.0)
+    bold = tmp_path / "sub-01_task-rest_space-MNI_bold.nii.gz"
+    data = write_bold(bold, lab, aff, n_vols=12, tr=2.0)
+    ref, ref_mask = _reference_parcellation(data, lab, [1, 2, 3, 4])
+    ts, mask = parcellate(bold, load_atlas(apath, table), tr=2.0)
+    np.testing.assert_allclose(ts, ref, rtol=1e-5, atol=1e-4)
+    assert mask.tolist() == ref_mask.tolist() == [True, True, False, False]
+    # The same atlas at 1.5 mm (each voxel split in 2x2x2): nearest-neighbour resampling onto the 3 mm
+    # BOLD grid recovers the labels, so the parcellation is the same.
+    fine = np.repeat(np.repeat(np.repeat(lab, 2, 0), 2, 1), 2, 2)
+    fpath = tmp_path / "atlas" / "space-MNI_atlas-fine_dseg.nii.gz"
+    nib.save(nib.Nifti1Image(fine.astype(np.int16), np.diag([1.5, 1.5, 1.5, 1.0])), str(fpath))
+    ts_f, mask_f = parcellate(bold, load_atlas(fpath, table), tr=2.0)
+    np.testing.assert_allclose(ts_f, ts, rtol=1e-6)
+    assert mask_f.tolist() == mask.tolist()
+    # A shifted grid is resampled, not refused; a different space still is.
+    shifted = tmp_path / "sub-02_task-rest_bold.nii.gz"
+    write_bold(shifted, lab, aff + _shift(3.0), n_vols=5, tr=2.0)
+    ts_s, mask_s = parcellate(shifted, load_atlas(apath, table), tr=2.0)
+    assert ts_s.shape == (4, 5) and mask_s.any()
     other = tmp_path / "sub-01_task-rest_space-T1w_bold.nii.gz"
     write_bold(other, lab, aff, n_vols=5, tr=2.0)
     with pytest.raises(ValueError, match="space 'T1w' but the atlas .* is in space 'MNI'"):
-        parcellate(other, atlas, tr=2.0)
+        parcellate(other, load_atlas(apath, table), tr=2.0)
+
+
+def test_probabilistic_atlas_and_the_atlas_own_label_table(tmp_path):
+    import nibabel as nib
+    apath, table, lab, aff = tiny_atlas(tmp_path / "atlas")
+    bold = tmp_path / "sub-01_task-rest_space-MNI_bold.nii.gz"
+    data = write_bold(bold, lab, aff, n_vols=12, tr=2.0)
+    maps = np.stack([(lab == 1), (lab == 2)], -1).astype(np.float32)       # two disjoint binary maps
+    mpath = tmp_path / "atlas" / "space-MNI_atlas-prob_probseg.nii.gz"
+    nib.save(nib.Nifti1Image(maps, aff), str(mpath))
+    (tmp_path / "atlas" / "space-MNI_atlas-prob_probseg.txt").write_text("# lookup table\n1 MapA 0 0 0 0\n"
+                                                                          "2 MapB 0 0 0 0\n")
+    atlas = load_atlas(mpath)                                             # table found beside the image
+    assert atlas.kind == "maps" and atlas.names == ["MapA", "MapB"]
+    ts, mask = parcellate(bold, atlas, tr=2.0)
+    assert mask.tolist() == [True, True]
+    # Disjoint binary maps: the least-squares map time series is the parcel mean.
+    for slot, value in ((0, 1), (1, 2)):
+        np.testing.assert_allclose(ts[slot], data[lab == value].mean(0), rtol=1e-4)
+    np.testing.assert_allclose(atlas.pos[0], [1.5, 4.5, 3.0], atol=1e-6)     # weighted centroid
 
 
 def _shift(mm: float) -> np.ndarray:

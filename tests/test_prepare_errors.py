@@ -114,10 +114,39 @@ def test_truncated_files(tmp_path, what):
 
 
 def test_prepare_without_pairs_explains(tmp_path):
-    root = write_dataset(tmp_path / "bids", [make_recording("01", n_vols=12)])
+    """Both modalities exist but nothing pairs: the pair_map hint, and the one-modality way out."""
+    root = write_dataset(tmp_path / "bids", [make_recording("01", n_vols=12), make_recording("02", n_vols=12)])
     (root / RUN.format("eeg", "eeg.fif")).unlink()
-    with pytest.raises(PrepareError, match=r"(?s)no paired EEG-fMRI runs found.*has no EEG run"):
+    (root / "sub-02/ses-1/func/sub-02_ses-1_task-rest_run-1_bold.tsv").unlink()
+    with pytest.raises(PrepareError, match=r"(?s)no paired EEG-fMRI runs found.*has no EEG run.*pair_map"
+                                           r".*data.modalities: fmri \| eeg.*expected BIDS layout"):
         load_prepared_cohort(make_config(root, tmp_path / "store"))
+
+
+def test_empty_or_non_bids_folder_names_the_layout(tmp_path):
+    for folder in (tmp_path / "empty", tmp_path / "flat"):
+        folder.mkdir()
+    np.save(tmp_path / "flat" / "bold.npy", np.zeros((3, 10)))   # data, but not in a BIDS layout
+    for folder in (tmp_path / "empty", tmp_path / "flat"):
+        with pytest.raises(PrepareError, match=r"(?s)no EEG or fMRI runs found.*expected BIDS layout.*"
+                                               r"sub-<label>.*data.source: arrays"):
+            prepare(make_config(folder, tmp_path / "store"), progress=False)
+
+
+@pytest.mark.parametrize("key", ["data.atlas", "graph.structural"])
+def test_missing_config_files_fail_at_prepare(tmp_path, key):
+    root, _ = _dataset(tmp_path)
+    missing = tmp_path / "nope" / "file.nii.gz"
+    section, name = key.split(".")
+    over = {"data": {"source": "bids", "bids_root": str(root), "store_dir": str(tmp_path / "store"),
+                     "atlas_labels": str(tmp_path / "labels.tsv")}, "logging": {"progress": "off"}}
+    over.setdefault(section, {})[name] = str(missing)
+    if key == "graph.structural":
+        del over["data"]["atlas_labels"]
+    from twinbrain.config import load_config
+    with pytest.raises(PrepareError, match=f"{key} file {missing} does not exist"):
+        prepare(load_config(overrides=over), progress=False)
+    assert not Store(tmp_path / "store").keys()
 
 
 def test_volume_markers_contradicting_tr(tmp_path):

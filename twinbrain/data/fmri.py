@@ -1,7 +1,8 @@
-"""fMRI parcellation and cleaning (nibabel; atlas grids as produced by nilearn/fMRIPrep).
+"""fMRI parcellation (nilearn maskers) and cleaning.
 
-Two inputs: a 4D NIfTI BOLD image plus an atlas (3D label image + TSV label table with ``index`` and
-``name``, optional ``x y z`` in mm and ``module``), or an already parcellated run: ``*_bold.npy``
+Two inputs: a 4D NIfTI BOLD image plus an atlas (3D label image or 4D probabilistic maps, resampled to
+the BOLD grid; label table: TSV with ``index`` and ``name``, optional ``x y z`` in mm and ``module``, or the
+atlas's own ``INDEX NAME`` lookup table found beside it), or an already parcellated run: ``*_bold.npy``
 ``[regions x volumes]`` or ``*_bold.tsv`` with a region table (``*_regions.tsv``: ``name``, optional
 ``index``, ``x y z`` mm, ``module``, ``mask``). A TSV's orientation is read from its labels, never from
 its shape: a header of region names means one column per region (the BIDS-derivative convention); a
@@ -15,6 +16,7 @@ into every window.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +35,12 @@ _TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6, "unknown": 1.0}
 
 @dataclass
 class Atlas:
-    """labels: ``[X, Y, Z]`` int label image; index/names/pos/modules: one entry per slot ``[R]``
-    (table order); pos in metres (MNI); affine ``[4, 4]`` voxel -> mm."""
+    """labels: ``[X, Y, Z]`` int label image (``kind == 'labels'``) or ``[X, Y, Z, K]`` float maps
+    (``kind == 'maps'``, probabilistic: one map per slot, in table order); index/names/pos/modules: one
+    entry per slot ``[R]`` (table order; for maps ``index`` is 1..K); pos in MNI mm; affine ``[4, 4]``
+    voxel -> mm."""
     path: Path
-    table: Path
+    table: Path | None
     labels: np.ndarray
     affine: np.ndarray
     index: np.ndarray
@@ -44,11 +48,12 @@ class Atlas:
     pos: np.ndarray
     modules: np.ndarray | None
     space: str = ""
+    kind: str = "labels"
 
 
 @dataclass
 class FMRIRun:
-    """data: ``[R, T]`` float32 cleaned and z-scored (masked rows 0); pos ``[R, 3]`` m; mask ``[R]`` bool."""
+    """data: ``[R, T]`` float32 cleaned and z-scored (masked rows 0); pos ``[R, 3]`` MNI mm; mask ``[R]`` bool."""
     data: np.ndarray
     tr: float
     names: list[str]
@@ -77,7 +82,7 @@ def _modules(values: list[str]) -> np.ndarray | None:
 
 
 def read_region_table(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None, list[int]]:
-    """Region table -> (names ``[R]``, pos ``[R, 3]`` m (NaN unknown), modules, mask, index)."""
+    """Region table -> (names ``[R]``, pos ``[R, 3]`` MNI mm (NaN unknown), modules, mask, index)."""
     rows = read_tsv(path)
     if not rows or "name" not in rows[0]:
         raise ValueError(f"{path}: a region/label table needs a header with a 'name' column (and 'index' "
@@ -86,7 +91,7 @@ def read_region_table(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | N
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"{path}: duplicate region names {dup[:5]}; names must be unique")
-    pos = np.array([[_float(r, "x"), _float(r, "y"), _float(r, "z")] for r in rows]) / 1000.0  # mm -> m
+    pos = np.array([[_float(r, "x"), _float(r, "y"), _float(r, "z")] for r in rows])  # MNI mm, as stored
     mod_key = "module" if "module" in rows[0] else "network" if "network" in rows[0] else None
     modules = _modules([r[mod_key] for r in rows]) if mod_key else None
     mask = np.array([r["mask"].strip().lower() in ("1", "true") for r in rows]) if "mask" in rows[0] else None
@@ -108,33 +113,107 @@ def _load_nifti(path: Path):
     return img, data
 
 
-def load_atlas(path: str | Path, table: str | Path) -> Atlas:
-    """Atlas label image + label table; every non-zero label in the image must be in the table."""
-    path, table = Path(path), Path(table)
-    for p, key in ((path, "data.atlas"), (table, "data.atlas_labels")):
-        if not p.is_file():
-            raise FileNotFoundError(f"{key} file {p} does not exist; give the atlas label image and its TSV "
-                                    f"label table (index, name)")
+def find_label_table(path: Path) -> Path | None:
+    """The label table shipped with an atlas image: ``<stem>.tsv|.txt|.csv`` beside it, else a BIDS
+    ``*_dseg.tsv`` / ``*_probseg.tsv`` in the same folder whose entities are a subset of the image's."""
+    name = path.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
+    for ext in (".tsv", ".txt", ".csv", "_labels.tsv", "_order.txt", "_LUT.txt"):
+        cand = path.with_name(stem + ext)
+        if cand.is_file():
+            return cand
+    me = parse_bids_name(path)
+    if me is not None:
+        best, best_n = None, -1
+        for cand in sorted(path.parent.glob(f"*_{me.suffix}.tsv")):
+            f = parse_bids_name(cand)
+            if f is not None and set(f.entities) <= set(me.entities) and len(f.entities) > best_n:
+                best, best_n = cand, len(f.entities)
+        return best
+    return None
+
+
+def read_label_table(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None, list[int]]:
+    """An atlas label table -> (names, pos ``[R, 3]`` mm (NaN unknown), modules, index).
+
+    Either a TSV with a header (``index``, ``name``, optional ``x y z`` mm, ``module``), or a plain
+    lookup table without header, one ``INDEX NAME [...]`` line per label (FreeSurfer LUT style, as the
+    Schaefer ``*_order.txt`` / ``*_LUT.txt`` files ship); ``#`` lines are comments."""
+    try:
+        first = next((ln for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")), "")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable label table ({exc})") from exc
+    if "name" in re.split(r"[\t,]", first.strip().lower()):
+        names, pos, modules, _, index = read_region_table(path)
+        return names, pos, modules, index
+    names, index = [], []
+    for ln in Path(path).read_text().splitlines():
+        parts = ln.split()
+        if not parts or ln.startswith("#"):
+            continue
+        if len(parts) < 2 or not parts[0].isdigit():
+            raise ValueError(f"{path}: line {ln!r} is not 'INDEX NAME ...'; give a TSV with index and name "
+                             f"columns or a lookup table with one 'INDEX NAME' line per label")
+        if int(parts[0]) == 0:
+            continue                                 # background
+        index.append(int(parts[0]))
+        names.append(parts[1])
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: duplicate label names")
+    return names, np.full((len(names), 3), np.nan), None, index
+
+
+def load_atlas(path: str | Path, table: str | Path = "") -> Atlas:
+    """Atlas image + label table. A 3D integer image is a label atlas (every non-zero label must be in the
+    table); a 4D image with several volumes is a probabilistic atlas (one map per table row, in order).
+    ``table`` empty: the atlas's own table (:func:`find_label_table`), else labels are named by value."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.atlas file {path} does not exist; give the atlas image (3D labels or 4D "
+                                f"probabilistic maps)")
+    table = Path(table) if table else find_label_table(path)
+    if table is not None and not table.is_file():
+        raise FileNotFoundError(f"data.atlas_labels file {table} does not exist; give the atlas's label table "
+                                f"(TSV with index, name; or an 'INDEX NAME' lookup table)")
     img, lab = _load_nifti(path)
     if lab.ndim == 4 and lab.shape[3] == 1:
         lab = lab[..., 0]
-    if lab.ndim != 3 or not np.allclose(lab, np.round(lab)):
-        raise ValueError(f"{path}: an atlas must be a 3D image of integer labels, got shape {lab.shape}")
-    lab = np.round(lab).astype(np.int64)
-    names, pos, modules, _, index = read_region_table(table)
-    unknown = sorted(set(np.unique(lab).tolist()) - set(index) - {0})
-    if unknown:
-        raise ValueError(f"{path}: labels {unknown[:10]} are not in the label table {table}; add rows for them "
-                         f"or use the table that belongs to this atlas")
+    kind = "maps" if lab.ndim == 4 else "labels"
+    if kind == "labels" and (lab.ndim != 3 or not np.allclose(lab, np.round(lab))):
+        raise ValueError(f"{path}: an atlas must be a 3D image of integer labels or a 4D image of probabilistic "
+                         f"maps, got shape {lab.shape} (non-integer 3D values)")
+    values = sorted(set(np.unique(np.round(lab)).astype(np.int64).tolist()) - {0}) if kind == "labels" else \
+        list(range(1, lab.shape[3] + 1))
+    if table is not None:
+        names, pos, modules, index = read_label_table(table)
+    else:
+        warnings.warn(f"{path}: no label table given or found beside it; regions are named by label value",
+                      stacklevel=2)
+        index = values
+        names, pos, modules = [f"label_{v}" for v in values], np.full((len(values), 3), np.nan), None
+    if kind == "labels":
+        lab = np.round(lab).astype(np.int64)
+        unknown = sorted(set(values) - set(index))
+        if unknown:
+            raise ValueError(f"{path}: labels {unknown[:10]} are not in the label table {table}; add rows for them "
+                             f"or use the table that belongs to this atlas")
+    else:
+        lab = np.asarray(lab, np.float32)
+        if len(names) != lab.shape[3]:
+            raise ValueError(f"{path}: {lab.shape[3]} probabilistic maps but {len(names)} rows in the label table "
+                             f"{table}; one row per map, in map order")
+        index = list(range(1, lab.shape[3] + 1))
     affine = img.affine
-    for i, v in enumerate(index):  # centroids (mm -> m) where the table gives no coordinates
+    for i, v in enumerate(index):  # centroids (MNI mm) where the table gives no coordinates
         if np.isnan(pos[i]).any():
-            ijk = np.argwhere(lab == v)
-            if len(ijk):
-                pos[i] = (affine[:3, :3] @ ijk.mean(0) + affine[:3, 3]) / 1000.0
+            w = (lab == v).astype(np.float64) if kind == "labels" else np.clip(lab[..., i], 0, None)
+            if w.sum() > 0:
+                ijk = np.stack(np.nonzero(w), 1)
+                c = (ijk * w[tuple(ijk.T)][:, None]).sum(0) / w[tuple(ijk.T)].sum()
+                pos[i] = affine[:3, :3] @ c + affine[:3, 3]
     f = parse_bids_name(path)
     return Atlas(path, table, lab, affine, np.asarray(index), names, np.nan_to_num(pos), modules,
-                 f.get("space") if f else "")
+                 f.get("space") if f else "", kind)
 
 
 def check_tr(img, tr: float, path: Path, sidecar: Path | None) -> None:
@@ -150,12 +229,19 @@ def check_tr(img, tr: float, path: Path, sidecar: Path | None) -> None:
 
 
 def parcellate(path: Path, atlas: Atlas, tr: float, sidecar: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean BOLD per atlas slot: ``[R, T]`` float64 and mask ``[R]``.
+    """BOLD per atlas slot with nilearn's maskers: ``[R, T]`` float64 and mask ``[R]``.
 
-    Voxels whose time series is constant (outside the brain mask, zero-filled) are ignored; a slot with
-    no remaining voxel is masked (all-zero row).
+    The atlas is resampled onto the BOLD grid when the grids differ (nearest neighbour for labels,
+    continuous for maps). Voxels whose time series is constant (outside the brain mask, zero-filled) are
+    left out through the masker's ``mask_img``; a slot with no remaining voxel is masked (all-zero row).
+    Label atlases give the mean of each parcel (``NiftiLabelsMasker``, strategy 'mean'); probabilistic
+    atlases the maps' least-squares time series (``NiftiMapsMasker``). The maskers' own cleaning
+    (standardize, detrend, filters) is off: TwinBrain cleans afterwards without any temporal filter over
+    the run, which would leak the future into every window.
     """
-    from scipy import sparse
+    import nibabel as nib
+    from nilearn.image import resample_to_img
+    from nilearn.maskers import NiftiLabelsMasker, NiftiMapsMasker
     f = parse_bids_name(path)
     space = f.get("space") if f else ""
     if space and atlas.space and space != atlas.space:
@@ -164,31 +250,51 @@ def parcellate(path: Path, atlas: Atlas, tr: float, sidecar: Path | None = None)
     img, data = _load_nifti(path)
     if data.ndim != 4:
         raise ValueError(f"{path}: BOLD must be a 4D image (x, y, z, volumes), got shape {data.shape}")
-    if data.shape[:3] != atlas.labels.shape or not np.allclose(img.affine, atlas.affine, atol=1e-3):
-        raise ValueError(f"{path}: voxel grid {data.shape[:3]} / affine {np.round(img.affine, 3).tolist()} does "
-                         f"not match the atlas {atlas.path} ({atlas.labels.shape} / "
-                         f"{np.round(atlas.affine, 3).tolist()}); resample the atlas onto the BOLD grid "
-                         f"(nilearn.image.resample_to_img(atlas, bold, interpolation='nearest')) or use BOLD "
-                         f"in the atlas space")
     check_tr(img, tr, path, sidecar)
-    inside = atlas.labels > 0
-    x = data[inside].astype(np.float64)                       # [V, T]
+    atlas_img = nib.Nifti1Image(atlas.labels.astype(np.int32 if atlas.kind == "labels" else np.float32),
+                                atlas.affine)
+    same_grid = data.shape[:3] == atlas.labels.shape[:3] and np.allclose(img.affine, atlas.affine, atol=1e-3)
+    ref = nib.Nifti1Image(np.zeros(data.shape[:3], np.int8), img.affine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # nilearn's notes on resampling / removed labels
+        on_grid = atlas_img if same_grid else resample_to_img(
+            atlas_img, ref, interpolation="nearest" if atlas.kind == "labels" else "continuous",
+            force_resample=True, copy_header=True)
+    grid = np.asanyarray(on_grid.dataobj)
+    inside = grid > 0 if atlas.kind == "labels" else (grid > 0).any(-1)
+    x = data[inside]
     if not np.isfinite(x).all():
         raise ValueError(f"{path}: {int((~np.isfinite(x)).any(1).sum())} voxels inside the atlas have NaN/Inf "
                          f"values; fix the preprocessing (or mask them to 0) before preparing")
-    live = x.std(axis=1) > 0
+    live = inside & (data.std(axis=-1) > 0)
+    n_slots = len(atlas.index)
+    out, mask = np.zeros((n_slots, data.shape[3])), np.zeros(n_slots, bool)
+    if not live.any():
+        return out, mask
+    kw = dict(mask_img=nib.Nifti1Image(live.astype(np.int8), img.affine), standardize=None, detrend=False,
+              resampling_target=None)
     slot = {v: i for i, v in enumerate(atlas.index.tolist())}
-    rows = np.array([slot[v] for v in atlas.labels[inside].tolist()])
-    member = sparse.csr_matrix((live.astype(np.float64), (rows, np.arange(len(rows)))),
-                               shape=(len(atlas.index), len(rows)))
-    counts = np.asarray(member.sum(axis=1)).ravel()
-    ts = member @ x / np.maximum(counts, 1)[:, None]          # [R, T]
-    return ts, counts > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if atlas.kind == "labels":
+            masker = NiftiLabelsMasker(on_grid, strategy="mean", **kw)
+            ts = masker.fit_transform(img)                                   # [T, K present]
+            labels = [v for k, v in sorted((k, v) for k, v in masker.region_ids_.items() if k != "background")]
+        else:
+            masker = NiftiMapsMasker(on_grid, **kw)
+            ts = masker.fit_transform(img)                                   # [T, K maps]
+            labels = list(atlas.index)
+    for col, v in enumerate(labels):
+        out[slot[int(v)]] = ts[:, col]
+        mask[slot[int(v)]] = True
+    if atlas.kind == "maps":
+        mask &= out.std(axis=1) > 0                 # a map with no weight on live voxels
+    return out, mask
 
 
 def read_parcellated(path: Path, regions: Path | None) -> tuple[np.ndarray, list[str], np.ndarray,
                                                                   np.ndarray | None, np.ndarray]:
-    """Already parcellated run -> (``[R, T]`` float64, names, pos ``[R, 3]`` m, modules, mask ``[R]``)."""
+    """Already parcellated run -> (``[R, T]`` float64, names, pos ``[R, 3]`` MNI mm, modules, mask ``[R]``)."""
     table = read_region_table(regions) if regions is not None else None
     if path.suffix == ".npy":
         if table is None:

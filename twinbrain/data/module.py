@@ -7,7 +7,9 @@ ZeRO-3 gather parameters inside forward). Evaluation accumulators are sums weigh
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -15,7 +17,7 @@ from twinbrain.config import Config
 from twinbrain.data.graph import GraphEdges, build_group_graph, build_run_graph, lag_volumes
 from twinbrain.data.sampler import WindowLoader, WindowSampler
 from twinbrain.data.timing import samples_per_tr, span_volumes, volumes
-from twinbrain.data.types import Cohort, GroundTruth, present_modalities
+from twinbrain.data.types import Cohort, GroundTruth, cohort_fingerprint, present_modalities
 from twinbrain.data.windows import (NormStats, Split, WindowDataset, build_maps, compute_norm_stats,
                                     split_recordings)
 
@@ -32,6 +34,9 @@ class DataModule:
     def __init__(self, cfg: Config, cohort: Cohort | None = None):
         self.cfg = cfg
         self.cohort = cohort
+        self.in_memory = cohort is not None      # recorded in the run directory (see metadata())
+        self._fingerprint: str | None = None
+        self._record: str | None = None
         self.split: Split | None = None
         self.stats: NormStats | None = None
         self.graphs: GraphEdges | dict[int, GraphEdges] | None = None
@@ -198,7 +203,38 @@ class DataModule:
                 "n_fmri_slots": self.n_fmri_slots, "n_eeg_slots": self.n_eeg_slots,
                 "samples_per_tr": self.samples_per_tr, "tr": self.tr, "region_names": self.region_names,
                 "channel_names": self.channel_names, "norm_stats": self.stats.to_dict(),
-                "split": self.split.to_dict(), "recordings": [r.key for r in self.cohort.recordings]}
+                "split": self.split.to_dict(), "recordings": [r.key for r in self.cohort.recordings],
+                "cohort_fingerprint": self.fingerprint, "modalities": list(self.modalities),
+                **({"cohort_record": rec} if (rec := self._record_cohort()) else {})}
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`twinbrain.data.types.cohort_fingerprint` of the cohort (computed once)."""
+        self._need()
+        if self._fingerprint is None:
+            self._fingerprint = cohort_fingerprint(self.cohort.recordings)
+        return self._fingerprint
+
+    def _record_cohort(self) -> str | None:
+        """A cohort passed in memory is written once into ``<run.out>/cohort`` (an arrays folder, used as is)
+        when the run directory exists, so every CLI verb can rebuild it from the checkpoint alone."""
+        if not self.in_memory:
+            return None
+        if self._record is None:
+            run = Path(self.cfg.run.out)
+            if not run.is_dir():
+                return None
+            root = (run / "cohort").resolve()
+            manifest = root / "manifest.json"
+            try:
+                same = json.loads(manifest.read_text()).get("fingerprint") == self.fingerprint
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                from twinbrain.data.arrays import write_arrays
+                write_arrays(self.cohort, root, preprocessed=True, fingerprint=self.fingerprint)
+            self._record = str(root)
+        return self._record
 
     # -------------------------------------------------------------- loaders
     def train_loader(self, rank: int = 0, world_size: int = 1, device=None) -> WindowLoader:

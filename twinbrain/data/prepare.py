@@ -19,12 +19,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from twinbrain.config import Config, resolve_store_dir
-from twinbrain.data.bids import (DiscoveryReport, RunPair, acq_time_offset, discarded_volumes, discover,
-                                 parse_bids_name, repetition_time)
+from twinbrain.data.bids import (EXPECTED_LAYOUT, DiscoveryReport, RunPair, acq_time_offset, discarded_volumes,
+                                 discover, parse_bids_name, repetition_time)
 from twinbrain.data.bids_io import TRUTH_FILE
-from twinbrain.data.eeg import load_eeg
-from twinbrain.data.fmri import DEFAULT_CONFOUNDS, Atlas, load_atlas, load_fmri
+from twinbrain.data.clock import native_placeholder
+from twinbrain.data.eeg import load_eeg, load_eeg_alone
+from twinbrain.data.fmri import DEFAULT_CONFOUNDS, Atlas, find_label_table, load_atlas, load_fmri
 from twinbrain.data.store import SCHEMA_VERSION, Store, file_fingerprint, file_sha256, params_hash
 from twinbrain.data.types import Cohort, Recording
 
@@ -32,7 +35,7 @@ FAILED_FILE = ".prepare-failures.json"  # run id -> error of its last failed pre
 
 # Names of the steps, so a change of method (not only of a number) changes every key.
 EEG_PIPELINE = "pick-eeg|fir-minimum-phase-bandpass|average-ref|linear-resample-on-fmri-clock|median-iqr-z"
-FMRI_PIPELINE = "parcel-mean-live-voxels|linear-detrend+confounds|z"
+FMRI_PIPELINE = "nilearn-masker:resample-to-bold|labels-mean-live-voxels|maps-lstsq|linear-detrend+confounds|z"
 
 
 class PrepareError(RuntimeError):
@@ -62,18 +65,26 @@ def _sha_if_file(path: str) -> str:
     return file_sha256(path) if path and Path(path).is_file() else ""
 
 
+def _label_table(d) -> str:
+    """The atlas label table in use: data.atlas_labels, else the one shipped beside data.atlas."""
+    if d.atlas_labels or not d.atlas or not Path(d.atlas).is_file():
+        return d.atlas_labels
+    found = find_label_table(Path(d.atlas))
+    return str(found) if found else ""
+
+
 def preprocessing_params(cfg: Config) -> dict:
     """Flat dict of everything that changes a prepared run or its graphs (hashed into the key)."""
     d = cfg.data
     params = {
         "schema": SCHEMA_VERSION,
         "dataset": str(Path(d.bids_root).resolve()) if d.bids_root else "",
-        "pair_map": sorted(d.pair_map),
+        "pair_map": sorted(d.pair_map), "modalities": d.modalities,
         "eeg.pipeline": EEG_PIPELINE, "eeg.sfreq": d.eeg_sfreq, "eeg.l_freq": d.eeg_l_freq,
         "eeg.h_freq": d.eeg_h_freq, "eeg.volume_marker": d.volume_marker,
         "fmri.pipeline": FMRI_PIPELINE, "fmri.confounds": list(DEFAULT_CONFOUNDS),
         "fmri.atlas": Path(d.atlas).name if d.atlas else "",
-        "fmri.atlas_sha256": _sha_if_file(d.atlas), "fmri.atlas_labels_sha256": _sha_if_file(d.atlas_labels),
+        "fmri.atlas_sha256": _sha_if_file(d.atlas), "fmri.atlas_labels_sha256": _sha_if_file(_label_table(d)),
     }
     for f in dataclasses.fields(cfg.graph):
         params[f"graph.{f.name}"] = getattr(cfg.graph, f.name)
@@ -88,22 +99,44 @@ def run_key(pair: RunPair, params: dict, root: Path) -> tuple[str, list[dict]]:
 
 
 def prepare_run(pair: RunPair, cfg: Config, atlas: Atlas | None, root: Path) -> Recording:
-    """Preprocess one paired run into a :class:`Recording` (raises ValueError naming the file)."""
+    """Preprocess one run (EEG-fMRI pair, fMRI-only or EEG-only) into a :class:`Recording` (raises
+    ValueError naming the file). A one-modality run is returned in its store form
+    (:func:`twinbrain.data.clock.native_placeholder`)."""
     d = cfg.data
-    tr = repetition_time(pair)
-    fm = load_fmri(pair.fmri, pair.fmri_kind, tr=tr, atlas=atlas, sidecar=pair.fmri_sidecar,
-                   regions=pair.regions, confounds=pair.confounds)
-    ee = load_eeg(pair.eeg, tr=tr, n_vols=fm.data.shape[1], l_freq=d.eeg_l_freq, h_freq=d.eeg_h_freq,
-                  sfreq_out=d.eeg_sfreq, marker=d.volume_marker, discarded=discarded_volumes(pair),
-                  fallback_onset_s=acq_time_offset(pair, root), sidecar=pair.eeg_sidecar,
-                  channels=pair.channels, electrodes=pair.electrodes, coordsystem=pair.coordsystem,
-                  fmri_source=pair.fmri)
+    eeg_kw = dict(l_freq=d.eeg_l_freq, h_freq=d.eeg_h_freq, sfreq_out=d.eeg_sfreq, sidecar=pair.eeg_sidecar,
+                  channels=pair.channels, electrodes=pair.electrodes, coordsystem=pair.coordsystem)
+    fm = ee = None
+    if pair.fmri is not None:
+        tr = repetition_time(pair)
+        fm = load_fmri(pair.fmri, pair.fmri_kind, tr=tr, atlas=atlas, sidecar=pair.fmri_sidecar,
+                       regions=pair.regions, confounds=pair.confounds)
+        if pair.eeg is not None:
+            ee = load_eeg(pair.eeg, tr=tr, n_vols=fm.data.shape[1], marker=d.volume_marker,
+                          discarded=discarded_volumes(pair), fallback_onset_s=acq_time_offset(pair, root),
+                          fmri_source=pair.fmri, **eeg_kw)
+    else:
+        ee = load_eeg_alone(pair.eeg, **eeg_kw)
+    empty = np.zeros((0, 3), np.float32)
     rec = Recording(subject=pair.subject, session=pair.session, task=pair.task, run=pair.run,
-                    eeg=ee.data, eeg_sfreq=ee.sfreq, fmri=fm.data, tr=tr, channel_names=ee.ch_names,
-                    region_names=fm.names, channel_pos=ee.pos, region_pos=fm.pos, region_mask=fm.mask,
-                    eeg_onset_s=ee.onset_s, modules=fm.modules, meta={**fm.meta, **ee.meta})
-    rec.check(str(pair.fmri))
+                    eeg=ee.data if ee else np.zeros((0, fm.data.shape[1]), np.float32),
+                    eeg_sfreq=ee.sfreq if ee else 1.0 / fm.tr,
+                    fmri=fm.data if fm else np.zeros((0, ee.data.shape[1]), np.float32),
+                    tr=fm.tr if fm else 1.0 / ee.sfreq, channel_names=ee.ch_names if ee else [],
+                    region_names=fm.names if fm else [], channel_pos=ee.pos if ee else empty,
+                    region_pos=fm.pos if fm else empty, region_mask=fm.mask if fm else np.zeros(0, bool),
+                    eeg_onset_s=ee.onset_s if ee else 0.0, modules=fm.modules if fm else None,
+                    meta={**(fm.meta if fm else {}), **(ee.meta if ee else {}), "modalities": list(pair.modalities)})
+    rec = native_placeholder(rec)
+    rec.check(str(pair.fmri or pair.eeg))
     return rec
+
+
+def check_files(cfg: Config) -> None:
+    """Files named in the config must exist: refuse at ``prepare``, before any run is read."""
+    for key, path in (("data.atlas", cfg.data.atlas), ("data.atlas_labels", cfg.data.atlas_labels),
+                      ("graph.structural", cfg.graph.structural)):
+        if path and not Path(path).is_file():
+            raise PrepareError(f"{key} file {path} does not exist; fix the path (or clear {key})")
 
 
 def _progress_on(cfg: Config) -> bool:
@@ -122,13 +155,21 @@ def prepare(cfg: Config, progress: bool = True, skip_bad: bool = False) -> Prepa
     if not d.bids_root:
         raise PrepareError("data.bids_root is empty; set it to the BIDS dataset to prepare")
     root = Path(d.bids_root)
+    check_files(cfg)
     atlas_ent = parse_bids_name(d.atlas) if d.atlas else None
     report = PrepareReport(discover(root, tasks=d.tasks, pair_map=d.pair_map,
                                     prefer="nifti" if d.atlas else "table",
-                                    atlas_space=atlas_ent.get("space") if atlas_ent else ""),
+                                    atlas_space=atlas_ent.get("space") if atlas_ent else "",
+                                    modalities=d.modalities),
                            resolve_store_dir(cfg))
     if not report.discovery.found:
-        raise PrepareError(f"no paired EEG-fMRI runs found.\n{report.discovery.summary()}")
+        disc = report.discovery
+        hint = ""
+        if disc.mode == "both" and disc.skipped:
+            hint = ("\nboth modalities exist but no run pairs; fix the labels (data.pair_map) or use one "
+                    "modality alone (data.modalities: fmri | eeg)")
+        what = disc.kind if disc.skipped else "EEG or fMRI"
+        raise PrepareError(f"no {what} runs found under {root}.\n{disc.summary()}{hint}\n{EXPECTED_LAYOUT}")
     store = Store(report.store_dir)
     params = preprocessing_params(cfg)
     truth = _copy_truth(root, store, params)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from twinbrain.config import Config
+from twinbrain.data.clock import apply_clock
 from twinbrain.data.types import Cohort
 
 
@@ -18,11 +19,51 @@ def load_cohort(cfg: Config) -> Cohort:
     elif cfg.data.source in ("bids", "store"):
         from twinbrain.data.prepare import load_prepared_cohort
         cohort = load_prepared_cohort(cfg)
+    elif cfg.data.source == "arrays":
+        from twinbrain.data.arrays import load_arrays_cohort
+        cohort = load_arrays_cohort(cfg)
     else:
-        raise ValueError(f"data.source: unknown source '{cfg.data.source}'; use simulated, bids, store or hcp")
+        raise ValueError(f"data.source: unknown source '{cfg.data.source}'; use simulated, bids, store, arrays "
+                         f"or hcp")
     if not cohort.recordings:
         raise ValueError(f"data.source '{cfg.data.source}' produced no recordings; check data.bids_root, "
-                         f"data.store_dir and data.tasks")
+                         f"data.store_dir, data.arrays_root and data.tasks")
+    cohort = apply_clock(cohort, cfg)     # one-modality runs: the empty modality on the shared clock
     for rec in cohort.recordings:
         rec.check()
     return cohort
+
+
+# Data keys that say WHERE a cohort is, not WHAT it is: a checkpoint's saved config may be pointed at the
+# same data moved elsewhere (verified by the cohort fingerprint), never at different data.
+LOCATION_KEYS = ("data.source", "data.bids_root", "data.store_dir", "data.arrays_root", "data.atlas",
+                 "data.atlas_labels", "data.num_workers")
+
+
+def check_location_overrides(keys: list[str], verb: str) -> None:
+    """Refuse ``--data.*`` overrides other than :data:`LOCATION_KEYS` for a trained model."""
+    bad = [k for k in keys if k.startswith("data.") and k not in LOCATION_KEYS]
+    if bad:
+        raise ValueError(f"{verb}: {bad} would change the data the model was trained on; only the location of "
+                         f"the same cohort may change ({', '.join(LOCATION_KEYS)})")
+
+
+def cohort_config(cfg: Config, meta: dict, overridden: bool = False) -> Config:
+    """The config that rebuilds a checkpoint's cohort: its own config, unless the cohort was passed in
+    memory and recorded in the run (``meta['cohort_record']``, an arrays folder) and no ``--data.*``
+    location override was given."""
+    record = meta.get("cohort_record")
+    if not record or overridden:
+        return cfg
+    import copy
+    out = copy.deepcopy(cfg)
+    out.data.source, out.data.arrays_root, out.data.modalities = "arrays", str(record), "auto"
+    return out
+
+
+def verify_fingerprint(got: dict, want: dict, where) -> None:
+    """Raise unless the rebuilt cohort has the checkpoint's fingerprint (when the checkpoint has one)."""
+    if "cohort_fingerprint" in want and got.get("cohort_fingerprint") != want["cohort_fingerprint"]:
+        raise ValueError(f"{where}: the cohort rebuilt from the config (fingerprint {got.get('cohort_fingerprint')}) "
+                         f"is not the one the model was trained on ({want['cohort_fingerprint']}): the data "
+                         f"changed or data.* points elsewhere; point --data.* at the training cohort")

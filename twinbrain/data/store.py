@@ -26,7 +26,7 @@ import numpy as np
 from twinbrain.data.types import Recording
 
 # Bump when the entry format or the meaning of stored arrays changes: old entries are then never reused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # 2: positions in millimetres (were metres)
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

@@ -20,9 +20,36 @@ def present_modalities(n_fmri_slots: int, n_eeg_slots: int) -> tuple[str, ...]:
     return present
 
 
+def entity_label(subject: str, session: str = "", task: str = "", run: str = "") -> str:
+    """BIDS-style run id with only the entities that have a value: ``sub-01_task-rest``, never
+    ``sub-01_ses-_task-rest_run-``."""
+    return "_".join(f"{k}-{v}" for k, v in (("sub", subject), ("ses", session), ("task", task), ("run", run)) if v)
+
+
+def modality_counts(rec: "Recording") -> tuple[int, int]:
+    """``(n_fmri_rows, n_eeg_rows)`` of a recording."""
+    return int(rec.fmri.shape[0]), int(rec.eeg.shape[0])
+
+
+def cohort_fingerprint(recordings: list["Recording"]) -> str:
+    """sha256 over every recording's ids, clock, node names and signal bytes (float32): equal only for the
+    same data on the same clock. Stored in checkpoints so every verb can verify the cohort it rebuilds."""
+    import hashlib
+    h = hashlib.sha256()
+    for r in recordings:
+        h.update(repr((r.key, r.tr, r.eeg_sfreq, round(float(r.eeg_onset_s), 9), list(r.region_names),
+                       list(r.channel_names), r.fmri.shape, r.eeg.shape)).encode())
+        for arr in (r.fmri, r.eeg):
+            h.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
+    return h.hexdigest()[:32]
+
+
 @dataclass
 class Recording:
-    """One simultaneous EEG-fMRI run: (subject, session, task, run).
+    """One run: (subject, session, task, run), with EEG, fMRI or both.
+
+    An absent modality has zero rows on the shared clock (EEG ``[0, S]`` or fMRI ``[0, T]``); the clock
+    of an EEG-only run is a latent step instead of a TR (see :mod:`twinbrain.data.clock`).
 
     Attributes:
         eeg: ``[C, S]`` float32, channels x samples at ``eeg_sfreq`` Hz.
@@ -30,7 +57,8 @@ class Recording:
             Rows of regions absent in this subject (``region_mask`` False) are 0.
         eeg_onset_s: time of EEG sample 0 relative to the onset of fMRI volume 0
             (positive: EEG starts later). Windows are cut on the shared clock.
-        channel_pos / region_pos: ``[C, 3]`` / ``[R, 3]`` positions in metres (head / MNI-like frame).
+        channel_pos / region_pos: ``[C, 3]`` / ``[R, 3]`` positions in millimetres (MNI for regions; for
+            channels the frame of the dataset's electrodes, see docs/data.md), 0 where unknown.
         region_mask: ``[R]`` bool, True where the atlas slot has data.
         modules: ``[R]`` int network label per region, or None if unknown.
     """
@@ -53,7 +81,7 @@ class Recording:
 
     @property
     def key(self) -> str:
-        return f"sub-{self.subject}_ses-{self.session}_task-{self.task}_run-{self.run}"
+        return entity_label(self.subject, self.session, self.task, self.run)
 
     @property
     def duration_s(self) -> float:

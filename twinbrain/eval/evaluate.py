@@ -28,12 +28,13 @@ import torch
 from twinbrain.config import ConfigError, config_from_dict, parse_overrides
 from twinbrain.data.module import DataModule
 from twinbrain.eval.figures import plot_forecast_example, plot_horizons
+from twinbrain.data.source import LOCATION_KEYS, cohort_config
 from twinbrain.eval.forecast_eval import evaluate_forecasts
 from twinbrain.eval.publish import publish_evaluation
 from twinbrain.eval.twin_validity import twin_validity
 
 log = logging.getLogger(__name__)
-ALLOWED_OVERRIDES = ("eval.", "data.num_workers")
+ALLOWED_OVERRIDES = ("eval.",) + LOCATION_KEYS   # where the same cohort is now (checked by fingerprint)
 
 
 class EvaluationError(ValueError):
@@ -65,8 +66,9 @@ def apply_overrides(cfg, overrides: list[str] | None):
     values = parse_overrides(list(overrides))
     bad = [k for k in _flat_keys(values) if not k.startswith(ALLOWED_OVERRIDES)]
     if bad:
-        raise ConfigError(f"evaluate accepts only --eval.* and --data.num_workers overrides, got {bad}: the "
-                          f"model, data, graph and split are fixed by the checkpoint (train a new run to change them)")
+        raise ConfigError(f"evaluate accepts only --eval.* and data-location overrides ({', '.join(LOCATION_KEYS)}), "
+                          f"got {bad}: the model, data, graph and split are fixed by the checkpoint (train a new "
+                          f"run to change them)")
     return config_from_dict(_merge(cfg.to_dict(), values))
 
 
@@ -105,7 +107,7 @@ def check_data(dm: DataModule, meta: dict, path, split: str) -> dict:
     """
     got = dm.metadata()
     for key in ("recordings", "subject_map", "session_map", "n_fmri_slots", "n_eeg_slots", "samples_per_tr",
-                "region_names", "channel_names"):
+                "region_names", "channel_names", "cohort_fingerprint"):
         if key in meta and got[key] != meta[key]:
             raise EvaluationError(f"{path}: the data rebuilt from the checkpoint's config differ from the "
                                   f"training data ({key}: saved {str(meta[key])[:120]}, rebuilt "
@@ -266,7 +268,8 @@ def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Pat
     split = split or cfg.eval.split
     if split not in ("train", "val", "test"):
         raise EvaluationError(f"unknown split '{split}'; use test (held-out subjects), val or train")
-    dm = DataModule(cfg).setup()
+    moved = any(k.startswith("data.") for k in _flat_keys(parse_overrides(list(overrides or []))))
+    dm = DataModule(cohort_config(cfg, lm.metadata, overridden=moved)).setup()
     checks = check_data(dm, lm.metadata, lm.path, split)
     model = lm.model.eval()
     res = evaluate_forecasts(model, dm, split, cfg, device=lm.device, mlp=mlp,

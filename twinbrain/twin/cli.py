@@ -1,17 +1,23 @@
 """``twinbrain twin VERB --checkpoint P ...``: ask a trained twin and write arrays, JSON and figures.
 
 Verbs (every one takes ``--checkpoint``, ``--out DIR`` (default ``RUN/twin/<verb>``), ``--device``,
-``--subject``, ``--split``, ``--window``):
+``--subject``, ``--split``, ``--window``, ``--windows 0,3,7`` (ids among the selected windows),
+``--progress``, and ``--data.KEY VALUE`` for where the training cohort is now (location keys only:
+the cohort is rebuilt from the checkpoint's saved config, or from the cohort recorded in its run, and
+must match the checkpoint's fingerprint)):
 
     forecast     [--steps S]                                   forecast_<m>.npy, forecast.json, forecast.png
     perturb      --targets 0,5|NAME [--amplitude A] [--duration D] [--onset O] [--modality M] [--num-steps N]
                                                                {baseline,perturbed,delta}_<m>.npy, perturb.json,
                                                                response.png, brain.png
-    ec           [--modality M] [--amplitude A] [--absolute] [--horizon H] [--max-windows W]
+    ec           [--modality M] [--amplitude A] [--absolute] [--horizon H] [--max-windows W] (progress bar)
                                                                ec.npy, ec.json (node names), ec.png
-    personalize  --subject NEW [--steps] [--lr] [--adapt-fraction] [--section.key VALUE ...]
-                 (overrides describe where the new subject's data are, e.g. --sim.n_subjects 9 for
-                 simulated subject 09, or --data.bids_root DIR)   model.pt, personalize.json
+    personalize  --subject ID [--steps] [--lr] [--adapt-fraction] [--section.key VALUE ...]
+                 ID: a held-out (val/test) subject of the cohort (its never-trained rows are fitted), or
+                 a new subject whose data the overrides describe (e.g. --sim.n_subjects 9 for simulated
+                 subject 09, or --data.bids_root DIR)   model.pt, personalize.json (warns if the
+                 held-out forecast got worse)
+``--modality`` defaults to fMRI, or EEG for an EEG-only twin.
     attribute    --target NODE [--modality M] [--horizon H] [--method grad_x_input|integrated_gradients]
                  [--ig-steps K] [--at-step T]                  attr_<m>.npy, attribute.json, attribute.png
 """
@@ -43,8 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", help="subject id (personalize: the NEW subject)")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--window", type=int, default=0, help="index of the window among the selected ones")
+    p.add_argument("--windows", help="comma-separated window ids of the split to use (ec: averaged over them)")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "off"],
+                   help="progress bars on stderr (auto: on a terminal)")
     p.add_argument("--steps", type=int, help="forecast steps (forecast) / optimisation steps (personalize)")
-    p.add_argument("--modality", default="fmri", choices=["fmri", "eeg"])
+    p.add_argument("--modality", choices=["fmri", "eeg"], help="default: fmri, or eeg for an EEG-only twin")
     p.add_argument("--targets", help="comma-separated node slots or names to stimulate")
     p.add_argument("--amplitude", type=float, default=1.0, help="stimulus, z-units of the node's signal")
     p.add_argument("--duration", type=int, default=1, help="stimulus length in input steps (TRs / samples)")
@@ -75,11 +84,46 @@ def _dump(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def _ids(args) -> list[int] | None:
+    if not args.windows:
+        return None
+    try:
+        return [int(x) for x in args.windows.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--windows {args.windows!r}: give comma-separated window ids, e.g. 0,3,7") from None
+
+
 def _window(twin, args):
-    ws = twin.windows(subject=args.subject, split=args.split)
+    ws = twin.windows(subject=args.subject, split=args.split, ids=_ids(args))
     if not 0 <= args.window < len(ws):
         raise ValueError(f"--window {args.window}: split '{args.split}' has {len(ws)} windows")
     return ws[args.window]
+
+
+def _progress(args) -> bool:
+    return args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
+
+
+def ec_in_chunks(twin, windows, *, modality: str, amplitude: float, signed: bool, horizon: int,
+                 progress: bool, chunk: int = 4) -> np.ndarray:
+    """:meth:`Twin.effective_connectivity` over ``windows`` in chunks, with a progress bar: each chunk's
+    mean is weighted by its count of windows in which both nodes are present, which gives exactly the
+    mean over all windows."""
+    from tqdm.auto import tqdm
+    n = twin.n_nodes(modality)
+    acc, cnt = np.zeros((n, n)), np.zeros((n, n))
+    with tqdm(total=len(windows), desc="ec", unit="window", disable=not progress) as bar:
+        for a in range(0, len(windows), chunk):
+            part = [windows[k] for k in range(a, min(len(windows), a + chunk))]
+            ec = twin.effective_connectivity(part, modality=modality, amplitude=amplitude, signed=True,
+                                             horizon=horizon)
+            masks = np.stack([w[modality].mask.numpy().astype(float) for w in part])      # [W, N]
+            c = masks.T @ masks                                                            # [N, N]
+            acc += np.nan_to_num(ec) * c
+            cnt += c
+            bar.update(len(part))
+    out = np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
+    return out if signed else np.abs(out)
 
 
 def _forecast(twin, args, out: Path) -> str:
@@ -93,8 +137,9 @@ def _forecast(twin, args, out: Path) -> str:
                                   "steps": f["steps"], "tr": f["tr"], "eeg_sfreq": f["eeg_sfreq"], "units": "z",
                                   "shapes": {k: list(f[k].shape) for k in ("fmri", "eeg")},
                                   "region_names": twin.node_names("fmri"), "channel_names": twin.node_names("eeg")})
-    plot_forecast(w["fmri"].x[..., 0].numpy(), f["fmri"], out / "forecast.png", twin.tr, std=f.get("fmri_std"),
-                  names=twin.node_names("fmri"), title="fMRI forecast (z)")
+    m = args.modality
+    plot_forecast(w[m].x[..., 0].numpy(), f[m], out / "forecast.png", twin.sample_period_s(m), std=f.get(f"{m}_std"),
+                  names=twin.node_names(m), title=f"{'fMRI' if m == 'fmri' else 'EEG'} forecast (z)")
     return f"forecast of {f['steps']} steps: fMRI {f['fmri'].shape}, EEG {f['eeg'].shape} -> {out}"
 
 
@@ -127,14 +172,12 @@ def _perturb(twin, args, out: Path) -> str:
 
 def _ec(twin, args, out: Path) -> str:
     from twinbrain.twin.plots import plot_ec
-    ws = twin.windows(subject=args.subject, split=args.split)
-    if args.max_windows:
-        ws = ws[:args.max_windows]
-    ec = twin.effective_connectivity(ws, modality=args.modality, amplitude=args.amplitude,
-                                     signed=not args.absolute, horizon=args.horizon)
+    ws = twin.windows(subject=args.subject, split=args.split, ids=_ids(args), limit=args.max_windows)
+    ec = ec_in_chunks(twin, ws, modality=args.modality, amplitude=args.amplitude, signed=not args.absolute,
+                      horizon=args.horizon, progress=_progress(args))
     names = twin.node_names(args.modality)
     info = {"signed": not args.absolute, "amplitude": args.amplitude, "horizon": args.horizon, "windows": len(ws),
-            "split": args.split, "subject": args.subject}
+            "window_ids": list(ws.index), "split": args.split, "subject": args.subject}
     truth = twin.truth() if args.modality == "fmri" else None
     line = ""
     if truth is not None:
@@ -151,14 +194,23 @@ def _personalize(twin, args, overrides: list[str], out: Path) -> str:
     from twinbrain.data.source import load_cohort
     from twinbrain.twin.personalize import summary
     if not args.subject:
-        raise ValueError("personalize needs --subject (the new subject's id)")
-    values = twin.cfg.to_dict()
-    _merge(values, parse_overrides(overrides))
-    cohort = load_cohort(config_from_dict(values))
+        raise ValueError("personalize needs --subject (a held-out subject of the cohort, or a new one whose data "
+                         "the --section.key overrides describe)")
+    if not overrides and args.subject in twin.meta["subject_map"]:
+        cohort = twin.data.cohort              # a held-out subject of the training cohort
+    elif not overrides:
+        raise ValueError(f"subject '{args.subject}' is not in the model ({', '.join(twin.meta['subject_map'])}); "
+                         f"describe where its data are with overrides, e.g. --data.bids_root DIR")
+    else:
+        values = twin.cfg.to_dict()
+        _merge(values, parse_overrides(overrides))
+        cohort = load_cohort(config_from_dict(values))
     new, report = twin.personalize(cohort, subject=args.subject, steps=args.steps or 100, lr=args.lr,
                                    adapt_fraction=args.adapt_fraction)
     path = new.save(out / "model.pt")
     _dump(out / "personalize.json", report)
+    if report.get("warning"):
+        print(f"warning: {report['warning']}", file=sys.stderr)
     return summary(report) + f"\npersonalised twin -> {path}"
 
 
@@ -172,7 +224,8 @@ def _attribute(twin, args, out: Path) -> str:
     for m in ("fmri", "eeg"):
         np.save(out / f"attr_{m}.npy", res[m])
     _dump(out / "attribute.json", {k: v for k, v in res.items() if k not in ("fmri", "eeg")})
-    plot_attribution(res["fmri"], out / "attribute.png", twin.tr, names=twin.node_names("fmri"),
+    m = args.modality
+    plot_attribution(res[m], out / "attribute.png", twin.sample_period_s(m), names=twin.node_names(m),
                      title=f"{res['method']}: {res['modality']} {res['target_name']}, horizon {res['horizon']}")
     return f"attribution of {res['target_name']} ({res['method']}), value {res['value']:.4g} -> {out}"
 
@@ -189,16 +242,26 @@ def main(argv: list[str] | None = None) -> int:
     from twinbrain.twin.twin import Twin
     args, rest = _parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        if rest and args.verb != "personalize":
-            raise ValueError(f"unrecognised arguments {rest} (config overrides are only for personalize)")
-        twin = Twin.from_checkpoint(args.checkpoint, args.device)
+        # --data.* location overrides find the training cohort (every verb); personalize alone also takes
+        # overrides describing a new subject's data.
+        values = parse_overrides(rest) if rest else {}
+        if args.verb == "personalize":
+            where, rest = [], rest
+        else:
+            if set(values) - {"data"}:
+                raise ValueError(f"unrecognised arguments {rest}: verbs other than personalize take only --data.* "
+                                 f"overrides (where the training cohort is now)")
+            where, rest = rest, []
+        twin = Twin.from_checkpoint(args.checkpoint, args.device, data=where)
+        if args.modality is None:
+            args.modality = "fmri" if twin.n_nodes("fmri") else "eeg"
         out = _out_dir(args, twin)
         if args.verb == "personalize":
             print(_personalize(twin, args, rest, out))
         else:
             print({"forecast": _forecast, "perturb": _perturb, "ec": _ec, "attribute": _attribute}[args.verb](
                 twin, args, out))
-    except (ValueError, CheckpointError, ConfigError) as exc:
+    except (ValueError, CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"twinbrain twin {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     return 0

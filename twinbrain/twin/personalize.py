@@ -1,4 +1,8 @@
-"""Few-shot personalisation: add a new subject to a trained twin by training only its embedding rows.
+"""Few-shot personalisation: fit a subject's embedding rows in a trained twin, training nothing else.
+
+Two cases: a **new** subject (not in the model) gets new rows; a **held-out** subject (in the subject map
+because it was in the cohort, but in the validation/test split, so its rows were never trained) has its
+existing, untouched rows fitted. A subject of the training split is refused: its rows are already fitted.
 
 The model gets one new ``subject_emb`` row and one new ``session_emb`` row per session of the new subject
 (and the matching rows of the session affine layer, if the model has one), all starting at zero, which
@@ -26,8 +30,9 @@ from twinbrain.data.windows import NormStats, RecStats, Split, WindowDataset, co
 from twinbrain.eval.metrics import R2Accumulator, skill
 from twinbrain.model import (build_model, forecast_targets, forecast_valid, loss_counts, loss_terms, normalise,
                              term_weight)
+from twinbrain.model.twinbrain import PERSONAL_SUFFIXES
+from twinbrain.schema import MODALITIES
 
-MODALITIES = ("fmri", "eeg")
 TERMS = ("fmri_recon", "fmri_forecast", "eeg_recon", "eeg_forecast")
 
 
@@ -120,18 +125,35 @@ def extend_model(twin, n_new_subjects: int, n_new_sessions: int):
     return new.to(twin.device).eval(), first
 
 
-def _trainable(model, first: dict[str, int]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    """(parameter, row mask) of every grown embedding (new rows 1, old rows 0); freezes everything else."""
+def _trainable(model, rows: dict[str, list[int]]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, row mask) of every embedding with rows to fit (those rows 1, all others 0); freezes
+    everything else."""
     for p in model.parameters():
         p.requires_grad_(False)
     out = []
     for name, p in model.named_parameters():
-        if name in first:
+        if rows.get(name):
             mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), device=p.device)
-            mask[first[name]:] = 1.0
+            mask[rows[name]] = 1.0
             p.requires_grad_(True)
             out.append((p, mask))
     return out
+
+
+def fit_rows(model, subject_index: int, session_indices: list[int], n_sessions: int) -> dict[str, list[int]]:
+    """Rows of each embedding parameter that belong to one subject and its sessions: the subject row,
+    the session rows, and each session's block of the session affine layer (``n_sessions * slots`` rows)."""
+    rows: dict[str, list[int]] = {}
+    for name in model.embedding_parameter_names():
+        n = dict(model.named_parameters())[name].shape[0]
+        if name.startswith("subject_embed.") or name.endswith(PERSONAL_SUFFIXES):   # per-subject rows
+            rows[name] = [subject_index]
+        elif name.startswith("session_embed."):
+            rows[name] = list(session_indices)
+        else:                                   # session_affine: n_sessions blocks of `per` slots
+            per = n // n_sessions
+            rows[name] = [s * per + k for s in session_indices for k in range(per)]
+    return rows
 
 
 def _objective(batch, out, cfg) -> torch.Tensor:
@@ -191,9 +213,14 @@ def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr:
     recs = _as_recordings(data, subject)
     _check_geometry(twin, recs)
     sub = recs[0].subject
-    if sub in twin.meta["subject_map"]:
-        raise ValueError(f"subject '{sub}' is already in the model (index {twin.meta['subject_map'][sub]}); "
-                         f"personalisation adds a NEW subject — rename it or use the existing twin")
+    known = sub in twin.meta["subject_map"]
+    trained = (twin.meta.get("split") or {}).get("subjects", {}).get("train", [])
+    if sub in twin.meta.get("personalized", {}):
+        raise ValueError(f"subject '{sub}' is already in the model, personalised (index "
+                         f"{twin.meta['subject_map'][sub]}); personalise the original twin again instead")
+    if known and sub in trained:
+        raise ValueError(f"subject '{sub}' was a training subject (index {twin.meta['subject_map'][sub]}); its "
+                         f"embedding is already fitted. Personalise a held-out (val/test) or a new subject")
     cfg = twin.cfg
     adapt, held = [], []
     for i, r in enumerate(recs):
@@ -205,8 +232,10 @@ def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr:
     meta = copy.deepcopy(twin.meta)
     n_sub, n_ses = len(meta["subject_map"]), len(meta["session_map"])
     sessions = sorted({f"{sub}/{r.session}" for r in recs})
-    meta["subject_map"][sub] = n_sub
-    meta["session_map"].update({k: n_ses + q for q, k in enumerate(sessions)})
+    new_sessions = [k for k in sessions if k not in meta["session_map"]]
+    if not known:
+        meta["subject_map"][sub] = n_sub
+    meta["session_map"].update({k: n_ses + q for q, k in enumerate(new_sessions)})
     graphs = _graphs(twin, recs, adapt)
     maps = (meta["subject_map"], meta["session_map"])
     w_adapt = _dataset(twin, recs, adapt, stats, graphs, maps)
@@ -216,10 +245,11 @@ def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr:
                          f"{cfg.data.window_s} s; record at least {2 * cfg.data.window_s / 60:.1f} min or change "
                          f"adapt_fraction")
 
-    model, first = extend_model(twin, 1, len(sessions))
+    model, _ = extend_model(twin, 0 if known else 1, len(new_sessions))
     bs = batch_size or cfg.train.batch_size
     before = heldout_scores(model, w_held, cfg, bs)
-    params = _trainable(model, first)
+    params = _trainable(model, fit_rows(model, meta["subject_map"][sub], [meta["session_map"][k] for k in sessions],
+                                        len(meta["session_map"])))
     # Early stopping on the last quarter of the adaptation windows (never on the held-out ones): the twin
     # starts at the tuned population model, and a few minutes of one subject can over-fit it.
     n_check = len(w_adapt) // 4
@@ -254,12 +284,18 @@ def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr:
         p.requires_grad_(False)
     model.eval()
     after = heldout_scores(model, w_held, cfg, bs)
-    report = {"subject": sub, "subject_index": n_sub, "sessions": sessions, "recordings": [r.key for r in recs],
+    report = {"modalities": [m for m in MODALITIES if twin.n_nodes(m) > 0], "subject": sub,
+              "subject_index": meta["subject_map"][sub], "kind": "held-out" if known else "new",
+              "sessions": sessions, "recordings": [r.key for r in recs],
               "n_adapt_windows": len(w_adapt), "n_heldout_windows": len(w_held), "steps": int(steps), "lr": lr,
               "adapt_fraction": adapt_fraction, "train_loss_first": losses[0] if losses else float("nan"),
               "train_loss_last": losses[-1] if losses else float("nan"), "best_step": best[1],
               "n_check_windows": len(w_check), "before": before, "after": after,
               "improvement": before["forecast_loss"] - after["forecast_loss"]}
+    worse = [k for k in ("forecast_loss", "fmri_forecast", "eeg_forecast") if after[k] > before[k] + 1e-12]
+    if worse:
+        report["warning"] = (f"held-out forecast got worse after personalisation ({', '.join(worse)} rose); "
+                             f"try fewer --steps, a lower --lr or more adaptation data (--adapt-fraction)")
     meta.setdefault("personalized", {})[sub] = {
         "recordings": [r.key for r in recs],
         "norm_stats": {r.key: stats.per_rec[i].to_dict() for i, r in enumerate(recs)},
@@ -272,9 +308,13 @@ def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr:
 
 def summary(report: dict) -> str:
     """One line per score: before -> after."""
-    lines = [f"subject {report['subject']}: {report['n_adapt_windows']} adaptation / "
-             f"{report['n_heldout_windows']} held-out windows, {report['steps']} steps"]
-    for k in ("forecast_loss", "fmri_forecast", "eeg_forecast", "fmri_r2", "eeg_r2", "fmri_skill_h1"):
+    lines = [f"subject {report['subject']} ({report.get('kind', 'new')}): {report['n_adapt_windows']} adaptation / "
+             f"{report['n_heldout_windows']} held-out windows, {report['steps']} steps; held-out scores before -> after"]
+    mods = [m for m in MODALITIES if report.get("modalities") is None or m in report["modalities"]]
+    keys = ["forecast_loss"] + [f"{m}_{k}" for m in mods for k in ("forecast", "r2", "skill_h1")]
+    for k in keys:
         b, a = report["before"][k], report["after"][k]
         lines.append(f"  {k:15s} {b: .4f} -> {a: .4f}")
+    if report.get("warning"):
+        lines.append(f"WARNING: {report['warning']}")
     return "\n".join(lines)

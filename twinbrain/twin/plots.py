@@ -93,7 +93,7 @@ def plot_response(result: dict, path, modality: str | None = None, top: int = 5,
 
 def plot_brain(values: np.ndarray, pos: np.ndarray, path, edge_index=None, edge_weight=None,
                names: list[str] | None = None, highlight=(), title: str = "", label: str = "value") -> Path:
-    """Top-view network: ``pos [N, 3]`` (metres; x = left-right, y = posterior-anterior) projected onto
+    """Top-view network: ``pos [N, 3]`` (MNI mm; x = left-right, y = posterior-anterior) projected onto
     x-y, nodes coloured by ``values [N]`` (diverging map if signed), edges ``edge_index [2, E]``
     (src -> dst) drawn with alpha by ``edge_weight [E]``; ``highlight`` slots get a black ring."""
     values = np.asarray(values, dtype=np.float64)
@@ -115,8 +115,8 @@ def plot_brain(values: np.ndarray, pos: np.ndarray, path, edge_index=None, edge_
             ax.annotate(nm, xy[i], fontsize=5, ha="center", va="bottom", zorder=4)
     fig.colorbar(sc, ax=ax, shrink=0.8, label=label)
     ax.set_aspect("equal")
-    ax.set_xlabel("x (m, left-right)")
-    ax.set_ylabel("y (m, posterior-anterior)")
+    ax.set_xlabel("x (mm, left-right)")
+    ax.set_ylabel("y (mm, posterior-anterior)")
     ax.set_title(title)
     return _save(fig, path)
 

@@ -1,6 +1,6 @@
 """The Twin API: ask a trained TwinBrain model questions.
 
-    twin = Twin.from_checkpoint("runs/x/best/model.pt")
+    twin = Twin.from_checkpoint("runs/x/best/model.pt")   # data=["--data.bids_root", DIR] if the data moved
     w = twin.windows(subject="03", split="test")[0]      # HeteroData, z-scored with the checkpoint's stats
     f = twin.forecast(w)                                 # {'fmri': [N_f, S], 'eeg': [N_e, S * eeg_stride]}
     p = twin.perturb(w, targets=[0, 5], amplitude=1.0)   # baseline / perturbed / delta for every node
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,15 +44,26 @@ class Twin:
     ``data`` (optional): a set-up ``DataModule`` for the cohort the config describes (built lazily).
     """
 
-    def __init__(self, model, config, metadata: dict, *, path: Path | None = None, data=None):
+    def __init__(self, model, config, metadata: dict, *, path: Path | None = None, data=None,
+                 data_overrides: dict | None = None):
         self.model = model.eval()
         self.cfg, self.meta, self.path, self._data = config, metadata, path, data
+        self._data_overrides = dict(data_overrides or {})
 
     @classmethod
-    def from_checkpoint(cls, path, device=None) -> "Twin":
-        """Strictly load an export (see :func:`twinbrain.twin.loader.load_export`)."""
+    def from_checkpoint(cls, path, device=None, data: dict | list[str] | None = None) -> "Twin":
+        """Strictly load an export (see :func:`twinbrain.twin.loader.load_export`).
+
+        ``data``: where the training cohort is now, as ``{'bids_root': ...}`` or ``['--data.bids_root', DIR]``
+        (only location keys, :data:`twinbrain.data.source.LOCATION_KEYS`); default: the saved config (or the
+        cohort recorded in the run). The rebuilt cohort must have the checkpoint's fingerprint."""
+        from twinbrain.config import parse_overrides
+        from twinbrain.data.source import check_location_overrides
         lm = load_export(path, device)
-        return cls(lm.model, lm.config, lm.metadata, path=lm.path)
+        if isinstance(data, list):
+            data = parse_overrides(data).get("data", {}) if data else {}
+        check_location_overrides([f"data.{k}" for k in (data or {})], "twin")
+        return cls(lm.model, lm.config, lm.metadata, path=lm.path, data_overrides=data)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -119,15 +131,24 @@ class Twin:
         """``DataModule`` of the cohort the checkpoint's config describes (simulated cohorts regenerate
         deterministically from ``sim.seed``); checked against the checkpoint's maps and recordings."""
         if self._data is None:
+            from twinbrain.config import config_from_dict
             from twinbrain.data.module import DataModule
-            dm = DataModule(self.cfg).setup()
+            from twinbrain.data.source import cohort_config
+            cfg = self.cfg
+            if self._data_overrides:
+                values = cfg.to_dict()
+                values["data"].update(self._data_overrides)
+                cfg = config_from_dict(values)
+            dm = DataModule(cohort_config(cfg, self.meta, overridden=bool(self._data_overrides))).setup()
             self._check_data(dm)
             self._data = dm
         return self._data
 
     def _check_data(self, dm) -> None:
+        from twinbrain.data.source import verify_fingerprint
         got, want = dm.metadata(), self.meta
         where = self.path or "the checkpoint"
+        verify_fingerprint(got, want, where)
         for key in ("n_fmri_slots", "n_eeg_slots", "samples_per_tr", "region_names", "channel_names"):
             if got[key] != want[key]:
                 raise ValueError(f"{where}: the data its config describes no longer match the model ({key} "
@@ -143,9 +164,14 @@ class Twin:
             log.warning("%s: normalisation statistics recomputed from the data differ from the saved ones "
                         "(regenerated or re-prepared data?); using the checkpoint's", where)
 
-    def windows(self, subject: str | None = None, split: str = "test") -> list[HeteroData]:
+    def windows(self, subject: str | None = None, split: str = "test", *, limit: int = 0,
+                ids=None) -> "WindowList":
         """Windows of ``split`` ('train' | 'val' | 'test' | 'all') of the cohort, optionally of one
-        ``subject``, z-scored with the checkpoint's statistics, in dataset order (recording, start)."""
+        ``subject``, z-scored with the checkpoint's statistics, in dataset order (recording, start).
+
+        Built lazily: the result is a sequence whose items are made when read, so asking for 128 windows
+        of a large split costs 128 windows. ``limit``: keep the first ``limit`` (0 = all); ``ids``: keep
+        these indices (into the split's windows, in the given order)."""
         from twinbrain.data.windows import NormStats, WindowDataset
         dm = self.data
         saved = self.meta.get("split")
@@ -163,7 +189,7 @@ class Twin:
         stats = NormStats.from_dict(self.meta["norm_stats"]) if "norm_stats" in self.meta else dm.stats
         ds = WindowDataset(dm.cohort, spans, dm.graphs, stats, self.meta["subject_map"], self.meta["session_map"],
                            window_s=self.cfg.data.window_s, stride_s=self.cfg.data.stride_s)
-        return [ds[i] for i in range(len(ds))]
+        return WindowList(ds, select_windows(len(ds), limit=limit, ids=ids, what=f"split '{split}'"))
 
     def windows_from(self, recordings, spans=None) -> list[HeteroData]:
         """Windows of recordings outside the training cohort (e.g. a personalised subject). Statistics come
@@ -357,6 +383,38 @@ class Twin:
             return np.asarray(rec.modules)
         truth = self.data.truth
         return None if truth is None else np.asarray(truth.modules)
+
+
+def select_windows(n: int, *, limit: int = 0, ids=None, what: str = "the selection") -> list[int]:
+    """Indices ``0..n-1`` restricted to ``ids`` (in that order) and then to the first ``limit``."""
+    idx = list(range(n))
+    if ids is not None and len(ids):
+        bad = [int(i) for i in ids if not 0 <= int(i) < n]
+        if bad:
+            raise ValueError(f"window ids {bad} are out of range: {what} has {n} windows (0..{n - 1})")
+        idx = [int(i) for i in ids]
+    if limit and limit > 0:
+        idx = idx[:int(limit)]
+    return idx
+
+
+class WindowList(Sequence):
+    """A lazy sequence of windows: item ``k`` is ``dataset[index[k]]``, built when read; slicing gives a
+    lazy sub-list. ``list(w)`` materialises it."""
+
+    def __init__(self, dataset, index: list[int]):
+        self.dataset, self.index = dataset, list(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return WindowList(self.dataset, self.index[k])
+        return self.dataset[self.index[k]]
+
+    def __repr__(self) -> str:
+        return f"WindowList({len(self)} windows)"
 
 
 def _check_modality(modality: str) -> str:

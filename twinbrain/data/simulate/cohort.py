@@ -177,7 +177,8 @@ def simulate_cohort(cfg: SimConfig) -> Cohort:
             eeg=eeg, eeg_sfreq=float(cfg.eeg_sfreq),
             fmri=seg.bold[k, 0].astype(np.float32), tr=float(cfg.tr),
             channel_names=list(anatomy.channel_names), region_names=list(anatomy.region_names),
-            channel_pos=anatomy.channel_pos.copy(), region_pos=anatomy.region_pos.copy(),
+            # The simulator's anatomy works in metres (lead field); recordings carry millimetres.
+            channel_pos=anatomy.channel_pos * 1e3, region_pos=anatomy.region_pos * 1e3,
             region_mask=np.ones(cfg.n_regions, bool), eeg_onset_s=0.0, modules=anatomy.modules.copy(),
             meta={"simulated": True, "seed": cfg.seed, "stream": [_RUN, i, j],
                   "coupling_scale": subjects[i].coupling_scale,
