@@ -17,7 +17,7 @@ from twinbrain.config import Config
 from twinbrain.data.graph import GraphEdges, build_group_graph, build_run_graph, lag_volumes
 from twinbrain.data.sampler import WindowLoader, WindowSampler
 from twinbrain.data.timing import samples_per_tr, span_volumes, volumes
-from twinbrain.data.types import Cohort, GroundTruth, cohort_fingerprint, present_modalities
+from twinbrain.data.types import POSITION_UNIT, Cohort, GroundTruth, cohort_fingerprint, present_modalities
 from twinbrain.data.windows import (NormStats, Split, WindowDataset, build_maps, compute_norm_stats,
                                     split_recordings)
 
@@ -205,6 +205,7 @@ class DataModule:
                 "channel_names": self.channel_names, "norm_stats": self.stats.to_dict(),
                 "split": self.split.to_dict(), "recordings": [r.key for r in self.cohort.recordings],
                 "cohort_fingerprint": self.fingerprint, "modalities": list(self.modalities),
+                "position_unit": POSITION_UNIT,
                 **({"cohort_record": rec} if (rec := self._record_cohort()) else {})}
 
     @property

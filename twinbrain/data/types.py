@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+POSITION_UNIT = "mm"   # unit of Recording.region_pos / channel_pos (MNI millimetres for regions)
+
 
 def present_modalities(n_fmri_slots: int, n_eeg_slots: int) -> tuple[str, ...]:
     """Modalities with at least one node slot. An absent modality (e.g. EEG in an fMRI-only cohort) still

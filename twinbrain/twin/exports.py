@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-POSITION_UNIT = "m"        # unit of Recording.region_pos / channel_pos as the data layer stores them
+from twinbrain.data.types import POSITION_UNIT
+
 MM_PER = {"m": 1000.0, "mm": 1.0}
 SPACE = "MNI152"           # template space of the positions (simulated cohorts: an MNI-like frame)
 ORIENTATION = "RAS+"       # +x = right, +y = anterior, +z = superior (the MNI / nilearn convention)
