@@ -213,4 +213,4 @@ def test_validity_section_on_the_simulated_cohort(report):
     assert -1 <= v["fc"]["model_vs_empirical_r"] <= 1
     assert v["embeddings"]["k"] == 3 and 0 <= v["embeddings"]["nmi"] <= 1
     q = v["modularity"]
-    assert all(isinstance(q[k], float) for k in ("ec", "input_fc_graph", "true_coupling"))
+    assert all(isinstance(q[k], float) for k in ("ec", "learned_adjacency", "input_fc_graph", "true_coupling"))

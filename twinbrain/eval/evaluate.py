@@ -234,7 +234,7 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"- model FC (one-step forecasts) vs empirical FC: r = {_fmt(v['fc']['model_vs_empirical_r'])}",
                   f"- node embeddings vs true modules (k-means, k = {emb['k']}): ARI {_fmt(emb['ari'])}, "
                   f"NMI {_fmt(emb['nmi'])}",
-                  f"- modularity Q w.r.t. true modules: |EC| {_fmt(q['ec'])}, learned adjacency "
+                  f"- modularity Q w.r.t. true modules: |EC| {_fmt(q['ec'])}, learned coupling "
                   f"{_fmt(q['learned_adjacency'])}, input FC graph {_fmt(q['input_fc_graph'])}, true coupling "
                   f"{_fmt(q['true_coupling'])}"]
     return "\n".join(lines) + "\n"
