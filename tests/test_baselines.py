@@ -136,11 +136,14 @@ def test_errors_name_the_problem():
 
 
 def test_mlp_baseline_learns_ar1():
-    x = _ar_series([0.9], n=4, t=3000, seed=5)
+    # AR(1) with a = 0.5: the best one-step R² is 1 - 0.75 = 0.25 and persistence scores 2a - 1 = 0, so
+    # an MLP that learned nothing useful cannot pass (with a = 0.9 persistence alone reaches 0.8).
+    x = _ar_series([0.5], n=4, t=3000, seed=5)
     mlp = MLPBaseline(p=2, hidden=32, steps=150, lr=3e-3).fit([x[:, :2000]])
     ctx, tgt = _windows(x[:, 2000:], t_ctx=4, h=2, stride=3)
     r2 = _r2(mlp.predict(ctx, 2), tgt)
-    assert r2.shape == (2,) and r2[0] > 0.7
+    r2_pers = _r2(Persistence().predict(ctx, 2), tgt)
+    assert r2.shape == (2,) and r2[0] > 0.2 and r2[0] > r2_pers[0] + 0.15, (r2, r2_pers)
 
 
 def test_build_baselines_names():

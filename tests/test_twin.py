@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from twinbrain.config import load_config
 from twinbrain.eval.validity import fit_linear_twin, linear_twin_ec, offdiag_pearson
-from twinbrain.model import ModelOutput
+from twinbrain.model import ModelOutput, build_model
 from twinbrain.twin import CheckpointError, Twin, load_export
 from twinbrain.twin.perturb import stimulate, with_inputs
 
@@ -212,10 +212,19 @@ def test_batched_ec_equals_a_naive_loop(twin, test_windows):
         np.testing.assert_allclose(ec, naive, atol=1e-5)
 
 
-def test_ec_correlates_with_the_true_coupling(twin, test_windows):
+def test_ec_correlates_with_the_true_coupling(twin, trained, test_windows):
     truth = twin.truth().coupling
     r_model = offdiag_pearson(twin.effective_connectivity(test_windows), truth)
-    assert r_model > 0.3, r_model
+    assert r_model > 0.3, r_model             # measured 0.37 (the |FC| input graph reaches 0.77 here)
+    # The same model untrained (persistence core, no warm start) has no off-diagonal EC at all, so the
+    # correlation above was learned. Recovery on a linear ground truth, beating FC by 0.3, is tested in
+    # tests/test_coupling.py.
+    d = trained.data
+    torch.manual_seed(0)
+    fresh = build_model(trained.cfg, n_subjects=len(d.subject_map), n_sessions=len(d.session_map),
+                        n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots, samples_per_tr=d.samples_per_tr)
+    ec0 = Twin(fresh.eval(), trained.cfg, d.metadata(), data=d).effective_connectivity(test_windows[:4])
+    assert np.abs(ec0[~np.eye(len(ec0), dtype=bool)]).max() < 1e-6
     # Pipeline on a fitted linear twin (VAR(1) on the training windows): EC is exactly its A, and A
     # recovers the simulator's coupling.
     a = fit_linear_twin([w["fmri"].y[..., 0].numpy() for w in twin.windows(split="train")])
