@@ -79,9 +79,10 @@ def plot_response(result: dict, path, modality: str | None = None, top: int = 5,
     picks = list(np.argsort(-peak, kind="stable")[:top])
     fig, ax = plt.subplots(figsize=(7, 4))
     for i in picks:
-        style = "--" if (m == result["modality"] and i in result["targets"]) else "-"
-        ax.plot(t, delta[i], style, marker="o" if delta.shape[1] <= 20 else None, ms=3,
-                label=names[i] if names else f"node {i}")
+        stimulated = m == result["modality"] and i in result["targets"]
+        name = names[i] if names else f"node {i}"
+        ax.plot(t, delta[i], "--" if stimulated else "-", marker="o" if delta.shape[1] <= 20 else None, ms=3,
+                label=f"{name} (stimulated, dashed)" if stimulated else name)
     ax.axhline(0, color="grey", lw=0.6)
     ax.set_xlabel("forecast step start, s after context end")
     ax.set_ylabel(f"Δ {m} forecast (z)")
