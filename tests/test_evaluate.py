@@ -80,7 +80,7 @@ def test_report_has_every_section_with_finite_numbers(report, run):
     assert p["context_trs"] == p["window_trs"] - max(p["horizons"])
     for m in ("fmri", "eeg"):
         f = on_disk["forecast"][m]
-        assert set(f["baselines"]) == {"persistence", "ar1", "ar", "var"}
+        assert set(f["baselines"]) == {"persistence", "ar1", "ar", "var", "svar"}
         assert set(f["skill"]) == {"persistence", "strongest"}
         # skill is against the best baseline of each horizon, and the report names it
         for i, name in enumerate(f["strongest"]):
