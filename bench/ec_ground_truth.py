@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from twinbrain.config import load_config
@@ -48,6 +49,7 @@ from twinbrain.twin.twin import Twin
 ROOT = Path(__file__).resolve().parent.parent
 HORIZONS = [1, 2, 3, 4, 5]
 EC_METHODS = ("twin_jacobian", "twin_linear", "twin_coupling", "var1", "mlp", "fc")
+ONE_STEP = ("twin_jacobian", "twin_linear", "var1", "mlp")     # one-TR gains: unit and time conversions apply
 FORECASTERS = ("model", "var", "ar", "mlp", "persistence")
 
 
@@ -79,6 +81,11 @@ def run_config(n: int, run_dir: Path, a, seed: int):
     return load_config(ROOT / "configs/smoke.yaml", args + list(a.override))
 
 
+def train_subjects(dm) -> list[int]:
+    """Indices (into the simulated series, one subject each) of the training recordings."""
+    return sorted({int(i) for i, _, _ in dm.split.train})
+
+
 def mlp_ec(train: list[np.ndarray], val: list[np.ndarray], states: np.ndarray, steps: int, seed: int) -> np.ndarray:
     """EC of an NPI-style MLP surrogate: ``d x(t+1) / d x(t)`` of its one-step map, mean over ``states [M, N]``."""
     mlp = MLPBaseline(p=1, steps=steps, seed=seed).fit(train, val)
@@ -89,6 +96,18 @@ def mlp_ec(train: list[np.ndarray], val: list[np.ndarray], states: np.ndarray, s
 
     jac = torch.func.vmap(torch.func.jacrev(step))(z)          # [M, N_target, N_source]
     return jac.detach().mean(0).double().numpy()
+
+
+def to_signal_units(ec: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """z-unit gain ``ec[i, j]`` (per node's SD) -> signal units of the simulator: ``ec[i, j] * sd_i / sd_j``."""
+    return ec * sd[:, None] / sd[None, :]
+
+
+def generator(step_matrix: np.ndarray) -> np.ndarray:
+    """Continuous-time EC of a one-step (one-TR) linear map ``A``: ``logm(A)`` (per TR; real part). ``A`` =
+    ``expm(TR · G)`` for a linear SDE ``dx = G x dt``, so this removes the indirect paths (``G²``, ...) that a
+    one-TR gain accumulates; for the rate network ``G ≈ -I + C diag(tanh'(x))``."""
+    return scipy.linalg.logm(step_matrix).real
 
 
 def one_case(system: str, n: int, seed: int, a, scratch: Path) -> dict:
@@ -123,12 +142,18 @@ def one_case(system: str, n: int, seed: int, a, scratch: Path) -> dict:
     ec["mlp"] = mlp_ec(train, val, states, a.mlp_steps, seed)
     ec["fc"] = mean_abs_correlation(train)
     r = {k: offdiag_pearson(v, truth) for k, v in ec.items()}
+    # The truth is in the simulator's units and in continuous time; the same two conversions for every
+    # one-step matrix (twin Jacobian, twin linear core, VAR(1), MLP), so none is favoured.
+    sd = np.mean([s.std(1) for s in (series[i] for i in train_subjects(dm))], axis=0)
+    r_sig = {k: offdiag_pearson(to_signal_units(ec[k], sd), truth) for k in ONE_STEP}
+    r_gen = {k: offdiag_pearson(to_signal_units(generator(ec[k]), sd), truth) for k in ONE_STEP}
 
     with torch.enable_grad():
         res = evaluate_forecasts(model, dm, "test", cfg, device=torch.device("cpu"), mlp=True)
     f = res["forecast"]["fmri"]
     r2 = {"model": f["model"]["r2"], **{k: f["baselines"][k]["r2"] for k in FORECASTERS if k != "model"}}
-    return {"system": system, "n": n, "seed": seed, "ec_r": r, "r2": r2,
+    return {"system": system, "n": n, "seed": seed, "ec_r": r, "ec_r_signal": r_sig, "ec_r_generator": r_gen,
+            "r2": r2,
             "tuning": {"warm_start": warm, "var1_alpha": var1.alpha, "var_r2": res["protocol"]["baseline_tuning"]},
             "best_step": best_step, "gate": float(model.gate["fmri"].weight.detach()),
             "cpu_s": {"simulate_train": t_train, "jacobian_ec": t_jac, "total": time.process_time() - t0},
@@ -153,6 +178,12 @@ def markdown(cases: list[dict], a, header: str) -> str:
     for (sys_, n), cs in groups.items():
         lines.append(f"| {sys_} | {n} | {len(cs)} | "
                      + " | ".join(_mean_sd([c["ec_r"][k] for c in cs]) for k in EC_METHODS) + " |")
+    for key, what in (("ec_r_signal", "in signal units (z-gain × sd_i / sd_j)"),
+                      ("ec_r_generator", "in signal units, continuous-time generator logm(one-TR matrix)")):
+        lines += ["", f"EC {what}: off-diagonal r with the true C.", "",
+                  "| system | N | " + " | ".join(ONE_STEP) + " |", "|---|---|" + "---|" * len(ONE_STEP)]
+        for (sys_, n), cs in groups.items():
+            lines.append(f"| {sys_} | {n} | " + " | ".join(_mean_sd([c[key][k] for c in cs]) for k in ONE_STEP) + " |")
     lines += ["", "Forecast R² on the test subjects (mean over seeds; model = the twin, var / ar = ridge VAR / "
               "per-node AR with order 1..3 and alpha chosen on validation).", "",
               "| system | N | forecaster | " + " | ".join(f"h={h}" for h in HORIZONS) + " |",
@@ -182,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--var-rho", type=float, default=0.8, help="spectral radius of the VAR(1) truth")
     p.add_argument("--rate-rho", type=float, default=1.5, help="spectral radius of C in the rate network")
     p.add_argument("--rate-sigma", type=float, default=0.5, help="noise σ of the rate network")
-    p.add_argument("--steps", type=int, default=100, help="twin training steps after the warm start")
+    p.add_argument("--steps", type=int, default=200, help="twin training steps after the warm start")
     p.add_argument("--hidden", type=int, default=16, help="model.hidden of the twin")
     p.add_argument("--ec-windows", type=int, default=16, help="test windows the Jacobian EC averages")
     p.add_argument("--mlp-steps", type=int, default=600, help="MLP surrogate training steps (early-stopped)")
