@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -305,6 +306,31 @@ def test_cli_writes_arrays_json_and_figures(trained, tmp_path, capsys):
     assert "Pearson r with the true coupling" in capsys.readouterr().out
     assert main(["twin", "perturb", "--checkpoint", ck, "--device", "cpu", "--out", str(tmp_path / "x"),
                  "--targets", "nope"]) == 2
+
+
+def test_cli_ec_methods(trained, twin, tmp_path):
+    """``twin ec --method``: the Jacobian equals small-amplitude perturbation; the learned matrices are the
+    model's own; a method of another verb is refused."""
+    from twinbrain.cli import main
+    ck = str(trained.export)
+
+    def ec(method: str, *extra: str) -> tuple[np.ndarray, dict]:
+        out = tmp_path / method
+        assert main(["twin", "ec", "--checkpoint", ck, "--device", "cpu", "--out", str(out), "--method", method,
+                     "--windows", "0,1", *extra]) == 0, method
+        return np.load(out / "ec.npy"), json.loads((out / "ec.json").read_text())
+
+    jac, info = ec("jacobian")
+    assert info["method"] == "jacobian" and info["windows"] == 2 and "amplitude" not in info
+    small, _ = ec("perturbation", "--amplitude", "1e-3")
+    np.testing.assert_allclose(jac, small, atol=2e-3)
+    assert np.abs(jac - np.diag(np.diag(jac))).max() > 1e-4           # not trivially zero off the diagonal
+    for method in ("linear", "coupling"):
+        got, info = ec(method)
+        assert info["method"] == method and "windows" not in info
+        np.testing.assert_allclose(got, twin.effective_connectivity(method=method), atol=1e-6)
+    assert main(["twin", "ec", "--checkpoint", ck, "--device", "cpu", "--out", str(tmp_path / "bad"),
+                 "--method", "integrated_gradients"]) == 2
 
 
 # ------------------------------------------------------------------ distributed training
