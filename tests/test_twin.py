@@ -299,7 +299,7 @@ def test_cli_writes_arrays_json_and_figures(trained, tmp_path, capsys):
                      *extra]) == 0, verb
     files = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")}
     for f in ("forecast/forecast_fmri.npy", "forecast/forecast.png", "perturb/delta_fmri.npy",
-              "perturb/response.png", "perturb/brain.png", "ec/ec.npy", "ec/ec.json", "ec/ec.png",
+              "perturb/response.png", "perturb/brain.png", "ec/ec.npy", "ec/ec.json", "ec/ec.png", "ec/ec_glass_brain.png",
               "attribute/attr_eeg.npy", "attribute/attribute.png"):
         assert f in files, f
     assert np.load(tmp_path / "perturb" / "delta_fmri.npy").shape == (12, 3)

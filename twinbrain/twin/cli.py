@@ -217,6 +217,12 @@ def _ec(twin, args, out: Path) -> str:
     twin.save_ec(ec, out / "ec.npy", args.modality, **info)
     modules = twin.modules() if args.modality == "fmri" else None
     plot_ec(ec, names, out / "ec.png", modules=modules, title=f"{args.modality} effective connectivity")
+    if args.modality == "fmri":
+        from twinbrain.twin.exports import coords_mm, twin_node_table
+        from twinbrain.twin.plots import plot_ec_glass_brain
+        pos = coords_mm(twin_node_table(twin, "fmri"))
+        if np.isfinite(pos).all(1).sum() >= 2:              # positions known (MNI mm)
+            plot_ec_glass_brain(ec, pos, out / "ec_glass_brain.png")
     return f"EC {ec.shape} from {source}{line} -> {out}"
 
 
