@@ -149,8 +149,8 @@ class LinearCore(nn.Module):
             x = x.float()
             # Lags before the window start repeat its first sample (a persistence guess; zeros, the mean,
             # gave smooth BOLD a large error at the first p - 1 positions of every window).
-            lags = [x] + [nn.functional.pad(x, (k, 0), mode="replicate")[..., :t_len] if t_len else x
-                          for k in range(1, self.order)]
+            pad = "replicate" if x.numel() else "constant"          # (replicate refuses empty tensors)
+            lags = [x] + [nn.functional.pad(x, (k, 0), mode=pad)[..., :t_len] for k in range(1, self.order)]
             outs = []
             for _ in range(self.steps):
                 y = b + sum(torch.matmul(a[k], lags[k]) for k in range(self.order))
