@@ -6,6 +6,8 @@
 (a) **coupling** = ``STBlock.spatial`` of the package: LayerNorm, one value projection per relation,
     one dense batched GEMM ``C[target, source] @ [B, M_s, T*H]`` per relation (fMRI->fMRI, EEG->EEG,
     EEG->fMRI, fMRI->EEG), couplings including the per-subject low-rank deltas.
+(a0) the same coupling in the order of commit 6ac2cf8: the fMRI -> EEG relation held on the EEG grid
+    before the value projection and the product (5x the rows).
 (b) **edge attention (removed)** = the spatial sub-layer of commit 7e46897: LayerNorm and
     ``RelationAttention`` per relation (softmax over the k-NN in-edges of every destination, separately
     for every time step and head; ``[E, T, heads, d]`` gathers), three relations (there was no
@@ -105,6 +107,25 @@ class RemovedSpatial(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _spatial_align_first(blk: STBlock, h, couplings, idx, keep, n_windows):
+    """The same coupling as ``STBlock.spatial`` in the order of commit 6ac2cf8 (main before this bench):
+    fMRI -> EEG held on the EEG grid first (``[N_f, L_e, H]``), then projected and multiplied (5x the rows).
+    Differs from today only at the EEG steps before the first TR ends (there it sent ``C @ bias``)."""
+    from twinbrain.model.coupling import couple, from_dense, to_dense
+    z = {m: blk.norm_space[m](h[m]) for m in MODALITIES}
+    msg = {m: None for m in MODALITIES}
+    for rel in RELATIONS:
+        src, _, dst = rel
+        key = relation_key(rel)
+        x = (z[src] if src == dst else blk.pool_eeg_to_tr(z["eeg"], z["fmri"].shape[1]) if dst == "fmri"
+             else blk.last_tr_for_eeg(z["fmri"], z["eeg"].shape[1]))
+        v = blk.value[key](x) * keep[src]
+        dense = to_dense(v, idx[src], n_windows, blk.n_slots[src])
+        out = from_dense(couple(couplings[key], dense), idx[dst], tuple(z[dst].shape[1:]))
+        msg[dst] = out if msg[dst] is None else msg[dst] + out
+    return msg
+
+
 def knn(n_src: int, n_dst: int, k: int, windows: int, same: bool, gen: torch.Generator):
     """``k`` random in-edges per destination per window (batched node numbering), weights in [0.1, 1]."""
     eis = []
@@ -126,7 +147,7 @@ def build(a, design: str, windows: int):
     n = {"fmri": a.n_fmri, "eeg": a.n_eeg}
     t = {"fmri": a.t_f, "eeg": a.t_f * a.steps_per_tr}
     h = {m: torch.randn(windows * n[m], t[m], a.hidden, generator=gen, requires_grad=True) for m in MODALITIES}
-    if design == "coupling":
+    if design.startswith("coupling"):
         blk = STBlock(a.hidden, a.heads, 3, 0.0, a.steps_per_tr, n)
         coup = nn.ModuleDict({relation_key(r): Coupling(n[r[2]], n[r[0]], 4, a.rank, r[0] == r[2])
                               for r in RELATIONS})
@@ -139,9 +160,12 @@ def build(a, design: str, windows: int):
         keep = {m: torch.ones(windows * n[m], 1, 1) for m in MODALITIES}
         params = list(blk.norm_space.parameters()) + list(blk.value.parameters()) + list(coup.parameters())
 
+        spatial = blk.spatial if design == "coupling" else (
+            lambda *args: _spatial_align_first(blk, *args))
+
         def fn():
             cs = {k: c(subject)[0] for k, c in coup.items()}
-            msg = blk.spatial(h, cs, idx, keep, windows)
+            msg = spatial(h, cs, idx, keep, windows)
             sum(v.sum() for v in msg.values()).backward()
     else:
         mod = RemovedSpatial(a.hidden, a.heads, a.steps_per_tr)
@@ -183,6 +207,7 @@ def one_rss(a, design: str, windows: int) -> dict:
 
 
 DESIGNS = {"coupling": "(a) dense directed coupling, 4 relations (today)",
+           "coupling_align_first": "(a0) same, fMRI->EEG held on the EEG grid before the product (6ac2cf8)",
            "attention": "(b) softmax edge attention, 3 relations (removed, 7e46897)"}
 
 
@@ -232,8 +257,9 @@ def main() -> None:
         for d in DESIGNS:
             rows.append([b, DESIGNS[d], med[d], med[d] / b, min(cpu[d]), peak[d] / common.MIB,
                          rss[d] / common.MIB, steps[d].n_params])
-        ratios.append([b, med["attention"] / med["coupling"], peak["attention"] / peak["coupling"],
-                       rss["attention"] / max(rss["coupling"], 1)])
+        for d in ("attention", "coupling_align_first"):
+            ratios.append([b, DESIGNS[d], med[d] / med["coupling"], peak[d] / peak["coupling"],
+                           rss[d] / max(rss["coupling"], 1)])
         steps = None
     le = a.t_f * a.steps_per_tr
     text = (f"Shapes per window: fMRI {a.n_fmri} regions x {a.t_f} TRs, EEG {a.n_eeg} channels x {le} latent "
@@ -243,8 +269,8 @@ def main() -> None:
             f"designs alternated.\n\n"
             + common.md_table(["windows", "design", "CPU s / call", "CPU s / window", "min CPU s",
                                "live tensor peak MiB", "RSS growth MiB", "parameters"], rows)
-            + "\n\nRemoved layer over today's (> 1: the dense coupling is cheaper):\n\n"
-            + common.md_table(["windows", "CPU time", "live tensor peak", "RSS growth"], ratios))
+            + "\n\nOther designs over today's (a) (> 1: (a) is cheaper):\n\n"
+            + common.md_table(["windows", "design", "CPU time", "live tensor peak", "RSS growth"], ratios))
     common.report(a, "Spatial operator: dense coupling vs removed edge attention (cpu, fp32)", text, dev)
 
 
