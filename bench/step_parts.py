@@ -1,0 +1,71 @@
+"""Parts of the train step on CPU: EEG temporal attention by window, and torch.compile of one STBlock.
+
+    OMP_NUM_THREADS=1 python bench/step_parts.py attention      # CausalSelfAttention fwd+bwd per window
+    OMP_NUM_THREADS=1 python bench/step_parts.py compile        # eager vs torch.compile(STBlock), fwd+bwd
+
+Reference shapes: EEG 63 channels x 250 latent steps, fMRI 190 regions x 50 TRs, hidden 128, 4 heads.
+CPU time = ``time.process_time`` of this process (median of 5 after 1 warm-up, variants alternated).
+Note: inductor compiles in worker processes, so the compile's own CPU time is larger than reported here;
+its wall time is printed too.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+import common  # noqa: F401  (puts the repository on sys.path)
+from twinbrain.model.blocks import STBlock
+from twinbrain.model.layers import CausalSelfAttention
+from twinbrain.schema import RELATIONS, relation_key
+
+
+def alternate(fns: dict, repeats: int = 5) -> dict[str, float]:
+    ts = {k: [] for k in fns}
+    for r in range(1 + repeats):
+        for k, f in fns.items():
+            t0 = time.process_time()
+            f()
+            if r:
+                ts[k].append(time.process_time() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def attention() -> None:
+    x = torch.randn(63, 250, 128, requires_grad=True)
+    mods = {w: CausalSelfAttention(128, 4, w) for w in (0, 16, 25, 32, 50, 64)}
+    for m in mods.values():
+        m.load_state_dict(mods[0].state_dict())
+    res = alternate({w: (lambda m=m: m(x).sum().backward()) for w, m in mods.items()})
+    print("| attention_window | fwd+bwd CPU s (63 x 250 steps, hidden 128) |\n|---|---|")
+    for w, t in res.items():
+        print(f"| {w or 'all (0)'} | {t:.3f} |")
+
+
+def compile_block() -> None:
+    n = {"fmri": 190, "eeg": 63}
+    torch.manual_seed(0)
+    blk = STBlock(128, 4, 3, 0.1, 5, n, attention_window=16).train()
+    cs = {relation_key(r): torch.randn(n[r[2]], n[r[0]]) * 0.01 for r in RELATIONS}
+    idx = {m: torch.arange(k) for m, k in n.items()}
+    keep = {m: torch.ones(k, 1, 1) for m, k in n.items()}
+    hf = torch.randn(190, 50, 128, requires_grad=True)
+    he = torch.randn(63, 250, 128, requires_grad=True)
+    comp = torch.compile(blk)
+
+    def run(f):
+        a, b = f(hf, he, cs, idx, keep, 1)
+        (a.sum() + b.sum()).backward()
+    t0, w0 = time.process_time(), time.perf_counter()
+    run(comp)
+    print(f"compile + first call: {time.process_time() - t0:.1f} CPU s in this process, "
+          f"{time.perf_counter() - w0:.1f} s wall")
+    res = alternate({"eager": lambda: run(blk), "compiled": lambda: run(comp)})
+    print(f"fwd+bwd CPU s per block: eager {res['eager']:.3f}, compiled {res['compiled']:.3f}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    {"attention": attention, "compile": compile_block}[sys.argv[1] if len(sys.argv) > 1 else "attention"]()
