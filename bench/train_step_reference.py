@@ -185,7 +185,6 @@ def main() -> None:
     p.add_argument("--out-json", default="", help="also write every worker's result here")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--no-append", action="store_true", help="print only; leave docs/PERFORMANCE.md alone")
     a = p.parse_args()
     if a.worker:
         print(json.dumps(worker(a)))
