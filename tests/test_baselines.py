@@ -136,11 +136,14 @@ def test_errors_name_the_problem():
 
 
 def test_mlp_baseline_learns_ar1():
-    x = _ar_series([0.9], n=4, t=3000, seed=5)
+    # AR(1) with a = 0.5: the best one-step R² is 1 - 0.75 = 0.25 and persistence scores 2a - 1 = 0, so
+    # an MLP that learned nothing useful cannot pass (with a = 0.9 persistence alone reaches 0.8).
+    x = _ar_series([0.5], n=4, t=3000, seed=5)
     mlp = MLPBaseline(p=2, hidden=32, steps=150, lr=3e-3).fit([x[:, :2000]])
     ctx, tgt = _windows(x[:, 2000:], t_ctx=4, h=2, stride=3)
     r2 = _r2(mlp.predict(ctx, 2), tgt)
-    assert r2.shape == (2,) and r2[0] > 0.7
+    r2_pers = _r2(Persistence().predict(ctx, 2), tgt)
+    assert r2.shape == (2,) and r2[0] > 0.2 and r2[0] > r2_pers[0] + 0.15, (r2, r2_pers)
 
 
 def test_build_baselines_names():
@@ -221,10 +224,11 @@ def test_tuned_baselines_choose_on_validation_and_fall_back_to_a_training_tail()
     x = _var_series(a, 3000, seed=7)
     base, tuning = tuned_baselines([x[:, :2000]], [x[:, 2000:]], orders=(1, 2), alphas=(1.0, 1e4), mlp=True,
                                    mlp_steps=50)
-    assert list(base) == ["persistence", "ar1", "ar", "var", "mlp"]
+    assert list(base) == ["persistence", "ar1", "ar", "var", "svar", "mlp"]
     assert tuning["var"]["order"] == 1 and tuning["var"]["alpha"] == 1.0          # the true model
     assert tuning["var"]["chosen_on"] == "validation split" and tuning["mlp"]["order"] == 1
     assert np.allclose(base["var"].coef[0], a, atol=0.1)
+    assert tuning["svar"]["order"] == 1 and np.allclose(base["svar"].coef[0], a, atol=0.1)
     _, tail = tuned_baselines([x[:, :2000]], None, orders=(1, 2), alphas=(1.0, 1e4))
     assert tail["var"]["chosen_on"] == "last 20% of each training span"
 
@@ -233,3 +237,31 @@ def test_strongest_baseline_per_horizon():
     r2 = {"persistence": np.array([0.5, 0.1, np.nan]), "ar1": np.array([0.4, 0.3, 0.2]),
           "var": np.array([0.6, 0.2, 0.1])}
     assert strongest_baseline(r2) == ["var", "ar1", "ar1"]
+
+
+def test_structured_ridge_matches_per_target_solves_and_nests_var_and_ar():
+    """Own-lag penalty ``alpha`` and cross-node penalty ``alpha_cross`` (Woodbury from one inverse) equal
+    a direct per-target ridge; equal penalties are the plain ridge VAR; a huge cross penalty is per-node AR."""
+    from twinbrain.eval.baselines import fit_linear_model
+    rng = np.random.default_rng(1)
+    series = [rng.standard_normal((5, 300)).cumsum(1) * 0.1 for _ in range(2)]
+    p, n = 2, 5
+    fit = fit_linear_model(series, p, 0.5, 20.0)
+    zs, ys = [], []
+    for s_ in series:
+        t = np.arange(p, s_.shape[1])
+        zs.append(np.concatenate([s_[:, t - 1 - k].T for k in range(p)], axis=1))
+        ys.append(s_[:, t].T)
+    z, y = np.concatenate(zs), np.concatenate(ys)
+    zc, yc = z - z.mean(0), y - y.mean(0)
+    for i in range(n):
+        d = np.full(p * n, 20.0)
+        d[np.arange(p) * n + i] = 0.5
+        w = np.linalg.solve(zc.T @ zc + np.diag(d), zc.T @ yc[:, i])
+        np.testing.assert_allclose(fit.coef[:, i, :], w.reshape(p, n), atol=1e-8)
+    plain = fit_ridge_var(series, p, 3.0)
+    np.testing.assert_allclose(fit_linear_model(series, p, 3.0, 3.0).coef, plain.coef)
+    ar_like = fit_linear_model(series, p, 0.5, 1e9).coef
+    assert np.abs(ar_like[:, ~np.eye(n, dtype=bool)]).max() < 1e-5
+    ar = ARBaseline(p, 0.5).fit(series)
+    np.testing.assert_allclose(np.stack([np.diag(ar_like[k]) for k in range(p)], 1), ar.coef, atol=1e-4)

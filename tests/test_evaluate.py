@@ -80,7 +80,7 @@ def test_report_has_every_section_with_finite_numbers(report, run):
     assert p["context_trs"] == p["window_trs"] - max(p["horizons"])
     for m in ("fmri", "eeg"):
         f = on_disk["forecast"][m]
-        assert set(f["baselines"]) == {"persistence", "ar1", "ar", "var"}
+        assert set(f["baselines"]) == {"persistence", "ar1", "ar", "var", "svar"}
         assert set(f["skill"]) == {"persistence", "strongest"}
         # skill is against the best baseline of each horizon, and the report names it
         for i, name in enumerate(f["strongest"]):
@@ -213,4 +213,4 @@ def test_validity_section_on_the_simulated_cohort(report):
     assert -1 <= v["fc"]["model_vs_empirical_r"] <= 1
     assert v["embeddings"]["k"] == 3 and 0 <= v["embeddings"]["nmi"] <= 1
     q = v["modularity"]
-    assert all(isinstance(q[k], float) for k in ("ec", "input_fc_graph", "true_coupling"))
+    assert all(isinstance(q[k], float) for k in ("ec", "learned_adjacency", "input_fc_graph", "true_coupling"))

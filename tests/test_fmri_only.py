@@ -56,7 +56,7 @@ def test_fmri_only_cohort_trains_validates_and_evaluates(tmp_path):
     res = evaluate_forecasts(model, dm, "test", cfg, device=torch.device("cpu"), mlp=False)
     assert list(res["forecast"]) == ["fmri"] and list(res["reconstruction"]) == ["fmri"]
     f = res["forecast"]["fmri"]
-    assert set(f["baselines"]) == {"persistence", "ar1", "ar", "var"}
+    assert set(f["baselines"]) == {"persistence", "ar1", "ar", "var", "svar"}
     assert all(v is not None for v in f["model"]["r2"])
     assert res["causality"]["fmri"] < 1e-5, "context-only forecast must equal the full-window forecast"
     tr.close()

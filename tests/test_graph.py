@@ -1,5 +1,4 @@
 """Connectivity and graph construction: k-NN/threshold, lagged cross edges, coherence, fit-span only."""
-import time
 
 import numpy as np
 import pytest
@@ -126,12 +125,11 @@ def test_group_graph_ignores_missing_slots_and_round_trips():
         build_group_graph([recs[0], make_recording(n_regions=5)], [(0, 120)] * 2, GraphConfig())
 
 
-def test_large_graph_is_fast():
+def test_large_graph_has_k_neighbours_and_no_self_loops():
+    # Its speed is measured in bench/graph_build.py, not here.
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1000, 1200)).astype(np.float32)
-    t0 = time.perf_counter()
     ei, w = knn_edges(abs_corr(x), k=10, threshold=0.0)
-    assert time.perf_counter() - t0 < 5.0
     assert ei.shape[1] >= 10 * 1000 and (ei[0] != ei[1]).all()
 
 

@@ -130,6 +130,6 @@ def test_leave_one_subject_out_fold_trains_and_evaluates_on_real_fmri(tmp_path):
     f = report["forecast"]["fmri"]
     assert list(report["forecast"]) == ["fmri"]
     assert f["horizons"] == [1, 2, 3, 5, 10]
-    assert set(f["baselines"]) == {"persistence", "ar1", "ar", "var"}
+    assert set(f["baselines"]) == {"persistence", "ar1", "ar", "var", "svar"}
     assert all(v is not None for v in f["model"]["r2"])
     assert report["protocol"]["subjects"] == ["102311"]

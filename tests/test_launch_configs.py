@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from twinbrain.config import ConfigError, load_config
-from twinbrain.train.distributed import hide_sharding_env, resolve_backend
+from twinbrain.train.distributed import hide_sharding_env, ignored_launch_keys, resolve_backend, resolve_precision
 from twinbrain.train.parallel import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +78,44 @@ def test_backend_errors_are_clear(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="FSDP2"):
         resolve_backend(load_config())
+
+
+def test_accelerate_mixed_precision_is_honoured_or_refused():
+    assert resolve_precision("auto", {}) == "auto"                                     # train.precision decides
+    assert resolve_precision("fp32", {"ACCELERATE_MIXED_PRECISION": "no"}) == "fp32"
+    assert resolve_precision("auto", {"ACCELERATE_MIXED_PRECISION": "bf16"}) == "bf16"
+    assert resolve_precision("bf16", {"ACCELERATE_MIXED_PRECISION": "bf16"}) == "bf16"
+    with pytest.raises(ConfigError, match=r"train.precision is 'fp32' but .* mixed_precision 'bf16'"):
+        resolve_precision("fp32", {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    with pytest.raises(ConfigError, match="fp8"):
+        resolve_precision("auto", {"ACCELERATE_MIXED_PRECISION": "fp8"})
+
+
+def test_ignored_fsdp_plugin_keys_are_reported(monkeypatch, caplog):
+    env = {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+           "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+           "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert ignored_launch_keys() == ["FSDP_CPU_RAM_EFFICIENT_LOADING", "FSDP_STATE_DICT_TYPE"]
+    with caplog.at_level("WARNING"):
+        backend = resolve_backend(load_config(REPO / "configs" / "smoke.yaml", []))
+    assert backend.name == "fsdp2"
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "FSDP_STATE_DICT_TYPE" in warned and "FSDP_CPU_RAM_EFFICIENT_LOADING" in warned
+    assert "FSDP_VERSION" not in warned
+
+
+def test_run_records_the_resolved_backend_and_precision(tmp_path, monkeypatch):
+    from twinbrain.train.trainer import Trainer
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    out = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["--run.out", str(out), "--train.max_steps", "4",
+                                                         "--logging.wandb", "disabled", "--logging.progress", "off",
+                                                         "--logging.flops", "false", "--train.eval_every", "1"])
+    assert cfg.parallel.backend == "auto"
+    Trainer(cfg).close()
+    saved = load_config(out / "config.yaml", [])
+    assert saved.parallel.backend == "single" and saved.parallel.zero_stage == 0
+    env = json.loads((out / "environment.jsonl").read_text().splitlines()[-1])
+    assert env["launch"] == {"backend": "single", "zero_stage": 0, "precision": "auto", "autocast_dtype": "float32"}

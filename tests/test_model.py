@@ -383,19 +383,20 @@ def test_optimizer_groups_come_from_the_model():
     assert {"subject_embed.weight", "session_embed.weight"} <= set(spec["embedding"])
     assert any(n.startswith("session_affine.gain") for n in spec["embedding"])
     assert any(n.startswith("coupling.") and n.endswith(".u") for n in spec["embedding"])
-    for n in ("node_emb.fmri.weight", "predictor.fmri.step_emb", "coupling.fmri__fc__fmri.weight",
-              "linear.fmri.coef"):
+    for n in ("node_emb.fmri.weight", "predictor.fmri.step_emb", "coupling.fmri__fc__fmri.weight"):
         assert n in spec["no_decay"], n
-    tc = TrainConfig(weight_decay=0.01, lr=1e-3, emb_lr=3e-3)
+    assert spec["core"] == ["linear.fmri.coef", "linear.fmri.intercept"]
+    tc = TrainConfig(weight_decay=0.01, lr=1e-3, emb_lr=3e-3, core_lr_scale=0.1)
     apply_activation_checkpointing(model.blocks, "full", 1)
     groups = {g["name"]: g for g in param_groups(model, tc)}
     named = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in model.named_parameters()}
-    want = {"default": ("decay", 0.01, 1e-3), "no_decay": ("no_decay", 0.0, 1e-3), "embedding": ("embeddings", 0.0, 3e-3)}
+    want = {"default": ("decay", 0.01, 1e-3), "no_decay": ("no_decay", 0.0, 1e-3), "embedding": ("embeddings", 0.0, 3e-3),
+            "core": ("core", 0.0, 1e-4)}
     for spec_name, members in spec.items():
         group, decay, lr = want[spec_name]
         ids = {id(p) for p in groups[group]["params"]}
         assert all(id(named[n]) in ids for n in members), spec_name
-        assert groups[group]["weight_decay"] == decay and groups[group]["lr"] == lr
+        assert groups[group]["weight_decay"] == decay and groups[group]["lr"] == pytest.approx(lr)
     assert sum(len(g["params"]) for g in groups.values()) == len(names)
     assert len(model.embedding_parameters()) == len(spec["embedding"])
     assert any(p is model.shared_parameter() for p in model.parameters())

@@ -138,3 +138,14 @@ def test_node_map_fills_each_parcel(tmp_path):
     data = np.asarray(img.dataobj)
     assert np.allclose(img.affine, atlas.affine)
     assert (data[:2] == 0.5).all() and (data[2:, :2] == -1.0).all() and (data[2:, 2:] == 0).all()
+
+
+def test_ec_glass_brain_draws_the_strongest_edges(tmp_path):
+    from twinbrain.twin.plots import plot_ec_glass_brain
+    rng = np.random.default_rng(0)
+    pos = rng.uniform(-60, 60, (12, 3))
+    pos[3] = np.nan                                              # a slot without a position is left out
+    ec = rng.normal(0, 0.1, (12, 12))
+    ec[5, 2] = 2.0
+    path = plot_ec_glass_brain(ec, pos, tmp_path / "glass.png", top=5)
+    assert path.is_file() and path.stat().st_size > 10_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from twinbrain.config import load_config
 from twinbrain.eval.validity import fit_linear_twin, linear_twin_ec, offdiag_pearson
-from twinbrain.model import ModelOutput
+from twinbrain.model import ModelOutput, build_model
 from twinbrain.twin import CheckpointError, Twin, load_export
 from twinbrain.twin.perturb import stimulate, with_inputs
 
@@ -212,10 +213,19 @@ def test_batched_ec_equals_a_naive_loop(twin, test_windows):
         np.testing.assert_allclose(ec, naive, atol=1e-5)
 
 
-def test_ec_correlates_with_the_true_coupling(twin, test_windows):
+def test_ec_correlates_with_the_true_coupling(twin, trained, test_windows):
     truth = twin.truth().coupling
     r_model = offdiag_pearson(twin.effective_connectivity(test_windows), truth)
-    assert r_model > 0.3, r_model
+    assert r_model > 0.3, r_model             # measured 0.37 (the |FC| input graph reaches 0.77 here)
+    # The same model untrained (persistence core, no warm start) has no off-diagonal EC at all, so the
+    # correlation above was learned. Recovery on a linear ground truth, beating FC by 0.3, is tested in
+    # tests/test_coupling.py.
+    d = trained.data
+    torch.manual_seed(0)
+    fresh = build_model(trained.cfg, n_subjects=len(d.subject_map), n_sessions=len(d.session_map),
+                        n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots, samples_per_tr=d.samples_per_tr)
+    ec0 = Twin(fresh.eval(), trained.cfg, d.metadata(), data=d).effective_connectivity(test_windows[:4])
+    assert np.abs(ec0[~np.eye(len(ec0), dtype=bool)]).max() < 1e-6
     # Pipeline on a fitted linear twin (VAR(1) on the training windows): EC is exactly its A, and A
     # recovers the simulator's coupling.
     a = fit_linear_twin([w["fmri"].y[..., 0].numpy() for w in twin.windows(split="train")])
@@ -289,13 +299,38 @@ def test_cli_writes_arrays_json_and_figures(trained, tmp_path, capsys):
                      *extra]) == 0, verb
     files = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")}
     for f in ("forecast/forecast_fmri.npy", "forecast/forecast.png", "perturb/delta_fmri.npy",
-              "perturb/response.png", "perturb/brain.png", "ec/ec.npy", "ec/ec.json", "ec/ec.png",
+              "perturb/response.png", "perturb/brain.png", "ec/ec.npy", "ec/ec.json", "ec/ec.png", "ec/ec_glass_brain.png",
               "attribute/attr_eeg.npy", "attribute/attribute.png"):
         assert f in files, f
     assert np.load(tmp_path / "perturb" / "delta_fmri.npy").shape == (12, 3)
     assert "Pearson r with the true coupling" in capsys.readouterr().out
     assert main(["twin", "perturb", "--checkpoint", ck, "--device", "cpu", "--out", str(tmp_path / "x"),
                  "--targets", "nope"]) == 2
+
+
+def test_cli_ec_methods(trained, twin, tmp_path):
+    """``twin ec --method``: the Jacobian equals small-amplitude perturbation; the learned matrices are the
+    model's own; a method of another verb is refused."""
+    from twinbrain.cli import main
+    ck = str(trained.export)
+
+    def ec(method: str, *extra: str) -> tuple[np.ndarray, dict]:
+        out = tmp_path / method
+        assert main(["twin", "ec", "--checkpoint", ck, "--device", "cpu", "--out", str(out), "--method", method,
+                     "--windows", "0,1", *extra]) == 0, method
+        return np.load(out / "ec.npy"), json.loads((out / "ec.json").read_text())
+
+    jac, info = ec("jacobian")
+    assert info["method"] == "jacobian" and info["windows"] == 2 and "amplitude" not in info
+    small, _ = ec("perturbation", "--amplitude", "1e-3")
+    np.testing.assert_allclose(jac, small, atol=2e-3)
+    assert np.abs(jac - np.diag(np.diag(jac))).max() > 1e-4           # not trivially zero off the diagonal
+    for method in ("linear", "coupling"):
+        got, info = ec(method)
+        assert info["method"] == method and "windows" not in info
+        np.testing.assert_allclose(got, twin.effective_connectivity(method=method), atol=1e-6)
+    assert main(["twin", "ec", "--checkpoint", ck, "--device", "cpu", "--out", str(tmp_path / "bad"),
+                 "--method", "integrated_gradients"]) == 2
 
 
 # ------------------------------------------------------------------ distributed training

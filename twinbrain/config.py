@@ -116,7 +116,7 @@ class ModelConfig:
     coupling_rank: int = 4           # rank of the per-subject coupling deltas (0 = population coupling only)
     coupling_l1: float = 1.0e-3      # sparsity penalty on the couplings (weighted by 1 - prior)
     coupling_prior: str = "fc"       # fc (|r| of training spans) | structural (graph.structural) | none
-    linear_order: int = 3            # max lag p of the fMRI linear (VAR) core; 0 = no core
+    linear_order: int = 5            # max lag p of the fMRI linear (VAR) core; 0 = no core
 
 
 @dataclass
@@ -148,9 +148,8 @@ class TrainConfig:
     max_skipped_fraction: float = 0.5  # ... or when more than this share of steps was skipped (1 = off)
     checkpoint_every: int = 100      # optimizer steps between resumable checkpoints
     keep_checkpoints: int = 2        # newest checkpoints kept on disk
-    warm_start: bool = True          # fit the linear core as the validation-tuned ridge VAR before step 0
-    warm_start_alphas: list[float] = field(  # ridge alphas tried by the warm start (order 1..model.linear_order)
-        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0])
+    warm_start: bool = True          # fit the linear core as the validation-tuned svar baseline before step 0
+    core_lr_scale: float = 0.0       # lr of the linear core's population coefficients / train.lr (0 = keep the warm start)
 
 
 @dataclass
@@ -409,13 +408,15 @@ def validate_config(cfg: Config) -> None:
                 "train.checkpoint_every", "train.keep_checkpoints", "eval.ar_order"]
     for key in positive:
         _require(flat[key] > 0, key, f"must be > 0, got {flat[key]}")
-    for key in ["train.emb_lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip",
+    for key in ["train.emb_lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.core_lr_scale",
                 "sim.noise", "sim.eeg_noise", "sim.subject_variability", "data.calib_s",
                 "data.augment_noise", "data.augment_offset", "data.augment_smooth", "model.lap_pe_dim",
                 "model.coupling_rank", "model.coupling_l1", "model.linear_order", "train.early_stop_patience",
                 "eval.ridge_alpha", "eval.max_windows", "logging.profile_steps", "data.num_workers",
                 "data.latent_step_s"]:
         _require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
+    _require(t.warm_start or t.core_lr_scale > 0 or m.linear_order == 0, "train.core_lr_scale",
+             "is 0 with train.warm_start false: the linear core would stay at persistence; set it > 0 (e.g. 1)")
     _require(m.coupling_prior != "structural" or bool(g.structural), "model.coupling_prior",
              "'structural' needs graph.structural (an [R, R] .npy); set it or use fc | none")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")

@@ -186,13 +186,15 @@ class RidgeVAR:
 
     ``coef [p, N, N]`` with ``coef[k, i, j]`` = effect of source node j at lag k + 1 on target node i
     (row = target, column = source, the project's EC convention); ``intercept [N]``; ``order`` = p;
-    ``alpha`` = the ridge penalty it was fitted with. Units are those of the series (z-units in TwinBrain).
+    ``alpha`` = the ridge penalty it was fitted with on a node's own lags, ``alpha_cross`` the one on other
+    nodes' lags (None = ``alpha``: plain ridge). Units are those of the series (z-units in TwinBrain).
     """
 
     coef: np.ndarray
     intercept: np.ndarray
     order: int
     alpha: float
+    alpha_cross: float | None = None
 
     @property
     def weights(self) -> np.ndarray:
@@ -301,6 +303,78 @@ def _one_step_mse(step, series: list[np.ndarray], p: int, start: int) -> float:
         se += float((err ** 2).sum())
         cnt += int(ok.sum())
     return se / cnt if cnt else math.nan
+
+
+def _structured_solutions(mom: _VarMoments, alpha_cross: float, alpha_selfs) -> list[RidgeVAR]:
+    """Ridge VAR fits with penalty ``alpha_self`` on each target's own lags and ``alpha_cross`` on every
+    other node's lags, one per ``alpha_self`` (all < ``alpha_cross``), from one inverse per ``alpha_cross``.
+
+    Per target i the penalty is ``A + δ S_i S_iᵀ`` with ``A = G + alpha_cross I``, ``δ = alpha_self -
+    alpha_cross`` and ``S_i`` the p own-lag features of i, so Woodbury gives its solution from ``A⁻¹`` and a
+    p x p solve: ``w_i = x_i - A⁻¹ S_i (I/δ + S_iᵀ A⁻¹ S_i)⁻¹ S_iᵀ x_i`` with ``x_i = A⁻¹ r_i``.
+    """
+    p, n = mom.p, mom.n
+    a = mom.gram.copy()
+    a[np.diag_indices_from(a)] += alpha_cross
+    a_inv = scipy.linalg.inv(a, check_finite=False)
+    a_inv = (a_inv + a_inv.T) / 2
+    x = a_inv @ mom.rhs                                               # [D, N]
+    own = np.arange(p)[None, :] * n + np.arange(n)[:, None]           # [N, p] own-lag features per target
+    cols = a_inv[:, own].transpose(1, 0, 2)                           # [N, D, p]
+    block = a_inv[own[:, :, None], own[:, None, :]]                   # [N, p, p]
+    x_own = x[own, np.arange(n)[:, None]]                             # [N, p]
+    out = []
+    for alpha_self in alpha_selfs:
+        delta = alpha_self - alpha_cross
+        sol = np.linalg.solve(block + np.eye(p) / delta, x_own[..., None])[..., 0]     # [N, p]
+        w = x - np.einsum("ndp,np->dn", cols, sol)                                      # [D, N]
+        out.append(RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
+                            intercept=mom.ybar - w.T @ mom.zbar, order=p, alpha=float(alpha_self),
+                            alpha_cross=float(alpha_cross)))
+    return out
+
+
+def fit_linear_model(train_series, order: int, alpha: float, alpha_cross: float) -> RidgeVAR:
+    """Ridge VAR(``order``) with penalty ``alpha`` on each node's own lags and ``alpha_cross`` (>= alpha) on
+    other nodes' lags (equal: :func:`fit_ridge_var`'s plain ridge)."""
+    if alpha_cross < alpha:
+        raise ValueError(f"fit_linear_model needs alpha_cross >= alpha, got {alpha_cross} < {alpha}")
+    mom = _VarMoments(_finite_series(train_series, order + 1, "training"), int(order), "primal")
+    return mom.solve(alpha) if alpha_cross == alpha else _structured_solutions(mom, alpha_cross, [alpha])[0]
+
+
+def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS
+                        ) -> tuple[RidgeVAR, dict]:
+    """The strongest closed-form linear model on validation: ridge VAR with its own-lag penalty
+    ``alpha`` and cross-node penalty ``alpha_cross >= alpha`` both from ``alphas`` (equal = plain ridge
+    VAR; the largest ``alpha_cross`` approaches per-node AR), order from ``orders``, fitted on
+    ``train_series`` only and scored by one-step MSE on the same validation targets (``t >= max(orders)``).
+
+    Returns ``(best, info)`` with ``info = {'order', 'alpha', 'alpha_cross', 'val_mse', 'n_candidates'}``.
+    This is the twin's linear core at step 0 and the ``svar`` baseline.
+    """
+    orders = sorted({int(p) for p in orders})
+    alphas = sorted({float(a) for a in alphas})
+    if not orders or not alphas or orders[0] < 1 or alphas[0] < 0:
+        raise ValueError(f"select_linear_model needs orders >= 1 and alphas >= 0, got {orders}, {alphas}")
+    p_max = orders[-1]
+    train = _finite_series(train_series, p_max + 1, "training")
+    val = _finite_series(val_series, p_max + 1, "validation")
+    best, best_mse, count = None, math.inf, 0
+    for p in orders:
+        mom = _VarMoments(train, p, "primal")
+        for i, a_cross in enumerate(alphas):
+            fits = [mom.solve(a_cross)] + _structured_solutions(mom, a_cross, alphas[:i])
+            for fit in fits:
+                mse = _one_step_mse(fit.step, val, p, p_max)
+                count += 1
+                if mse < best_mse:
+                    best, best_mse = fit, mse
+    if best is None:
+        raise ValueError("select_linear_model: no candidate gave a finite validation error; check the series")
+    return best, {"order": best.order, "alpha": best.alpha,
+                  "alpha_cross": best.alpha if best.alpha_cross is None else best.alpha_cross,
+                  "val_mse": best_mse, "n_candidates": count}
 
 
 def select_ridge_var(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS,
@@ -532,7 +606,8 @@ def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alp
     """The baselines as strong as they can honestly be, every hyper-parameter chosen on validation.
 
     ``persistence``; ``ar1`` (per-node AR(1), alpha tuned); ``ar`` (per-node AR, order and alpha tuned);
-    ``var`` (ridge VAR, order and alpha tuned: :func:`select_ridge_var`); ``mlp`` (order of the tuned VAR,
+    ``var`` (ridge VAR, order and alpha tuned: :func:`select_ridge_var`); ``svar`` (ridge VAR with separate
+    own-lag and cross-node penalties, :func:`select_linear_model` — what the twin's linear core starts from); ``mlp`` (order of the tuned VAR,
     early-stopped on validation, clipped roll-out). All are fitted on ``train_series`` only. Without
     ``val_series`` (a run with no validation split) the last 20 % of every training series is held out
     to choose, and the winners are refitted on the whole training series.
@@ -544,15 +619,18 @@ def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alp
     ar1, s1 = select_ar(fit_on, val, orders=(1,), alphas=alphas)
     ar, s_ar = select_ar(fit_on, val, orders=orders, alphas=alphas)
     var, s_var = select_ridge_var(fit_on, val, orders=orders, alphas=alphas)
+    svar, s_svar = select_linear_model(fit_on, val, orders=orders, alphas=alphas)
     tuning = {"ar1": {"order": 1, "alpha": ar1.alpha, "val_mse": s1[(1, ar1.alpha)]},
               "ar": {"order": ar.order, "alpha": ar.alpha, "val_mse": s_ar[(ar.order, ar.alpha)]},
-              "var": {"order": var.order, "alpha": var.alpha, "val_mse": s_var[(var.order, var.alpha)]}}
+              "var": {"order": var.order, "alpha": var.alpha, "val_mse": s_var[(var.order, var.alpha)]},
+              "svar": {k: s_svar[k] for k in ("order", "alpha", "alpha_cross", "val_mse")}}
     if refit:
         ar1, ar = ARBaseline(1, ar1.alpha).fit(train), ARBaseline(ar.order, ar.alpha).fit(train)
         var = fit_ridge_var(train, var.order, var.alpha)
+        svar = fit_linear_model(train, svar.order, s_svar["alpha"], s_svar["alpha_cross"])
     out: dict[str, Baseline] = {"persistence": Persistence()}
     ar1.name, ar.name = "ar1", "ar"
-    out.update(ar1=ar1, ar=ar, var=VARBaseline.from_fit(var, "var"))
+    out.update(ar1=ar1, ar=ar, var=VARBaseline.from_fit(var, "var"), svar=VARBaseline.from_fit(svar, "svar"))
     if mlp:
         m = MLPBaseline(var.order, steps=mlp_steps).fit(fit_on, val)
         tuning["mlp"] = {"order": m.order, "best_step": m.best_step, "max_steps": m.steps, "val_mse": m.val_mse}

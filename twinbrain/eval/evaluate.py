@@ -173,6 +173,8 @@ def baseline_label(name: str, tuning: dict | None = None) -> str:
     p = tuning.get("order")
     if name == "mlp":
         return f"MLP({p}) iterated, stopped at {tuning['best_step']}/{tuning['max_steps']} steps"
+    if name == "svar":
+        return f"ridge VAR({p}), α own {tuning['alpha']:g} / cross {tuning['alpha_cross']:g}, val-tuned"
     base = {"ar1": "AR(1) per node", "ar": f"AR({p}) per node", "var": f"ridge VAR({p})"}.get(name, name)
     return f"{base}, α={tuning['alpha']:g}, val-tuned"
 
@@ -234,7 +236,7 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"- model FC (one-step forecasts) vs empirical FC: r = {_fmt(v['fc']['model_vs_empirical_r'])}",
                   f"- node embeddings vs true modules (k-means, k = {emb['k']}): ARI {_fmt(emb['ari'])}, "
                   f"NMI {_fmt(emb['nmi'])}",
-                  f"- modularity Q w.r.t. true modules: |EC| {_fmt(q['ec'])}, learned adjacency "
+                  f"- modularity Q w.r.t. true modules: |EC| {_fmt(q['ec'])}, learned coupling "
                   f"{_fmt(q['learned_adjacency'])}, input FC graph {_fmt(q['input_fc_graph'])}, true coupling "
                   f"{_fmt(q['true_coupling'])}"]
     return "\n".join(lines) + "\n"

@@ -126,6 +126,48 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _plot_validation(path: Path, evals: list[dict]) -> Path | None:
+    """Held-out forecast R² over training, one panel per modality: TwinBrain (solid) and persistence
+    (dashed) overlaid in one colour per horizon, beside the validation losses."""
+    keys = _keys(evals)
+    mods = sorted({k.split("/")[1] for k in keys if k.startswith("val/") and "/forecast_r2_h" in k})
+    losses = [k for k in keys if k.startswith("val/loss")]
+    if not mods and not losses:
+        return None
+    n = len(mods) + int(bool(losses))
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.6), squeeze=False, layout="constrained")
+    for ax, m in zip(axes.flat, mods):
+        hs = sorted(int(k.rsplit("_h", 1)[1]) for k in keys if k.startswith(f"val/{m}/forecast_r2_h"))
+        for i, h in enumerate(hs):
+            colour = plt.cm.viridis(i / max(len(hs) - 1, 1))
+            for name, style in (("forecast", "o-"), ("persistence", "x--")):
+                xs, ys = _series(evals, f"val/{m}/{name}_r2_h{h}")
+                if xs:
+                    ax.plot(xs, ys, style, color=colour, markersize=4, linewidth=1.2,
+                            label=f"h{h} {'TwinBrain' if name == 'forecast' else 'persistence'}")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(f"{m}: held-out forecast R² (solid TwinBrain, dashed persistence)", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("R² (validation subjects)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    if losses:
+        ax = axes.flat[len(mods)]
+        for k in losses:
+            xs, ys = _series(evals, k)
+            ax.plot(xs, ys, "o-", label=k.removeprefix("val/"), markersize=4, linewidth=1.2)
+        if all(y > 0 for k in losses for y in _series(evals, k)[1]):
+            ax.set_yscale("log")
+        ax.set_title("validation losses", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("validation")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plot_eval_report(path: Path, flat: dict[str, Any]) -> Path | None:
     """Forecast skill (and R2) from eval/report.json: per-horizon lists as lines, scalars as bars."""
     skill = {k: v for k, v in flat.items() if "skill" in k.lower() or "r2" in k.lower()}
@@ -199,18 +241,13 @@ def render_report(run_dir: str | Path) -> Path:
         k for ks in optim.values() for k in ks}
     other = [k for k in tkeys if k not in grouped]
     vkeys = _keys(evals)
-    vloss = [k for k in vkeys if any(w in k.lower() for w in LOWER_IS_BETTER)]
-    vskill = [k for k in vkeys if "skill" in k.lower()]
 
     plots = {
         "loss": _plot(out / "loss.png", "training loss", [("loss", ["loss"], True),
                                                            ("loss terms", loss_terms, True)], train),
         "optimisation": _plot(out / "optim.png", "optimisation", [(n, ks, n == "gradient norm")
                                                                  for n, ks in optim.items()], train),
-        "validation": _plot(out / "validation.png", "validation",
-                            [("forecast skill", vskill, False), ("validation losses", vloss, True)]
-                            + [(k, [k], False) for k in vkeys if k not in vskill and k not in vloss],
-                            evals, marker="o-"),
+        "validation": _plot_validation(out / "validation.png", evals),
         "throughput": _plot(out / "throughput.png", "throughput", [
             ("windows / s (total)", ["windows_per_s"], False),
             ("node-steps / s (total)", ["node_steps_per_s"], False),

@@ -31,6 +31,7 @@ import torch
 from twinbrain.eval.forecast_eval import train_series
 from twinbrain.eval.validity import (auroc, cluster_agreement, edge_auroc, fc_similarity, fit_linear_twin,
                                      linear_twin_ec, modularity, offdiag_pearson)
+from twinbrain.schema import relation_key
 
 
 def _f(v) -> float | None:
@@ -82,14 +83,13 @@ def _dense(edge_index: np.ndarray, edge_weight: np.ndarray, n: int) -> np.ndarra
 
 
 def _learned_adjacency(model, n: int) -> np.ndarray | None:
-    """``[N, N]`` learned dynamic adjacency of the fMRI slots (row = destination), or None."""
-    dyn = getattr(model, "dyn_adj", None)
-    if dyn is None or "fmri" not in dyn:
+    """``[N, N]`` learned population coupling of the fMRI slots (row = target), or None without one."""
+    coupling = getattr(model, "coupling", None)
+    key = relation_key(("fmri", "fc", "fmri"))
+    if coupling is None or key not in coupling:
         return None
-    dev = next(model.parameters()).device
     with torch.no_grad():
-        a = dyn["fmri"](torch.arange(n, device=dev), torch.ones(n, dtype=torch.bool, device=dev), 1)
-    return a[0].double().cpu().numpy()
+        return coupling[key].matrix()[:n, :n].double().cpu().numpy()
 
 
 def _q(adj: np.ndarray | None, modules: np.ndarray) -> float | None:

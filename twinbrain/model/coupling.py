@@ -92,7 +92,8 @@ class LinearCore(nn.Module):
 
     ``x_{t+1} = b + sum_{k=1..p} A_k x_{t+1-k}``; ``coef [p, M, M]`` with ``coef[k, i, j]`` = effect of
     slot ``j`` at lag ``k + 1`` on slot ``i`` (the ridge-VAR baseline's layout), ``intercept [M]``.
-    Lags before the window start are 0 (so the first ``p - 1`` steps of a window see a shorter past).
+    Lags before the window start repeat the window's first sample (the first ``p - 1`` steps of a window
+    see a shorter past).
     Starts at persistence (``A_1 = I``) until :meth:`load_var` warm-starts it.
 
     Personal EC in signal space: subject ``s`` uses ``A_1 + U_s Vᵀ`` (``U [n_subjects, M, rank]`` from zero,
@@ -146,7 +147,10 @@ class LinearCore(nn.Module):
             a = [self.lag1(subject)] + [self.coef.float()[k, :m, :m] for k in range(1, self.order)]
             b = self.intercept.float()[:m].view(1, m, 1)
             x = x.float()
-            lags = [x] + [nn.functional.pad(x, (k, 0))[..., :t_len] for k in range(1, self.order)]
+            # Lags before the window start repeat its first sample (a persistence guess; zeros, the mean,
+            # gave smooth BOLD a large error at the first p - 1 positions of every window).
+            lags = [x] + [nn.functional.pad(x, (k, 0), mode="replicate")[..., :t_len] if t_len else x
+                          for k in range(1, self.order)]
             outs = []
             for _ in range(self.steps):
                 y = b + sum(torch.matmul(a[k], lags[k]) for k in range(self.order))

@@ -144,17 +144,19 @@ class TwinBrain(nn.Module):
         """The optimizer groups, owned by the model (one rule next to the parameters it describes).
 
         Every parameter name in exactly one group: ``embedding`` (subject/session embeddings, the session
-        affine and the personal coupling deltas: ``train.emb_lr``, no weight decay), ``no_decay`` (biases,
-        norms, node-identity and step embeddings, the couplings — held sparse by their own penalty — and
-        the linear core, which keeps its ridge fit) and ``default`` (weights, with weight decay). Names are
+        affine and the personal coupling deltas: ``train.emb_lr``, no weight decay), ``core`` (the linear
+        core's population coefficients: ``train.core_lr_scale`` x ``train.lr``, no decay), ``no_decay`` (biases,
+        norms, node-identity and step embeddings, the couplings — held sparse by their own penalty) and ``default`` (weights, with weight decay). Names are
         relative to the unwrapped model; checkpoint wrappers' ``_checkpoint_wrapped_module.`` is removed.
         """
-        groups: dict[str, list[str]] = {"embedding": [], "no_decay": [], "default": []}
+        groups: dict[str, list[str]] = {"embedding": [], "core": [], "no_decay": [], "default": []}
         for raw, p in self.named_parameters():
             name = raw.replace("_checkpoint_wrapped_module.", "")
             if name.startswith(EMBEDDING_PREFIXES) or (name.startswith(("coupling.", "linear."))
                                                        and name.endswith(PERSONAL_SUFFIXES)):
                 groups["embedding"].append(name)
+            elif name.startswith("linear.") and name.endswith((".coef", ".intercept")):
+                groups["core"].append(name)
             elif (p.dim() < 2 or "norm" in name or "step_emb" in name
                   or name.startswith(("node_emb.", "coupling.", "linear.", "gate.", "anchor."))):
                 groups["no_decay"].append(name)

@@ -16,10 +16,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import logging
+
 import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+# FSDP plugin keys of an Accelerate launch config that TwinBrain reads; FSDP2 is applied per block by
+# TwinBrain itself, so every other FSDP_* setting has no effect and is reported as such.
+_FSDP_READ = ("FSDP_VERSION", "FSDP_RESHARD_AFTER_FORWARD")
 
 _FSDP_ENV = ("ACCELERATE_USE_FSDP", "FSDP_")
 _DS_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_")
@@ -31,6 +38,39 @@ class Backend:
     zero_stage: int = 0
     ds_config: str = ""        # path of the DeepSpeed JSON
     reshard_after_forward: bool = True
+
+    def record(self) -> dict:
+        """What the run actually used, for the environment record (with the DeepSpeed JSON itself)."""
+        out = {"backend": self.name, "zero_stage": self.zero_stage}
+        if self.name == "fsdp2":
+            out["reshard_after_forward"] = self.reshard_after_forward
+        if self.ds_config:
+            out["ds_config"] = self.ds_config
+            out["ds_config_json"] = json.loads(Path(self.ds_config).read_text())
+        return out
+
+
+def resolve_precision(precision: str, env=None) -> str:
+    """``train.precision`` combined with Accelerate's ``mixed_precision`` (``ACCELERATE_MIXED_PRECISION``,
+    set by a launch config or ``--mixed_precision``): 'no' leaves ``train.precision`` in charge; bf16/fp16
+    replaces ``auto`` and must agree with an explicit ``train.precision``."""
+    env = os.environ if env is None else env
+    launch = str(env.get("ACCELERATE_MIXED_PRECISION", "no")).lower()
+    if launch in ("no", ""):
+        return precision
+    if launch not in ("bf16", "fp16"):
+        raise ConfigError(f"Accelerate mixed_precision '{launch}' is not supported; use no, bf16 or fp16 in the "
+                          "launch config")
+    if precision not in ("auto", launch):
+        raise ConfigError(f"train.precision is '{precision}' but the Accelerate launch asks for mixed_precision "
+                          f"'{launch}'; make them agree (e.g. --train.precision {launch}) or set mixed_precision: 'no'")
+    return launch
+
+
+def ignored_launch_keys(env=None) -> list[str]:
+    """FSDP plugin settings of the launch config that TwinBrain does not read."""
+    env = os.environ if env is None else env
+    return sorted(k for k in env if k.startswith("FSDP_") and k not in _FSDP_READ)
 
 
 def _truthy(value: str | None) -> bool:
@@ -48,6 +88,10 @@ def resolve_backend(cfg: Config, world_size: int | None = None) -> Backend:
     ds_config = p.ds_config
     reshard = p.reshard_after_forward
     if name == "auto":
+        if _truthy(env.get("ACCELERATE_USE_FSDP")):
+            for key in ignored_launch_keys(env):
+                log.warning("launch config: %s=%s is ignored (TwinBrain applies FSDP2 per block itself; only "
+                            "fsdp_version and fsdp_reshard_after_forward are read)", key, env[key])
         if _truthy(env.get("ACCELERATE_USE_DEEPSPEED")):
             name = "deepspeed"
             ds_config = ds_config or env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")

@@ -144,11 +144,12 @@ class Telemetry:
         max_steps: final step, for the progress bar and ETA.
         backend: parallel backend name (single | ddp | fsdp2 | deepspeed), logged with the environment.
         start_step: step already completed (resume), so the bar starts there.
+        launch: the resolved backend, ZeRO stage, DeepSpeed JSON and precision (environment record).
     """
 
     def __init__(self, cfg_logging: LoggingConfig, run_dir: Path, *, is_main: bool, world_size: int,
                  device: torch.device, config_dict: dict, run_name: str, resume_run_id: str | None,
-                 max_steps: int, backend: str = "", start_step: int = 0):
+                 max_steps: int, backend: str = "", start_step: int = 0, launch: dict | None = None):
         self.cfg = cfg_logging
         self.run_dir = Path(run_dir)
         self.is_main = is_main
@@ -159,6 +160,8 @@ class Telemetry:
         self.timer = StepTimer(self.device)
         self.memory = MemoryMeter(self.device)
         self.env = collect_environment(self.device, self.world_size, backend)
+        if launch:
+            self.env["launch"] = launch
         self.last_metrics: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
         self._pending: dict[str, Any] = {}

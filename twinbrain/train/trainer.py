@@ -24,7 +24,7 @@ from ..config import Config, ConfigError, check_paths, dump_config, save_config
 from ..data.module import DataModule
 from ..model import build_model, loss_counts, loss_term_names, make_balancer
 from .checkpoint import Checkpointer, export_model, full_model_state, rng_state, set_rng_state
-from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
+from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend, resolve_precision
 from .extensions import prepare_extensions, watch_build_locks
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
 from .parallel import (apply_activation_checkpointing, autocast_dtype, deepspeed_config, wrap_ddp,
@@ -92,12 +92,15 @@ class Trainer:
         t = cfg.train
         # 1. distributed
         self.backend: Backend = resolve_backend(cfg)
+        # config.yaml records what ran, not 'auto' (the launch config may have chosen it).
+        cfg.parallel.backend, cfg.parallel.zero_stage = self.backend.name, self.backend.zero_stage
         self.accelerator = make_accelerator()
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.rank == 0
-        self.dtype = autocast_dtype(t.precision, self.device)
-        if self.dtype is not None and self.device.type == "cpu" and t.precision == "fp16":
+        self.precision = resolve_precision(t.precision)
+        self.dtype = autocast_dtype(self.precision, self.device)
+        if self.dtype is not None and self.device.type == "cpu" and self.precision == "fp16":
             raise ConfigError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
         self.run_dir = Path(cfg.run.out)
         self.lock = RunLock(self.run_dir)
@@ -171,7 +174,10 @@ class Trainer:
         self.tel = Telemetry(cfg.logging, self.run_dir, is_main=self.is_main, world_size=self.world,
                              device=self.device, config_dict=cfg.to_dict(),
                              run_name=cfg.run.name or self.run_dir.name, resume_run_id=self.run_id,
-                             max_steps=t.max_steps, backend=self.backend.name, start_step=self.step)
+                             max_steps=t.max_steps, backend=self.backend.name, start_step=self.step,
+                             launch={**self.backend.record(), "precision": self.precision,
+                                     "autocast_dtype": str(self.dtype).replace("torch.", "") if self.dtype
+                                     else "float32"})
         self.run_id = self.tel.run_id
         if self.step_flops:
             self.tel.set_step_flops(*self.step_flops)
@@ -212,8 +218,9 @@ class Trainer:
             return
         old = _flat(yaml.safe_load(saved.read_text()))
         new = _flat(yaml.safe_load(dump_config(self.cfg)))
+        resolved_later = {"parallel.backend": "auto", "parallel.zero_stage": 0}   # runs saved before resolution
         changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-                   and not k.startswith(RESUMABLE_CHANGES)]
+                   and not k.startswith(RESUMABLE_CHANGES) and resolved_later.get(k, object()) != old.get(k)]
         if changed:
             diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
             raise ConfigError(f"{self.run_dir} holds a checkpoint trained with a different config ({diff}). "

@@ -10,8 +10,11 @@ must match the checkpoint's fingerprint)):
     perturb      --targets 0,5|NAME [--amplitude A] [--duration D] [--onset O] [--modality M] [--num-steps N]
                                                                {baseline,perturbed,delta}_<m>.npy, perturb.json,
                                                                response.png, brain.png
-    ec           [--modality M] [--amplitude A] [--absolute] [--horizon H] [--max-windows W] (progress bar)
-                                                               ec.npy, ec.json (node names), ec.png
+    ec           [--method perturbation|jacobian|coupling|linear] [--modality M] [--amplitude A] [--absolute]
+                 [--horizon H] [--max-windows W] (progress bar)  ec.npy, ec.json (node names), ec.png
+                 perturbation: Δforecast per unit stimulus; jacobian: its small-amplitude limit (autodiff);
+                 coupling: the learned latent coupling C; linear: the linear core's lag-1 matrix (fMRI);
+                 the last two read the model (no windows; --subject gives that subject's personal matrix)
     personalize  --subject ID [--steps] [--lr] [--adapt-fraction] [--section.key VALUE ...]
                  ID: a held-out (val/test) subject of the cohort (its never-trained rows are fitted), or
                  a new subject whose data the overrides describe (e.g. --sim.n_subjects 9 for simulated
@@ -34,6 +37,9 @@ from twinbrain.config import ConfigError, config_from_dict, parse_overrides
 from twinbrain.twin.loader import CheckpointError
 
 VERBS = ("forecast", "perturb", "ec", "personalize", "attribute")
+# ``--method`` is shared by two verbs; each has its own choices and default (first entry).
+METHODS = {"ec": ("perturbation", "jacobian", "coupling", "linear"),
+           "attribute": ("grad_x_input", "integrated_gradients")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--adapt-fraction", type=float, default=0.5)
     p.add_argument("--target", help="attribute: node slot or name")
-    p.add_argument("--method", default="grad_x_input", choices=["grad_x_input", "integrated_gradients"])
+    p.add_argument("--method", help="ec: " + "|".join(METHODS["ec"]) + " (default perturbation); attribute: "
+                   + "|".join(METHODS["attribute"]) + " (default grad_x_input)")
     p.add_argument("--ig-steps", type=int, default=32)
     p.add_argument("--at-step", type=int, help="attribute: latent step the forecast is made at (default last)")
     return p
@@ -104,8 +111,19 @@ def _progress(args) -> bool:
     return args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
 
 
+def _method(args) -> str:
+    """``--method`` of the verb: its default when not given; a method of another verb is an error."""
+    choices = METHODS[args.verb]
+    if args.method is None:
+        return choices[0]
+    if args.method not in choices:
+        raise ValueError(f"--method {args.method!r} is not a method of '{args.verb}'; choose one of "
+                         f"{', '.join(choices)}")
+    return args.method
+
+
 def ec_in_chunks(twin, windows, *, modality: str, amplitude: float, signed: bool, horizon: int,
-                 progress: bool, chunk: int = 4) -> np.ndarray:
+                 progress: bool, chunk: int = 4, method: str = "perturbation") -> np.ndarray:
     """:meth:`Twin.effective_connectivity` over ``windows`` in chunks, with a progress bar: each chunk's
     mean is weighted by its count of windows in which both nodes are present, which gives exactly the
     mean over all windows."""
@@ -116,7 +134,7 @@ def ec_in_chunks(twin, windows, *, modality: str, amplitude: float, signed: bool
         for a in range(0, len(windows), chunk):
             part = [windows[k] for k in range(a, min(len(windows), a + chunk))]
             ec = twin.effective_connectivity(part, modality=modality, amplitude=amplitude, signed=True,
-                                             horizon=horizon)
+                                             horizon=horizon, method=method)
             masks = np.stack([w[modality].mask.numpy().astype(float) for w in part])      # [W, N]
             c = masks.T @ masks                                                            # [N, N]
             acc += np.nan_to_num(ec) * c
@@ -172,12 +190,24 @@ def _perturb(twin, args, out: Path) -> str:
 
 def _ec(twin, args, out: Path) -> str:
     from twinbrain.twin.plots import plot_ec
-    ws = twin.windows(subject=args.subject, split=args.split, ids=_ids(args), limit=args.max_windows)
-    ec = ec_in_chunks(twin, ws, modality=args.modality, amplitude=args.amplitude, signed=not args.absolute,
-                      horizon=args.horizon, progress=_progress(args))
+    method = _method(args)
+    if method in ("coupling", "linear"):       # read from the model: no windows, no stimulus
+        ec = twin.effective_connectivity(modality=args.modality, signed=not args.absolute, method=method,
+                                         subject=args.subject)
+        info = {"method": method, "signed": not args.absolute, "subject": args.subject,
+                "units": "latent coupling (no signal units)" if method == "coupling" else
+                "forecast z-units per input z-unit, one step"}
+        source = f"the model's {method} matrix"
+    else:
+        ws = twin.windows(subject=args.subject, split=args.split, ids=_ids(args), limit=args.max_windows)
+        ec = ec_in_chunks(twin, ws, modality=args.modality, amplitude=args.amplitude, signed=not args.absolute,
+                          horizon=args.horizon, progress=_progress(args), method=method)
+        info = {"method": method, "signed": not args.absolute, "horizon": args.horizon, "windows": len(ws),
+                "window_ids": list(ws.index), "split": args.split, "subject": args.subject}
+        if method == "perturbation":
+            info["amplitude"] = args.amplitude
+        source = f"{len(ws)} windows ({method})"
     names = twin.node_names(args.modality)
-    info = {"signed": not args.absolute, "amplitude": args.amplitude, "horizon": args.horizon, "windows": len(ws),
-            "window_ids": list(ws.index), "split": args.split, "subject": args.subject}
     truth = twin.truth() if args.modality == "fmri" else None
     line = ""
     if truth is not None:
@@ -187,7 +217,13 @@ def _ec(twin, args, out: Path) -> str:
     twin.save_ec(ec, out / "ec.npy", args.modality, **info)
     modules = twin.modules() if args.modality == "fmri" else None
     plot_ec(ec, names, out / "ec.png", modules=modules, title=f"{args.modality} effective connectivity")
-    return f"EC {ec.shape} from {len(ws)} windows{line} -> {out}"
+    if args.modality == "fmri":
+        from twinbrain.twin.exports import coords_mm, twin_node_table
+        from twinbrain.twin.plots import plot_ec_glass_brain
+        pos = coords_mm(twin_node_table(twin, "fmri"))
+        if np.isfinite(pos).all(1).sum() >= 2:              # positions known (MNI mm)
+            plot_ec_glass_brain(ec, pos, out / "ec_glass_brain.png")
+    return f"EC {ec.shape} from {source}{line} -> {out}"
 
 
 def _personalize(twin, args, overrides: list[str], out: Path) -> str:
@@ -219,7 +255,7 @@ def _attribute(twin, args, out: Path) -> str:
     if args.target is None:
         raise ValueError("attribute needs --target (node slot or name)")
     w = _window(twin, args)
-    res = twin.attribute(w, args.target, modality=args.modality, horizon=args.horizon, method=args.method,
+    res = twin.attribute(w, args.target, modality=args.modality, horizon=args.horizon, method=_method(args),
                          steps=args.ig_steps, at_step=args.at_step)
     for m in ("fmri", "eeg"):
         np.save(out / f"attr_{m}.npy", res[m])

@@ -175,49 +175,41 @@ def jacobian_ec(twin, windows: list, modality: str = "fmri", horizon: int = 1, a
                 batch_size: int = 64) -> np.ndarray:
     """Directed ``[N, N]`` EC as the Jacobian of the forecast: ``EC[i, j]`` = mean over windows and forecast
     steps ``1..horizon`` of ``d forecast_i / d x_j(at_step)`` (default: the last context step), by
-    forward-mode autodiff. Copy ``q`` of a window carries the tangent of source ``q``, so one ``jvp``
-    gives a whole block of columns; passes are packed across windows like
-    :func:`effective_connectivity`, which it equals in the limit of a small amplitude."""
+    forward-mode autodiff; equal to :func:`effective_connectivity` in the limit of a small amplitude.
+
+    One pass holds ``max(1, batch_size // N)`` distinct windows once; ``torch.func.vmap`` over ``jvp`` pushes
+    the ``N`` one-hot source tangents (in chunks of ``batch_size``) through it, so the primal forward runs
+    once per pass rather than once per source copy (measured in docs/PERFORMANCE.md)."""
     n = twin.n_nodes(modality)
-    jobs = [(w, list(range(a, min(n, a + batch_size)))) for w in range(len(windows)) for a in range(0, n, batch_size)]
+    per_pass = max(1, batch_size // max(n, 1))
     acc = torch.zeros(n, n, dtype=torch.float64)
     cnt = torch.zeros(n, n, dtype=torch.float64)
-    passes, cur = [], []
-    for job in jobs:                                  # each copy carries one source: pack batch_size copies
-        if cur and sum(len(j[1]) for j in cur) + len(job[1]) > batch_size:
-            passes.append(cur)
-            cur = []
-        cur.append(job)
-    if cur:
-        passes.append(cur)
-    for jobs_in_pass in passes:
-        data, slots, heads = [], [], []
-        for w, nodes in jobs_in_pass:
-            heads.append(len(data))
-            data += [windows[w]] * len(nodes)
-            slots += nodes
-        batch = Batch.from_data_list(data).to(twin.device)
+    for a in range(0, len(windows), per_pass):
+        part = [windows[k] for k in range(a, min(len(windows), a + per_pass))]
+        batch = Batch.from_data_list(part).to(twin.device)
         twin.check_slots(batch)
-        x = batch[modality].x
-        t_len = x.shape[1]
+        x = batch[modality].x                                           # [W * N, T, 1]
+        w, t_len = len(part), x.shape[1]
         step = t_len - 1 if at_step is None else int(at_step)
         if not 0 <= step < t_len:
             raise ValueError(f"at_step={step} is outside the {modality} context of {t_len} steps")
-        tangent = torch.zeros_like(x).view(len(data), n, t_len)
-        tangent[torch.arange(len(data)), torch.tensor(slots), step] = 1.0
+        src = torch.arange(n, device=x.device)
+        tangents = torch.zeros(n, w, n, t_len, dtype=x.dtype, device=x.device)   # [source, W, N, T]
+        tangents[src, :, src, step] = 1.0
 
         def forecast(x_in):
             return twin.predict(with_inputs(batch, {modality: x_in}), horizon, need=(modality,))[modality]
 
+        def column(tangent):
+            return torch.func.jvp(forecast, (x,), (tangent.view_as(x),))[1]
+
         # The fused attention kernels have no forward-mode derivative; the math kernel (same result) has.
         with sdpa_kernel(SDPBackend.MATH):
-            _, jv = torch.func.jvp(forecast, (x,), (tangent.view_as(x),))
-        jv = jv.detach().double().view(len(data), n, -1).mean(-1).cpu()          # [copies, N]
-        mask = batch[modality].mask.view(len(data), n).cpu() if "mask" in batch[modality] else \
-            torch.ones(len(data), n, dtype=torch.bool)
-        for (w, nodes), h in zip(jobs_in_pass, heads):
-            rows = jv[h:h + len(nodes)]                                            # [j, i]
-            ok = (mask[h][None, :] & mask[h][nodes][:, None]).double()
-            acc[:, nodes] += (rows * ok).t()
-            cnt[:, nodes] += ok.t()
+            jv = torch.func.vmap(column, chunk_size=max(1, batch_size))(tangents)   # [source, W * N, H]
+        jv = jv.detach().double().view(n, w, n, -1).mean(-1).cpu()              # [j, W, i]
+        mask = batch[modality].mask.view(w, n).cpu() if "mask" in batch[modality] else \
+            torch.ones(w, n, dtype=torch.bool)
+        ok = (mask[:, None, :] & mask[:, :, None]).double()                    # [W, j, i]
+        acc += (jv.transpose(0, 1) * ok).sum(0).t()
+        cnt += ok.sum(0).t()
     return torch.where(cnt > 0, acc / cnt.clamp_min(1), torch.full_like(acc, float("nan"))).numpy()

@@ -79,9 +79,10 @@ def plot_response(result: dict, path, modality: str | None = None, top: int = 5,
     picks = list(np.argsort(-peak, kind="stable")[:top])
     fig, ax = plt.subplots(figsize=(7, 4))
     for i in picks:
-        style = "--" if (m == result["modality"] and i in result["targets"]) else "-"
-        ax.plot(t, delta[i], style, marker="o" if delta.shape[1] <= 20 else None, ms=3,
-                label=names[i] if names else f"node {i}")
+        stimulated = m == result["modality"] and i in result["targets"]
+        name = names[i] if names else f"node {i}"
+        ax.plot(t, delta[i], "--" if stimulated else "-", marker="o" if delta.shape[1] <= 20 else None, ms=3,
+                label=f"{name} (stimulated, dashed)" if stimulated else name)
     ax.axhline(0, color="grey", lw=0.6)
     ax.set_xlabel("forecast step start, s after context end")
     ax.set_ylabel(f"Δ {m} forecast (z)")
@@ -156,4 +157,32 @@ def plot_attribution(attr: np.ndarray, path, period_s: float, names: list[str] |
         ax.set_yticks(range(len(names)), names, fontsize=6)
     ax.set_xlabel("input time (s from window start)")
     ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_ec_glass_brain(ec: np.ndarray, pos_mm: np.ndarray, path, top: int = 30,
+                        title: str = "strongest effective connections") -> Path:
+    """Glass-brain connectome (nilearn, MNI mm) of the ``top`` strongest off-diagonal EC entries:
+    ``ec [N, N]`` row = target, column = source; red = excitatory, blue = inhibitory; node size = summed
+    |outgoing| EC (how much a region drives others). Slots without a position (NaN) are left out."""
+    from nilearn import plotting
+
+    ec = np.asarray(ec, dtype=np.float64)
+    pos = np.asarray(pos_mm, dtype=np.float64)
+    ok = np.isfinite(pos).all(1)
+    a = np.where(np.eye(len(ec), dtype=bool), 0.0, np.nan_to_num(ec))[np.ix_(ok, ok)]
+    flat = np.abs(a).ravel()
+    k = min(int(top), int((flat > 0).sum()))
+    thr = np.sort(flat)[-k] if k else np.inf
+    # nilearn draws an undirected line per pair; keep the larger direction of each pair.
+    keep = np.where(np.abs(a) >= np.abs(a.T), a, 0.0)
+    keep[np.abs(keep) < thr] = 0.0
+    sym = keep + keep.T
+    out_strength = np.abs(a).sum(0)
+    size = 10 + 60 * out_strength / (out_strength.max() or 1.0)
+    fig = plt.figure(figsize=(9, 3.2))
+    vmax = float(np.abs(sym).max()) or 1.0
+    plotting.plot_connectome(sym, pos[ok], node_size=size, node_color="k", edge_cmap="RdBu_r",
+                             edge_vmin=-vmax, edge_vmax=vmax, edge_threshold=None, display_mode="lzry",
+                             colorbar=True, figure=fig, title=f"{title} (top {k}, MNI mm)")
     return _save(fig, path)
