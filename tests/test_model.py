@@ -31,7 +31,8 @@ def block_inputs(seed: int = 0):
     idx = {m: torch.arange(n) for m, n in SLOTS.items()}
     keep = {m: torch.ones(n, 1, 1) for m, n in SLOTS.items()}
     return couplings, idx, keep, 1
-VARIANTS = {"plain": {}, "full": FULL, "no_attn_specnorm": dict(temporal_attention=False, spectral_norm=True)}
+VARIANTS = {"plain": {}, "full": FULL, "no_attn_specnorm": dict(temporal_attention=False, spectral_norm=True),
+            "local_attn": dict(attention_window=3)}   # 16 EEG steps: windowed path, last chunk padded
 
 
 def make(cfg: ModelConfig, seed: int = 0, random_embeddings: bool = False):
@@ -105,6 +106,23 @@ def test_model_is_causal_in_both_modalities(variant):
             _assert_prefix_equal(ref, got, {"fmri": k0 // SPT, "eeg": k0 // STRIDE})
 
 
+@pytest.mark.parametrize("t", [5, 12, 23])
+@pytest.mark.parametrize("window", [1, 3, 5, 8])
+def test_local_attention_equals_masked_full_attention(window, t):
+    """Step ``i`` attends to steps ``i - window + 1 .. i`` exactly, including a padded last chunk."""
+    from twinbrain.model.layers import local_causal_attention
+    g = torch.Generator().manual_seed(window * 100 + t)
+    q, k, v = (torch.randn(3, 2, t, 4, generator=g, requires_grad=True) for _ in range(3))
+    i, j = torch.arange(t).view(-1, 1), torch.arange(t).view(1, -1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - window))
+    got = local_causal_attention(q, k, v, window)
+    torch.testing.assert_close(got, ref)
+    gr = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    gg = torch.autograd.grad(got.square().sum(), (q, k, v))
+    for a, b in zip(gg, gr):
+        torch.testing.assert_close(a, b)
+
+
 def test_every_block_is_causal():
     torch.manual_seed(0)
     hid, l_e = 16, T_F * SPT // STRIDE
@@ -140,7 +158,7 @@ def test_block_under_activation_checkpointing_matches():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("variant", ["plain", "full"])
+@pytest.mark.parametrize("variant", ["plain", "full", "local_attn"])
 def test_batched_forward_equals_per_window(variant):
     model = make(tiny_cfg(**VARIANTS[variant]), random_embeddings=True).eval()
     windows = [make_window(N_F, N_E, T_F, SPT, subject=i, session=2 - i, seed=10 + i, masked_fmri=(i,))

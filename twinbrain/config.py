@@ -108,6 +108,7 @@ class ModelConfig:
     eeg_stride: int = 125            # 125 samples at 250 Hz = 2 latent steps per second
     forecast_steps: int = 4          # S: predicted future steps (fMRI TRs; EEG latent steps)
     temporal_attention: bool = True  # causal self-attention over time in each block
+    attention_window: int = 16       # EEG attention: latent steps each step sees (itself incl.; 0 = all earlier)
     probabilistic: str = "none"      # none | gaussian
     session_affine: bool = False     # per-session input affine layer
     spectral_norm: bool = False      # spectral normalisation of the block weights

@@ -45,7 +45,7 @@ class STBlock(nn.Module):
 
     def __init__(self, hidden: int, heads: int, kernel_size: int, dropout: float, steps_per_tr: int,
                  n_slots: dict[str, int], dilation: int = 1, temporal_attention: bool = True,
-                 spectral_norm: bool = False):
+                 spectral_norm: bool = False, attention_window: int = 0):
         super().__init__()
         self.steps_per_tr, self.n_slots = steps_per_tr, dict(n_slots)
         self.use_attn = temporal_attention
@@ -59,9 +59,12 @@ class STBlock(nn.Module):
         self.value = nn.ModuleDict({relation_key(r): nn.Linear(hidden, hidden) for r in RELATIONS})
         if temporal_attention:
             self.norm_attn = per_modality(lambda: nn.LayerNorm(hidden))
-            self.attn = per_modality(lambda: CausalSelfAttention(hidden, heads))
+            # EEG: local causal attention over the last ``attention_window`` latent steps (linear in the
+            # window length); fMRI (tens of TRs) attends to every earlier TR.
+            self.attn = nn.ModuleDict({"fmri": CausalSelfAttention(hidden, heads),
+                                       "eeg": CausalSelfAttention(hidden, heads, attention_window)})
         self.norm_ff = per_modality(lambda: nn.LayerNorm(hidden))
-        self.ff = per_modality(lambda: FeedForward(hidden, dropout))
+        self.ff = per_modality(lambda: FeedForward(hidden))
         self.drop = nn.Dropout(dropout)
         if spectral_norm:
             _apply_spectral_norm(self)
@@ -81,31 +84,42 @@ class STBlock(nn.Module):
         src = torch.div(torch.arange(1, l_e + 1, device=z_f.device), self.steps_per_tr, rounding_mode="floor")
         return padded.index_select(1, src)
 
-    def _aligned(self, rel, z: dict[str, Tensor]) -> Tensor:
-        src, _, dst = rel
-        if src == dst:
-            return z[src]
-        if dst == "fmri":
-            return self.pool_eeg_to_tr(z["eeg"], z["fmri"].shape[1])
-        return self.last_tr_for_eeg(z["fmri"], z["eeg"].shape[1])
+    def spatial(self, h: dict[str, Tensor], couplings: dict[str, Tensor], idx: dict[str, Tensor],
+                keep: dict[str, Tensor], n_windows: int) -> dict[str, Tensor]:
+        """The spatial sub-layer: ``{m: [N_m, T_m, H]}`` -> messages ``{m: [N_m, T_m, H]}`` (fp32), one
+        dense GEMM per relation over ``[B, M_s, T*H]`` (bench/spatial_operator.py times it alone).
+
+        Every relation runs on the coarser of its two time grids: EEG -> fMRI pools the EEG latents to
+        TRs before the product; fMRI -> EEG multiplies on the TR grid and only then holds each TR's
+        message for the EEG steps after it (:meth:`last_tr_for_eeg`; zero before the first TR ends).
+        Coupling and value projection act on the node and feature axes, the alignment on time, so the
+        order changes only the cost (``steps_per_tr`` times fewer rows for fMRI -> EEG).
+        """
+        z = {m: self.norm_space[m](h[m]) for m in MODALITIES}
+        msg = {m: None for m in MODALITIES}
+        for rel in RELATIONS:
+            src, _, dst = rel
+            key = relation_key(rel)
+            x = self.pool_eeg_to_tr(z["eeg"], z["fmri"].shape[1]) if (src, dst) == ("eeg", "fmri") else z[src]
+            v = self.value[key](x) * keep[src]                              # [N_s, T, H]
+            dense = to_dense(v, idx[src], n_windows, self.n_slots[src])    # [B, M_s, T*H]
+            out = from_dense(couple(couplings[key], dense), idx[dst], tuple(v.shape[1:]))
+            if (src, dst) == ("fmri", "eeg"):
+                out = self.last_tr_for_eeg(out, z["eeg"].shape[1])         # [N_e, L_e, H]
+            msg[dst] = out if msg[dst] is None else msg[dst] + out
+        return msg
 
     def forward(self, h_f: Tensor, h_e: Tensor, couplings: dict[str, Tensor], idx: dict[str, Tensor],
                 keep: dict[str, Tensor], n_windows: int) -> tuple[Tensor, Tensor]:
+        # Dropout on the last two residual branches only (attention, MLP; the MLP alone without attention):
+        # each mask is a full [N, T, H] draw, and on CPU drawing them cost as much as the attention.
         h = {"fmri": h_f, "eeg": h_e}
         for m in MODALITIES:                       # causal temporal convolution
-            h[m] = h[m] + self.drop(torch.nn.functional.gelu(self.conv[m](self.norm_conv[m](h[m]))))
+            h[m] = h[m] + torch.nn.functional.gelu(self.conv[m](self.norm_conv[m](h[m])))
 
-        z = {m: self.norm_space[m](h[m]) for m in MODALITIES}
-        msg = {m: None for m in MODALITIES}
-        for rel in RELATIONS:                      # one dense GEMM per relation over [B, M, T*H]
-            src, _, dst = rel
-            key = relation_key(rel)
-            v = self.value[key](self._aligned(rel, z)) * keep[src]         # [N_s, T_dst, H]
-            dense = to_dense(v, idx[src], n_windows, self.n_slots[src])    # [B, M_s, T_dst*H]
-            out = from_dense(couple(couplings[key], dense), idx[dst], tuple(z[dst].shape[1:]))
-            msg[dst] = out if msg[dst] is None else msg[dst] + out
+        msg = self.spatial(h, couplings, idx, keep, n_windows)
         for m in MODALITIES:
-            h[m] = h[m] + self.drop(msg[m].to(h[m].dtype))
+            h[m] = h[m] + msg[m].to(h[m].dtype)
             if self.use_attn:
                 h[m] = h[m] + self.drop(self.attn[m](self.norm_attn[m](h[m])))
             h[m] = h[m] + self.drop(self.ff[m](self.norm_ff[m](h[m])))

@@ -111,7 +111,7 @@ class TwinBrain(nn.Module):
         self.blocks = nn.ModuleList(
             STBlock(hid, cfg.heads, cfg.kernel_size, cfg.dropout, self.steps_per_tr, self.n_slots,
                     dilation=2 ** (i % 4), temporal_attention=cfg.temporal_attention,
-                    spectral_norm=cfg.spectral_norm)
+                    spectral_norm=cfg.spectral_norm, attention_window=cfg.attention_window)
             for i in range(cfg.blocks))
 
         self.norm_out = nn.ModuleDict({m: nn.LayerNorm(hid) for m in MODALITIES})
