@@ -300,7 +300,7 @@ class WindowDataset:
         held = self.cache.get(r, rec)             # in memory, or None: read this window alone from the store
         f_raw = held[0][:, v:v + t_f] if held else read_columns(rec.fmri, v, v + t_f)
         e_raw = held[1][:, s0:s0 + t_e] if held else read_columns(rec.eeg, s0, s0 + t_e)
-        f_raw, e_raw = np.asarray(f_raw, np.float32), np.asarray(e_raw, np.float32)   # float16 stores: exact
+        f_raw, e_raw = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (f_raw, e_raw))  # exact
         fmri = (f_raw - f_shift) * f_scale        # float32; missing slots come out exactly 0
         eeg = (e_raw - e_shift) * e_scale
         return {"fmri": fmri.astype(np.float32, copy=False), "eeg": eeg.astype(np.float32, copy=False),
