@@ -14,7 +14,9 @@ reads ``--batches`` training batches of ``train.batch_size`` windows on each of 
 (rank r of a world of ``--ranks``, the trainer's sampler and loader) and prints, per process: setup
 time, RSS after setup, steady RSS (median and max of VmRSS sampled every batch over the second half),
 peak RSS (VmHWM) and windows/s. RSS = anonymous + file-backed pages mapped by the process (from
-``/proc/self/status``); the page cache outside the process is not in it.
+``/proc/self/status``); the page cache outside the process is not in it. ``--graph-fit K`` fits the group
+graph on the first K training runs only (its time grows with N, its memory does not). Figures and the
+way they were taken: docs/PERFORMANCE.md, "Cohort scale".
 """
 from __future__ import annotations
 
