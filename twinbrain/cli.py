@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = _verb(sub, "evaluate", "model vs baselines on held-out subjects; twin validity", ("eval",),
-              ("data.num_workers",), title="config fields evaluate may override (--eval.KEY VALUE; the "
+              ("data.num_workers", "data.cache_mb"), title="config fields evaluate may override (--eval.KEY VALUE; the "
               "rest is fixed by the checkpoint)")
     p.add_argument("--checkpoint", required=True, help="exported model (RUN/best/model.pt)")
     p.add_argument("--split", default="test", choices=["val", "test", "train"])

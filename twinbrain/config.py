@@ -82,6 +82,7 @@ class DataConfig:
     augment_offset: float = 0.0      # std of a constant per-node offset added to inputs
     augment_smooth: int = 0          # causal moving-average length applied to inputs (0 = off)
     num_workers: int = 0             # background processes reading windows (0 = in the main process)
+    cache_mb: int = 512              # MiB of store recordings a process may hold whole in memory (others: window reads)
 
 
 @dataclass
@@ -412,7 +413,7 @@ def validate_config(cfg: Config) -> None:
                 "sim.noise", "sim.eeg_noise", "sim.subject_variability", "data.calib_s",
                 "data.augment_noise", "data.augment_offset", "data.augment_smooth", "model.lap_pe_dim",
                 "model.coupling_rank", "model.coupling_l1", "model.linear_order", "train.early_stop_patience",
-                "eval.ridge_alpha", "eval.max_windows", "logging.profile_steps", "data.num_workers",
+                "eval.ridge_alpha", "eval.max_windows", "logging.profile_steps", "data.num_workers", "data.cache_mb",
                 "data.latent_step_s"]:
         _require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
     _require(t.warm_start or t.core_lr_scale > 0 or m.linear_order == 0, "train.core_lr_scale",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from twinbrain.config import GraphConfig
+from twinbrain.data.mapped import release_recording
 from twinbrain.data.timing import channel_mask, eeg_index, eeg_span, span_volumes
 from twinbrain.data.types import Recording
 
@@ -333,5 +334,8 @@ def build_group_graph(recs: list[Recording], spans: list[tuple[float, float]], g
         raise ValueError(f"build_group_graph: need one span per recording, got {len(recs)} recordings "
                          f"and {len(spans)} spans")
     _check_same_slots(recs)
-    conns = [connectivity(rec, span, gcfg, eeg_band) for rec, span in zip(recs, spans)]
+    conns = []
+    for rec, span in zip(recs, spans):
+        conns.append(connectivity(rec, span, gcfg, eeg_band))
+        release_recording(rec)                    # a mapped cohort streams through in O(one recording)
     return edges_from_connectivity(average_connectivity(conns), gcfg)

@@ -15,6 +15,7 @@ import numpy as np
 
 from twinbrain.config import Config
 from twinbrain.data.graph import GraphEdges, build_group_graph, build_run_graph, lag_volumes
+from twinbrain.data.mapped import release_recording
 from twinbrain.data.sampler import WindowLoader, WindowSampler
 from twinbrain.data.timing import samples_per_tr, span_volumes, volumes
 from twinbrain.data.types import POSITION_UNIT, Cohort, GroundTruth, cohort_fingerprint, present_modalities
@@ -59,7 +60,7 @@ class DataModule:
         for name in ("train", "val", "test"):
             self._datasets[name] = WindowDataset(self.cohort, self.split.spans(name), self.graphs, self.stats,
                                                  self.subject_map, self.session_map,
-                                                 window_s=d.window_s, stride_s=d.stride_s)
+                                                 window_s=d.window_s, stride_s=d.stride_s, cache_mb=d.cache_mb)
         self._log_summary()
         return self
 
@@ -104,8 +105,10 @@ class DataModule:
             v0, v1 = span_volumes(recs[i], *span)
             if v1 - v0 >= min_vols:
                 fit.setdefault(i, span)
-        self.graphs = {i: (build_run_graph(recs[i], fit[i], g, band) if i in fit else self.group_graph)
-                       for i in range(len(recs))}
+        self.graphs = {}
+        for i in range(len(recs)):
+            self.graphs[i] = build_run_graph(recs[i], fit[i], g, band) if i in fit else self.group_graph
+            release_recording(recs[i])
 
     def _log_summary(self) -> None:
         sp = self.split

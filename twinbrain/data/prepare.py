@@ -293,7 +293,8 @@ def load_prepared_cohort(cfg: Config) -> Cohort:
                               "earlier source files. Fix the run and re-run `twinbrain prepare`", stacklevel=2)
     else:
         raise ValueError(f"load_prepared_cohort: data.source must be 'bids' or 'store', got '{d.source}'")
-    recs = sorted((store.get(k) for k in keys), key=lambda r: r.key)
+    # Signals are memory-mapped: a process holds only the windows it reads (twinbrain.data.mapped).
+    recs = sorted((store.get(k, mmap=True) for k in keys), key=lambda r: r.key)
     if not recs:
         raise FileNotFoundError(f"store {store.root}: no runs for data.tasks={d.tasks}")
     first = recs[0]
@@ -301,6 +302,9 @@ def load_prepared_cohort(cfg: Config) -> Cohort:
         if r.region_names != first.region_names:
             raise ValueError(f"{r.key} and {first.key} have different region sets; node identity must be "
                              f"fixed - parcellate every run with the same atlas / region table")
+        r.region_names = first.region_names          # one list per cohort, not one per run
+        if r.channel_names == first.channel_names:
+            r.channel_names = first.channel_names
     truth = _load_truth(store, {store.info(k).get("truth", "") for k in keys})
     return Cohort(recs, truth)
 

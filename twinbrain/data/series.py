@@ -1,28 +1,47 @@
 """Normalised continuous series of a split's spans, for closed-form fits (baselines, the linear core)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from twinbrain.data.mapped import release
 from twinbrain.data.timing import channel_mask, eeg_span, span_volumes
 
 
-def span_series(cohort, stats, spans, modality: str) -> list[np.ndarray]:
-    """One float64 ``[N, T]`` per span ``(rec_index, start_s, end_s)``, in TRs (fMRI) or EEG samples,
-    z-scored with that recording's statistics (``stats.per_rec``) exactly as the windows are; missing
-    slots are 0."""
-    out = []
-    for i, s, e in spans:
-        rec, st = cohort.recordings[i], stats.per_rec[i]
+class SpanSeries(Sequence):
+    """Lazy list of the normalised series of some spans: item ``k`` is computed when asked for (and the
+    mapped pages it read are released), so one pass over a cohort holds one series at a time. Items are
+    recomputed on every access; ``list(series)`` materialises them all."""
+
+    def __init__(self, cohort, stats, spans, modality: str):
+        self.cohort, self.stats, self.spans, self.modality = cohort, stats, list(spans), modality
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        i, s, e = self.spans[k]
+        rec, st = self.cohort.recordings[i], self.stats.per_rec[i]
         v0, v1 = span_volumes(rec, s, e)
-        if modality == "fmri":
+        if self.modality == "fmri":
             x, mean, std, mask = rec.fmri[:, v0:v1], st.fmri_mean, st.fmri_std, np.asarray(rec.region_mask, bool)
         else:
             s0, s1 = eeg_span(rec, v0, v1)
             x, mean, std, mask = rec.eeg[:, s0:s1], st.eeg_mean, st.eeg_std, channel_mask(rec)
         z = (np.asarray(x, np.float64) - mean[:, None]) / std[:, None]
         z[~mask] = 0.0
-        out.append(z)
-    return out
+        release(x)
+        return z
+
+
+def span_series(cohort, stats, spans, modality: str) -> SpanSeries:
+    """One float64 ``[N, T]`` per span ``(rec_index, start_s, end_s)``, in TRs (fMRI) or EEG samples,
+    z-scored with that recording's statistics (``stats.per_rec``) exactly as the windows are; missing
+    slots are 0. A lazy :class:`SpanSeries` (a ``Sequence``): iterating it streams the cohort."""
+    return SpanSeries(cohort, stats, spans, modality)
 
 
 def mean_abs_correlation(series: list[np.ndarray]) -> np.ndarray:

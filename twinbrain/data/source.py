@@ -37,7 +37,8 @@ def load_cohort(cfg: Config) -> Cohort:
 # Data keys that say WHERE a cohort is, not WHAT it is: a checkpoint's saved config may be pointed at the
 # same data moved elsewhere (verified by the cohort fingerprint), never at different data.
 LOCATION_KEYS = ("data.source", "data.bids_root", "data.store_dir", "data.arrays_root", "data.atlas",
-                 "data.atlas_labels", "data.num_workers")
+                 "data.atlas_labels", "data.num_workers",
+                 "data.cache_mb")
 
 
 def check_location_overrides(keys: list[str], verb: str) -> None:

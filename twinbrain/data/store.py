@@ -1,5 +1,8 @@
 """Content-hashed, atomic store of prepared runs (one ``.npz`` + one ``.json`` per run).
 
+The ``.npz`` is uncompressed, so its signals can be memory-mapped in place (``Store.get(key, mmap=True)``,
+the way training reads a store: windows are paged in lazily by the process that uses them).
+
 An entry is ``<key>.npz`` (arrays: ``eeg [C, S]``, ``fmri [R, T]``, ``channel_pos [C, 3]``,
 ``region_pos [R, 3]``, ``region_mask [R]``, ``channel_names [C]``, ``region_names [R]``, optional
 ``modules [R]``; readable with ``numpy.load`` alone, no pickles) and ``<key>.json`` (scalars, metadata,
@@ -23,6 +26,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from twinbrain.data.mapped import npz_memmap
 from twinbrain.data.types import Recording
 
 # Bump when the entry format or the meaning of stored arrays changes: old entries are then never reused.
@@ -95,16 +99,25 @@ class Store:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{js}: corrupt store entry ({exc}); delete it and re-run `twinbrain prepare`") from exc
 
-    def get(self, key: str) -> Recording:
-        """Load one entry as a :class:`Recording` (raises KeyError if absent)."""
+    def get(self, key: str, mmap: bool = False) -> Recording:
+        """Load one entry as a :class:`Recording` (raises KeyError if absent).
+
+        ``mmap=True``: ``eeg`` and ``fmri`` are read-only memory maps into the ``.npz`` (nothing is read
+        until a window is sliced; see :mod:`twinbrain.data.mapped`), so a process's memory does not grow
+        with the cohort. The other arrays are small and loaded."""
         npz, _ = self._paths(key)
         info = self.info(key)
         if info.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"{npz}: written with store schema {info.get('schema')}, this code reads "
                              f"{SCHEMA_VERSION}; re-run `twinbrain prepare` to rebuild the store")
         try:
+            signals = ("eeg", "fmri") if mmap else ()
             with np.load(npz, allow_pickle=False) as z:
-                arr = {k: z[k] for k in z.files}
+                arr = {k: z[k] for k in z.files if k not in signals}
+            arr.update({k: npz_memmap(npz, k) for k in signals})
+            for k in ("eeg", "fmri"):
+                if not mmap and arr[k].dtype != np.float32:          # float16 storage -> float32 in memory
+                    arr[k] = arr[k].astype(np.float32)
         except Exception as exc:
             raise ValueError(f"{npz}: unreadable store entry ({type(exc).__name__}: {exc}); delete it and "
                              f"re-run `twinbrain prepare`") from exc
@@ -119,14 +132,17 @@ class Store:
         rec.check(str(npz))
         return rec
 
-    def put(self, key: str, rec: Recording, info: dict[str, Any] | None = None) -> None:
-        """Write one entry atomically; on any error nothing of it remains."""
+    def put(self, key: str, rec: Recording, info: dict[str, Any] | None = None, dtype=np.float32) -> None:
+        """Write one entry atomically; on any error nothing of it remains. ``dtype``: storage type of the
+        signals (float32; float16 halves disk and page cache — windows are computed in float32 either way)."""
         rec.check(rec.key)
         npz, js = self._paths(key)
         self.root.mkdir(parents=True, exist_ok=True)
         tag = f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp_npz, tmp_js = self.root / f"{tag}.npz.tmp", self.root / f"{tag}.json.tmp"
-        arrays = {"eeg": np.asarray(rec.eeg, np.float32), "fmri": np.asarray(rec.fmri, np.float32),
+        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
+            raise ValueError(f"store {self.root}: signal dtype {dtype} not supported; use float32 or float16")
+        arrays = {"eeg": np.asarray(rec.eeg, dtype), "fmri": np.asarray(rec.fmri, dtype),
                   "channel_pos": np.asarray(rec.channel_pos, np.float32),
                   "region_pos": np.asarray(rec.region_pos, np.float32),
                   "region_mask": np.asarray(rec.region_mask, bool),

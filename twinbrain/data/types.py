@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from twinbrain.data.mapped import all_finite, row_blocks_bytes
+
 POSITION_UNIT = "mm"   # unit of Recording.region_pos / channel_pos (MNI millimetres for regions)
 
 
@@ -42,7 +44,8 @@ def cohort_fingerprint(recordings: list["Recording"]) -> str:
         h.update(repr((r.key, r.tr, r.eeg_sfreq, round(float(r.eeg_onset_s), 9), list(r.region_names),
                        list(r.channel_names), r.fmri.shape, r.eeg.shape)).encode())
         for arr in (r.fmri, r.eeg):
-            h.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
+            for block in row_blocks_bytes(arr):        # same bytes as the whole array, O(block) memory
+                h.update(block)
     return h.hexdigest()[:32]
 
 
@@ -106,7 +109,7 @@ class Recording:
         if self.region_mask.shape != (r,):
             raise ValueError(f"{where}: region_mask must be [R={r}], got {self.region_mask.shape}")
         for name, arr in (("EEG", self.eeg), ("fMRI", self.fmri)):
-            if not np.isfinite(arr).all():
+            if not all_finite(arr):
                 bad = int((~np.isfinite(arr)).sum())
                 raise ValueError(f"{where}: {name} has {bad} NaN/Inf values; interpolate or drop the "
                                  f"affected channels/volumes before training")

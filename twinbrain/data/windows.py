@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from twinbrain.config import Config
+from twinbrain.data.mapped import ResidentCache, read_columns, release_recording
 from twinbrain.data.timing import (channel_mask, common_span, eeg_index, eeg_span, samples_per_tr,
                                    span_volumes, volumes)
 from twinbrain.data.types import Cohort, Recording
@@ -184,6 +185,7 @@ def compute_norm_stats(cohort: Cohort, split: Split) -> NormStats:
     train_m: dict[int, list] = {}
     for i, s, e in split.train:
         fm, em = span_moments(recs[i], s, e)
+        release_recording(recs[i])                # a mapped cohort streams through in O(one recording)
         prev = train_m.get(i)
         train_m[i] = [fm, em] if prev is None else [prev[0] + fm, prev[1] + em]
     per_rec: dict[int, RecStats] = {}
@@ -201,6 +203,7 @@ def compute_norm_stats(cohort: Cohort, split: Split) -> NormStats:
     for i in sorted(held):
         if i in split.calib:
             fm, em = span_moments(recs[i], *split.calib[i])
+            release_recording(recs[i])
             per_rec[i] = RecStats(*_finish(fm, np.asarray(recs[i].region_mask, bool)),
                                   *_finish(em, channel_mask(recs[i])), "calib")
         else:
@@ -235,11 +238,15 @@ class WindowDataset:
         stats: ``NormStats``; every recording in ``spans`` needs ``stats.per_rec[rec_index]``.
         subject_map / session_map: from :func:`build_maps`.
         window_s / stride_s: window span and step (s; whole numbers of TRs).
+        cache_mb: MiB of memory-mapped recordings this dataset may hold whole in memory per process
+            (:class:`~twinbrain.data.mapped.ResidentCache`; other windows are read alone from the store;
+            in-memory cohorts ignore it).
     Windows are z-scored on the fly (x == y, clean; augmentation happens in collate).
     """
 
     def __init__(self, cohort: Cohort, spans: list[Span], graphs, stats: NormStats,
-                 subject_map: dict[str, int], session_map: dict[str, int], *, window_s: float, stride_s: float):
+                 subject_map: dict[str, int], session_map: dict[str, int], *, window_s: float, stride_s: float,
+                 cache_mb: float = 0):
         self.cohort, self.spans, self.graphs, self.stats = cohort, list(spans), graphs, stats
         self.subject_map, self.session_map = subject_map, session_map
         self.window_s, self.stride_s = window_s, stride_s
@@ -267,6 +274,7 @@ class WindowDataset:
         self.index = np.concatenate(rows) if rows else np.zeros((0, 2), np.int64)   # [W, 2] (rec, start volume)
         self._torch_cache: dict = {}
         self._affine_cache: dict = {}
+        self.cache = ResidentCache(int(cache_mb * 2 ** 20))
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -289,8 +297,12 @@ class WindowDataset:
         t_e = t_f * samples_per_tr(rec)
         s0 = eeg_index(rec, v * rec.tr)
         (f_shift, f_scale, fmask), (e_shift, e_scale, emask) = self._affine(r)
-        fmri = (rec.fmri[:, v:v + t_f] - f_shift) * f_scale      # float32; missing slots come out exactly 0
-        eeg = (rec.eeg[:, s0:s0 + t_e] - e_shift) * e_scale
+        held = self.cache.get(r, rec)             # in memory, or None: read this window alone from the store
+        f_raw = held[0][:, v:v + t_f] if held else read_columns(rec.fmri, v, v + t_f)
+        e_raw = held[1][:, s0:s0 + t_e] if held else read_columns(rec.eeg, s0, s0 + t_e)
+        f_raw, e_raw = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (f_raw, e_raw))  # exact
+        fmri = (f_raw - f_shift) * f_scale        # float32; missing slots come out exactly 0
+        eeg = (e_raw - e_shift) * e_scale
         return {"fmri": fmri.astype(np.float32, copy=False), "eeg": eeg.astype(np.float32, copy=False),
                 "fmri_mask": fmask.copy(),
                 "eeg_mask": emask.copy(), "rec": r, "start": v,

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # Config keys that may change when a run is resumed: they do not change what was learned so far.
 RESUMABLE_CHANGES = ("run.", "logging.", "train.max_steps", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.early_stop_patience", "train.max_skipped_",
-                     "data.num_workers", "eval.")
+                     "data.num_workers", "data.cache_mb", "eval.")
 # The skipped-fraction limit applies from this step on (a few early skips are normal under fp16).
 FRACTION_MIN_STEPS = 20
 
