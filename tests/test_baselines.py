@@ -7,11 +7,11 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import lfilter
 
-from twinbrain.eval.baselines import (ARBaseline, MLPBaseline, Persistence, RidgeVAR, VARBaseline,
+from twinbrain.scoring.baselines import (ARBaseline, MLPBaseline, Persistence, RidgeVAR, VARBaseline,
                                       build_baselines, fit_ridge_var, persistence, select_ridge_var,
                                       tuned_baselines)
 from twinbrain.eval.forecast_eval import strongest_baseline
-from twinbrain.eval.metrics import R2Accumulator, skill
+from twinbrain.scoring.metrics import R2Accumulator, skill
 
 
 def _ar_series(coefs, n, t, seed, burn=500):

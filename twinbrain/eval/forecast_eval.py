@@ -28,8 +28,8 @@ from torch_geometric.data import Batch
 
 from twinbrain.data.series import span_series
 from twinbrain.data.timing import volumes
-from twinbrain.eval.baselines import build_baselines, fit_baselines, tuned_baselines
-from twinbrain.eval.metrics import MetricSet, all_reduce_sum, skill
+from twinbrain.scoring.baselines import build_baselines, fit_baselines, tuned_baselines
+from twinbrain.scoring.metrics import MetricSet, all_reduce_sum, skill
 
 MODALITIES = ("fmri", "eeg")
 

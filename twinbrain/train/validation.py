@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..eval.metrics import R2Accumulator, skill
+from ..scoring.metrics import R2Accumulator, skill
 from ..model import forecast_targets, forecast_valid, loss_terms
 from .distributed import all_reduce_
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..data.graph import load_structural
 from ..data.series import mean_abs_correlation, span_series
-from ..eval.baselines import fit_ridge_var, select_ridge_var
+from ..scoring.baselines import fit_ridge_var, select_ridge_var
 from ..schema import relation_key
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from twinbrain.data.graph import build_run_graph
 from twinbrain.data.timing import common_span, samples_per_tr
 from twinbrain.data.types import Cohort, Recording
 from twinbrain.data.windows import NormStats, RecStats, Split, WindowDataset, compute_norm_stats
-from twinbrain.eval.metrics import R2Accumulator, skill
+from twinbrain.scoring.metrics import R2Accumulator, skill
 from twinbrain.model import (build_model, forecast_targets, forecast_valid, loss_counts, loss_terms, normalise,
                              term_weight)
 from twinbrain.model.twinbrain import PERSONAL_SUFFIXES
@@ -197,17 +197,17 @@ def heldout_scores(model, windows: list[HeteroData], cfg, batch_size: int = 8) -
 
 # ------------------------------------------------------------------ personalisation
 
-def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr: float = 1e-2,
+def fit_subject(twin, data, *, subject: str | None = None, steps: int = 100, lr: float = 1e-2,
                 adapt_fraction: float = 0.5, batch_size: int | None = None, seed: int = 0):
-    """Add a new subject from ``data`` (Recording, list of Recordings or Cohort) -> ``(Twin, report)``.
+    """Fit one subject from ``data`` (Recording, list of Recordings or Cohort) -> ``(model, metadata, report)``.
 
     ``steps`` Adam steps at learning rate ``lr`` on random batches of ``batch_size`` (default
-    ``train.batch_size``) adaptation windows. The returned Twin shares the config, has the extended
-    embeddings and maps (``subject_map[subject] = previous size``) and a ``metadata['personalized']``
-    record (recordings, statistics, spans, report); :meth:`Twin.save` writes it as a normal export.
-    ``report``: ``before`` / ``after`` held-out scores (:func:`heldout_scores`), window counts, losses.
+    ``train.batch_size``) adaptation windows. Returns the parts of the personalised twin (which
+    :meth:`Twin.personalize` wraps, with the same config and data): the model with the extended
+    embeddings, the metadata with the extended maps (``subject_map[subject] = previous size``) and a
+    ``metadata['personalized']`` record (recordings, statistics, spans, report), and the ``report``:
+    ``before`` / ``after`` held-out scores (:func:`heldout_scores`), window counts, losses.
     """
-    from twinbrain.twin.twin import Twin
     if not 0.0 < adapt_fraction < 1.0:
         raise ValueError(f"adapt_fraction must be in (0, 1), got {adapt_fraction}")
     recs = _as_recordings(data, subject)
@@ -303,7 +303,7 @@ def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr:
         "heldout_spans": [[r.key, s, e] for (i, s, e), r in zip(held, recs)],
         "report": {k: v for k, v in report.items() if k not in ("before", "after")} | {
             "before": before, "after": after}}
-    return Twin(model, cfg, meta, path=None, data=twin._data), report
+    return model, meta, report
 
 
 def summary(report: dict) -> str:

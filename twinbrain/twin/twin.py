@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch, HeteroData
 
-from twinbrain.schema import relation_key
+from twinbrain.schema import MODALITIES, relation_key
 from twinbrain.twin import perturb as _pt
 from twinbrain.twin.exports import twin_node_table, write_ec_maps
 from twinbrain.twin.loader import load_export, save_export
+from twinbrain.twin.personalize import fit_subject, recording_windows
 
 log = logging.getLogger(__name__)
-MODALITIES = ("fmri", "eeg")
 EC_CONVENTION = ("ec[i, j] = mean change of node i's forecast per unit stimulus of node j (row = target, "
                  "column = source; GroundTruth.coupling convention)")
 
@@ -194,7 +194,6 @@ class Twin:
     def windows_from(self, recordings, spans=None) -> list[HeteroData]:
         """Windows of recordings outside the training cohort (e.g. a personalised subject). Statistics come
         from the subject's personalisation record if there is one, else from each recording's own span."""
-        from twinbrain.twin.personalize import recording_windows
         return recording_windows(self, recordings, spans)
 
     # ------------------------------------------------------------------ batches
@@ -363,10 +362,10 @@ class Twin:
                          at_step)
 
     def personalize(self, data, **kwargs):
-        """Few-shot personalisation to a new subject -> ``(Twin, report)``; see
-        :func:`twinbrain.twin.personalize.personalize`."""
-        from twinbrain.twin.personalize import personalize
-        return personalize(self, data, **kwargs)
+        """Few-shot personalisation to a new or held-out subject -> ``(Twin, report)``: the new Twin shares
+        this one's config and data; keywords and report as :func:`twinbrain.twin.personalize.fit_subject`."""
+        model, meta, report = fit_subject(self, data, **kwargs)
+        return Twin(model, self.cfg, meta, path=None, data=self._data), report
 
     def save(self, path) -> Path:
         """Write this twin in the export format (loadable by :meth:`from_checkpoint`)."""
