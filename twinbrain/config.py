@@ -312,16 +312,34 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is None:
         return raw
     merged = _read_yaml(path.parent / str(base), seen + (path,))
-    _deep_update(merged, raw)
+    deep_update(merged, raw)
     return merged
 
 
-def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+def deep_update(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    """Merge nested ``src`` into ``dst`` in place (a dict in both is merged, anything else replaced);
+    returns ``dst``."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_update(dst[k], v)
+            deep_update(dst[k], v)
         else:
             dst[k] = v
+    return dst
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{'a.b.c': leaf}``; a list of scalars is one leaf (a value per horizon), a list that
+    holds dicts or lists is flattened by index (``'a.0.b'``)."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = obj
+    return out
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -371,6 +389,38 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     _apply(cfg, values)
     validate_config(cfg)
     return cfg
+
+
+def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A new, validated config: ``cfg`` with the nested ``values`` (``{'eval': {'horizons': [1]}}``) merged
+    in; ``cfg`` itself is unchanged."""
+    return config_from_dict(deep_update(cfg.to_dict(), values))
+
+
+# ---------------------------------------------------------------- what may change after training
+
+# Data keys that say WHERE a cohort is, not WHAT it is: a checkpoint's saved config may be pointed at the
+# same data moved elsewhere (verified by the cohort fingerprint), never at different data.
+LOCATION_KEYS = ("data.source", "data.bids_root", "data.store_dir", "data.arrays_root", "data.atlas",
+                 "data.atlas_labels", "data.num_workers")
+
+# The one policy of which config keys (or key prefixes) may differ from a trained run's saved config, per
+# use: ``resume`` may change what does not change what was learned so far; ``evaluate`` the evaluation
+# settings and where the same cohort is now; ``twin`` (asking a trained twin) only where the cohort is.
+# Personalisation describes a NEW subject's data, so its ``data.*`` / ``sim.*`` overrides build a
+# cohort of their own and never change the trained model's config.
+MAY_CHANGE: dict[str, tuple[str, ...]] = {
+    "resume": ("run.", "logging.", "train.max_steps", "train.eval_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.early_stop_patience", "train.max_skipped_",
+               "data.num_workers", "eval."),
+    "evaluate": ("eval.",) + LOCATION_KEYS,
+    "twin": LOCATION_KEYS,
+}
+
+
+def fixed_keys(keys, use: str) -> list[str]:
+    """The dotted ``keys`` that ``use`` (a key of :data:`MAY_CHANGE`) may not change, in order."""
+    return [k for k in keys if not k.startswith(MAY_CHANGE[use])]
 
 
 def dump_config(cfg: Config) -> str:

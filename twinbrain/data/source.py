@@ -1,7 +1,7 @@
 """One entry point for every data source: ``load_cohort(cfg) -> Cohort``."""
 from __future__ import annotations
 
-from twinbrain.config import Config, check_source_settings
+from twinbrain.config import LOCATION_KEYS, Config, check_source_settings, fixed_keys
 from twinbrain.data.clock import apply_clock
 from twinbrain.data.types import Cohort
 
@@ -36,15 +36,9 @@ def load_cohort(cfg: Config) -> Cohort:
     return cohort
 
 
-# Data keys that say WHERE a cohort is, not WHAT it is: a checkpoint's saved config may be pointed at the
-# same data moved elsewhere (verified by the cohort fingerprint), never at different data.
-LOCATION_KEYS = ("data.source", "data.bids_root", "data.store_dir", "data.arrays_root", "data.atlas",
-                 "data.atlas_labels", "data.num_workers")
-
-
 def check_location_overrides(keys: list[str], verb: str) -> None:
-    """Refuse ``--data.*`` overrides other than :data:`LOCATION_KEYS` for a trained model."""
-    bad = [k for k in keys if k.startswith("data.") and k not in LOCATION_KEYS]
+    """Refuse ``--data.*`` overrides other than :data:`twinbrain.config.LOCATION_KEYS` for a trained model."""
+    bad = fixed_keys([k for k in keys if k.startswith("data.")], "twin")
     if bad:
         raise ValueError(f"{verb}: {bad} would change the data the model was trained on; only the location of "
                          f"the same cohort may change ({', '.join(LOCATION_KEYS)})")

@@ -18,6 +18,8 @@ matplotlib.use("Agg")  # headless: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from twinbrain.config import flatten  # noqa: E402
+
 THROUGHPUT_KEYS = ("windows_per_s", "node_steps_per_s", "windows_per_s_per_device",
                    "node_steps_per_s_per_device", "tflops_per_s", "mfu", "step_time_s", "data_share")
 MEMORY_KEYS = ("mem_peak_gib", "mem_reserved_peak_gib", "mem_peak_pct", "mem_reserved_peak_pct",
@@ -112,20 +114,6 @@ def _plot(path: Path, title: str, panels: list[tuple[str, list[str], bool]], rec
     return path
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{'a.b.c': leaf}``; flat lists stay lists (e.g. a value per horizon)."""
-    out: dict[str, Any] = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    elif isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
-        for i, v in enumerate(obj):
-            out.update(_flatten(v, f"{prefix}{i}."))
-    else:
-        out[prefix[:-1]] = obj
-    return out
-
-
 def _plot_eval_report(path: Path, flat: dict[str, Any]) -> Path | None:
     """Forecast skill (and R2) from eval/report.json: per-horizon lists as lines, scalars as bars."""
     skill = {k: v for k, v in flat.items() if "skill" in k.lower() or "r2" in k.lower()}
@@ -186,7 +174,7 @@ def render_report(run_dir: str | Path) -> Path:
     flat: dict[str, Any] = {}
     if report_path.is_file():
         try:
-            flat = _flatten(json.loads(report_path.read_text(encoding="utf-8")))
+            flat = flatten(json.loads(report_path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, OSError):
             flat = {"error": f"could not read {report_path}"}
 

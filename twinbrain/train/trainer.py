@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import Config, ConfigError, check_paths, dump_config, save_config
+from ..config import Config, ConfigError, check_paths, dump_config, fixed_keys, flatten, save_config
 from ..data.module import DataModule
 from ..model import build_model, loss_counts, loss_term_names, make_balancer
+from ..schema import MODALITIES, SIGNAL_LOSS_TERMS
 from .checkpoint import Checkpointer, export_model, full_model_state, rng_state, set_rng_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
 from .extensions import prepare_extensions, watch_build_locks
@@ -32,15 +33,11 @@ from .parallel import (apply_activation_checkpointing, autocast_dtype, deepspeed
 from .step_module import TrainModule
 from .runlock import RunLock
 from .telemetry import Telemetry, count_flops, reduce_scalars, summary_table
-from .validation import VAL_LOSS_TERMS, validate
+from .validation import validate
 from .warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
-# Config keys that may change when a run is resumed: they do not change what was learned so far.
-RESUMABLE_CHANGES = ("run.", "logging.", "train.max_steps", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.early_stop_patience", "train.max_skipped_",
-                     "data.num_workers", "eval.")
 # The skipped-fraction limit applies from this step on (a few early skips are normal under fp16).
 FRACTION_MIN_STEPS = 20
 
@@ -53,16 +50,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def node_steps(batch, eeg_stride: int) -> float:
@@ -210,10 +197,9 @@ class Trainer:
         saved = self.run_dir / "config.yaml"
         if not saved.is_file():
             return
-        old = _flat(yaml.safe_load(saved.read_text()))
-        new = _flat(yaml.safe_load(dump_config(self.cfg)))
-        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-                   and not k.startswith(RESUMABLE_CHANGES)]
+        old = flatten(yaml.safe_load(saved.read_text()))
+        new = flatten(yaml.safe_load(dump_config(self.cfg)))
+        changed = fixed_keys([k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)], "resume")
         if changed:
             diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
             raise ConfigError(f"{self.run_dir} holds a checkpoint trained with a different config ({diff}). "
@@ -334,7 +320,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.backend.name != "ddp" else self.module.no_sync()
             with sync:
                 if ds and self.dtype is not None:
-                    for m in ("fmri", "eeg"):       # DeepSpeed bf16 does not autocast the inputs
+                    for m in MODALITIES:            # DeepSpeed bf16 does not autocast the inputs
                         b[m].x = b[m].x.to(self.dtype)
                 with torch.autocast(self.device.type, dtype=self.dtype,
                                     enabled=self.dtype is not None and not ds):
@@ -391,7 +377,7 @@ class Trainer:
                                 op="sum")
         # ``loss``: the unweighted sum of the reconstruction and forecast terms (global means), comparable
         # across balancers and with ``val/loss``; ``objective``: what the optimizer minimised.
-        summed["loss"] = sum(summed[f"loss/{k}"] for k in VAL_LOSS_TERMS if f"loss/{k}" in summed)
+        summed["loss"] = sum(summed[f"loss/{k}"] for k in SIGNAL_LOSS_TERMS if f"loss/{k}" in summed)
         stats = {**summed, "grad_norm": grad_norm, "skipped_steps": float(self.skipped)}
         balancer = self.raw.balancer
         if self.backend.name not in ("fsdp2", "deepspeed") or balancer.mode == "none":

@@ -13,8 +13,8 @@ import numpy as np
 
 from ..data.graph import load_structural
 from ..data.series import mean_abs_correlation, span_series
-from ..scoring.baselines import fit_ridge_var, select_ridge_var
 from ..schema import relation_key
+from ..scoring.baselines import fit_ridge_var, select_ridge_var
 
 log = logging.getLogger(__name__)
 
