@@ -27,11 +27,12 @@ import torch
 
 from twinbrain.config import LOCATION_KEYS, ConfigError, fixed_keys, flatten, parse_overrides, with_overrides
 from twinbrain.data.module import DataModule
-from twinbrain.eval.figures import plot_forecast_example, plot_horizons
 from twinbrain.data.source import cohort_config
+from twinbrain.eval.figures import plot_forecast_example, plot_horizons
 from twinbrain.eval.forecast_eval import evaluate_forecasts
 from twinbrain.eval.publish import publish_evaluation
 from twinbrain.eval.twin_validity import twin_validity
+from twinbrain.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Pat
               "machine": _machine(lm.device), "data_checks": checks, **res, "validity": val}
     report["runtime_s"] = round(time.perf_counter() - t0, 2)
     report = _jsonable(report)
-    out = Path(out_dir) if out_dir else lm.path.parent.parent / "eval"
+    out = Path(out_dir) if out_dir else RunDir.of_export(lm.path).eval
     out.mkdir(parents=True, exist_ok=True)
     md = render_markdown(report)
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
@@ -276,7 +277,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Pat
     labels = {m: {k: baseline_label(k, report["protocol"].get("baseline_tuning", {}).get(m, {}).get(k))
                   for k in f["baselines"]} for m, f in report["forecast"].items()}
     figures = evaluation_figures(report, example, out, lm.metadata, labels)
-    run_id = publish_evaluation(report, figures, lm.path.parent.parent, cfg, lm.step or 0, labels, mode=wandb)
+    run_id = publish_evaluation(report, figures, RunDir.of_export(lm.path).root, cfg, lm.step or 0, labels, mode=wandb)
     log.info("evaluation report written to %s (%.1f s)%s", out, report["runtime_s"],
              f"; logged to wandb run {run_id}" if run_id else "")
     return {**report, "markdown": md, "out_dir": str(out), "figures": {k: str(p) for k, p in figures.items()},

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import LoggingConfig
+from ..rundir import RunDir
 from .meters import MemoryMeter, StepTimer, count_flops, reduce_scalars, reduce_window
 from .profiling import OOMSnapshots, StepProfiler
 from .tracker import WandbRun, collect_environment, generate_run_id, resolve_wandb_mode
@@ -151,6 +152,7 @@ class Telemetry:
                  max_steps: int, backend: str = "", start_step: int = 0):
         self.cfg = cfg_logging
         self.run_dir = Path(run_dir)
+        layout = RunDir(self.run_dir)
         self.is_main = is_main
         self.world_size = max(int(world_size), 1)
         self.device = torch.device(device)
@@ -185,15 +187,15 @@ class Telemetry:
         # metrics.jsonl holds exactly one record per training log step (the run-directory contract);
         # validation records go to eval_metrics.jsonl, the environment of each (re)start to environment.jsonl.
         if is_main:
-            for name in ("metrics.jsonl", "eval_metrics.jsonl"):
-                n = drop_records_after(self.run_dir / name, int(start_step))
+            for path in (layout.metrics, layout.eval_metrics):
+                n = drop_records_after(path, int(start_step))
                 if n:
-                    log.info("%s: dropped %d record(s) past step %d, which this run repeats", name, n,
+                    log.info("%s: dropped %d record(s) past step %d, which this run repeats", path.name, n,
                              int(start_step))
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
-        self._eval_jsonl = open(self.run_dir / "eval_metrics.jsonl", "a", encoding="utf-8") if is_main else None
+        self._jsonl = open(layout.metrics, "a", encoding="utf-8") if is_main else None
+        self._eval_jsonl = open(layout.eval_metrics, "a", encoding="utf-8") if is_main else None
         if is_main:
-            with open(self.run_dir / "environment.jsonl", "a", encoding="utf-8") as f:
+            with open(layout.environment, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"kind": "env", "step": int(start_step), "time": self._t_start,
                                     "run_id": self.run_id, **self.env}, allow_nan=False, default=str) + "\n")
 
@@ -204,9 +206,9 @@ class Telemetry:
             self._bar = tqdm(total=self.max_steps, initial=int(start_step), file=sys.stdout,
                              dynamic_ncols=True, desc="train", unit="step")
 
-        self._profiler = StepProfiler(cfg_logging.profile_steps, self.run_dir / "profile", self.rank,
+        self._profiler = StepProfiler(cfg_logging.profile_steps, layout.profile, self.rank,
                                       self.memory.cuda)
-        self._oom = OOMSnapshots(cfg_logging.memory_snapshot_on_oom, self.run_dir / "memory", self.rank,
+        self._oom = OOMSnapshots(cfg_logging.memory_snapshot_on_oom, layout.memory, self.rank,
                                  self.memory.cuda)
         if cfg_logging.memory_snapshot_on_oom and not self.memory.cuda:
             self._say_once("oom", "memory snapshot on OOM needs CUDA; off on %s", self.device.type)

@@ -23,6 +23,7 @@ import yaml
 from ..config import Config, ConfigError, check_paths, dump_config, fixed_keys, flatten, save_config
 from ..data.module import DataModule
 from ..model import build_model, loss_counts, loss_term_names, make_balancer
+from ..rundir import EXPORT_FILES, RunDir
 from ..schema import MODALITIES, SIGNAL_LOSS_TERMS
 from .checkpoint import Checkpointer, export_model, full_model_state, rng_state, set_rng_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
@@ -87,11 +88,12 @@ class Trainer:
         if self.dtype is not None and self.device.type == "cpu" and t.precision == "fp16":
             raise ConfigError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
         self.run_dir = Path(cfg.run.out)
+        self.layout = RunDir(self.run_dir)
         self.lock = RunLock(self.run_dir)
         self._take_run_dir()
         self.ext_dir = prepare_extensions() if self.backend.name == "deepspeed" else None
         # Checkpoint choice and compatibility are settled now, in seconds, not after data and model setup.
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.backend.name, self.rank,
+        self.checkpointer = Checkpointer(self.layout.checkpoints, self.backend.name, self.rank,
                                          self.world, t.keep_checkpoints)
         self.resume_from = self.checkpointer.newest_intact()
         self._check_run_dir()
@@ -152,7 +154,7 @@ class Trainer:
         if self.resume_from is not None:
             self._resume(self.resume_from)
         elif self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.layout.config)
 
         # 9. telemetry
         self.tel = Telemetry(cfg.logging, self.run_dir, is_main=self.is_main, world_size=self.world,
@@ -194,7 +196,7 @@ class Trainer:
         if self.resume_from is None:
             return
         self.checkpointer.check_compatible(self.resume_from)
-        saved = self.run_dir / "config.yaml"
+        saved = self.layout.config
         if not saved.is_file():
             return
         old = flatten(yaml.safe_load(saved.read_text()))
@@ -258,7 +260,7 @@ class Trainer:
         in ``RUN/<name>/DIVERGED`` so neither a program nor a person takes them for a trained twin.
         """
         full = full_model_state(self.module, self.backend.name)
-        path = self.run_dir / name / "model.pt"
+        path = self.layout.model(name)
         if self.is_main:
             prefix = "model."
             weights = {k[len(prefix):].replace("_checkpoint_wrapped_module.", ""): v
@@ -293,7 +295,7 @@ class Trainer:
         # learning-relevant change that this run directory refuses.
         raise DivergenceError(
             f"training diverged: {reason}. Train again in a new --run.out with a lower train.lr (now "
-            f"{self.cfg.train.lr:g}), or check the data; {self.run_dir / 'final' / 'model.pt'} is marked diverged")
+            f"{self.cfg.train.lr:g}), or check the data; {self.layout.model('final')} is marked diverged")
 
     # ------------------------------------------------------------ one optimizer step
     def _micro_batches(self, it) -> list:
@@ -452,16 +454,16 @@ class Trainer:
         final_loss = last_eval.get("loss", math.nan)
         diverged = None if math.isfinite(final_loss) else f"final validation loss is {final_loss}"
         self.export("final", {f"val/{k}": v for k, v in last_eval.items()}, diverged=diverged)
-        if self.is_main and not (self.run_dir / "best" / "model.pt").is_file():
+        if self.is_main and not self.layout.model("best").is_file():
             if diverged:
                 log.warning("no best/ export: no validation was finite (%s)", diverged)
             else:
                 # No validation improved on an earlier one (or none ran): the final weights are the best we have.
-                (self.run_dir / "best").mkdir(parents=True, exist_ok=True)
-                for f in ("model.pt", "model.safetensors", "config.json"):
-                    shutil.copyfile(self.run_dir / "final" / f, self.run_dir / "best" / f)
-        if self.is_main and self.tel.wandb is not None and (self.run_dir / "best" / "model.pt").is_file():
-            self.tel.wandb.log_export(self.run_dir / "best", self.step)     # the best export as an artifact
+                self.layout.export("best").mkdir(parents=True, exist_ok=True)
+                for f in EXPORT_FILES:
+                    shutil.copyfile(self.layout.export("final") / f, self.layout.export("best") / f)
+        if self.is_main and self.tel.wandb is not None and self.layout.model("best").is_file():
+            self.tel.wandb.log_export(self.layout.export("best"), self.step)     # the best export as an artifact
         self.last_eval = last_eval
         return last_eval
 

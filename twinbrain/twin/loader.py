@@ -24,6 +24,7 @@ from torch import nn
 
 from twinbrain.config import Config, ConfigError, config_from_dict
 from twinbrain.model import build_model
+from twinbrain.rundir import EXPORT_FILE, RunDir
 from twinbrain.weights import save_weights
 
 REQUIRED_KEYS = ("model", "config", "data")
@@ -54,11 +55,11 @@ class LoadedModel:
 def resolve_export_path(path: str | Path) -> Path:
     """A file, a folder holding ``model.pt`` (``RUN/best``) or a run folder (-> ``RUN/best/model.pt``)."""
     p = Path(path)
-    for cand in (p, p / "model.pt", p / "best" / "model.pt"):
+    for cand in (p, p / EXPORT_FILE, RunDir(p).model("best")):
         if cand.is_file():
             return cand
-    raise CheckpointError(f"{p}: no exported model found (looked for {p}, {p / 'model.pt'} and "
-                          f"{p / 'best' / 'model.pt'}); pass RUN/best/model.pt of a finished training run")
+    raise CheckpointError(f"{p}: no exported model found (looked for {p}, {p / EXPORT_FILE} and "
+                          f"{RunDir(p).model('best')}); pass RUN/best/model.pt of a finished training run")
 
 
 def default_device(device: str | torch.device | None) -> torch.device:
