@@ -159,7 +159,6 @@ class ParallelConfig:
     ds_config: str = ""              # DeepSpeed JSON (default: ds_configs/zero<stage>.json)
     offload: bool = False            # ZeRO-3 CPU offload
     reshard_after_forward: bool = True  # FSDP2
-    compile: bool = False            # torch.compile the blocks
 
 
 @dataclass
@@ -383,10 +382,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return cfg
 
 
+# Keys that earlier versions wrote into every saved config although nothing read them: a saved config
+# (checkpoint, export, run directory) is rebuilt without them, since they changed nothing; a new config
+# that names one is refused like any unknown key.
+RETIRED_KEYS = ("parallel.compile",)
+
+
+def drop_retired(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the nested config ``values`` without :data:`RETIRED_KEYS`."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for key in RETIRED_KEYS:
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a config saved with ``to_dict`` (strictly: unknown keys are errors)."""
+    """Rebuild a config saved with ``to_dict`` (strictly: unknown keys are errors; retired ones dropped)."""
     cfg = Config()
-    _apply(cfg, values)
+    _apply(cfg, drop_retired(values))
     validate_config(cfg)
     return cfg
 

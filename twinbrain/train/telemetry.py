@@ -4,13 +4,14 @@ Call sequence (every rank calls every method; only the main rank writes)::
 
     tel = Telemetry(cfg.logging, run_dir, is_main=..., world_size=..., device=..., config_dict=cfg.to_dict(),
                     run_name=..., resume_run_id=meta.get("wandb_run_id"), max_steps=..., backend=..., start_step=step)
+    tel.set_step_flops(flops, n_windows)   # logging.flops: FLOPs of one micro-batch, counted once by the
+                                           # caller on a copy (count_flops), before the first step
     for step in range(start_step + 1, max_steps + 1):
         tel.step_begin()
         batch = next(it); tel.data_loaded()
         with tel.maybe_profile(step):
-            for micro in micro_batches:   # first micro-batch of the first step: counted once
-                if first: tel.measure_flops(lambda: backward(loss(model(micro))), n_windows=micro.num_graphs)
-                else: backward(loss(model(micro)))
+            for micro in micro_batches:
+                backward(loss(model(micro)))
             ...optimizer step...
         tel.step_end(step, n_windows=LOCAL windows, n_node_steps=LOCAL nodes x time steps)
         if tel.should_flush(step):
@@ -34,7 +35,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -248,21 +249,6 @@ class Telemetry:
         if flops and flops > 0:
             self._step_flops = float(flops) / (n_windows if n_windows else 1)
             self._flops_per_window = bool(n_windows)
-
-    def measure_flops(self, fn: Callable[[], Any], n_windows: int | None = None) -> int | None:
-        """Run ``fn`` (one forward + backward) under the FLOP counter and keep the count.
-
-        Honours ``logging.flops``: when off, ``fn`` still runs (so the caller's step happens)
-        but nothing is counted and None is returned.  Wrap the first real micro-batch rather
-        than an extra one, so no stray gradients accumulate (and DeepSpeed's engine sees a
-        normal step).  ``n_windows``: windows in that micro-batch (see ``set_step_flops``).
-        """
-        if not self.cfg.flops:
-            fn()
-            return None
-        flops = count_flops(fn)
-        self.set_step_flops(flops, n_windows)
-        return flops
 
     def log(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Queue already-reduced scalars for the next ``flush`` (later values replace earlier)."""

@@ -2,8 +2,8 @@
 
 Build order (each step depends only on earlier ones): distributed -> run-directory lock, paths,
 checkpoint choice and compatibility (seconds, before any data or model work) -> seeds -> data ->
-model -> activation checkpointing -> sharding/wrapping -> optimizer and schedule -> loader ->
-auto-resume -> telemetry.
+model (warm start) and loss balancer -> activation checkpointing -> train module, loader and FLOP
+probe -> wrapping/sharding and optimizer, schedule -> per-rank seeds -> auto-resume -> telemetry.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import Config, ConfigError, check_paths, dump_config, fixed_keys, flatten, save_config
+from ..config import (Config, ConfigError, check_paths, drop_retired, dump_config, fixed_keys, flatten,
+                      save_config)
 from ..data.module import DataModule
 from ..model import build_model, loss_counts, loss_term_names, make_balancer
 from ..rundir import EXPORT_FILES, RunDir
@@ -78,7 +79,7 @@ class Trainer:
     def __init__(self, cfg: Config, data: DataModule | None = None):
         self.cfg = cfg
         t = cfg.train
-        # 1. distributed
+        # 1. distributed, then the run directory (locked) and the checkpoint to resume from
         self.backend: Backend = resolve_backend(cfg)
         self.accelerator = make_accelerator()
         self.device = self.accelerator.device
@@ -104,7 +105,7 @@ class Trainer:
         # 3. data
         self.data = data if data is not None else DataModule(cfg).setup()
 
-        # 4. model, loss balancer (before the optimizer, or it is never trained)
+        # 4. model (warm-started unless resuming), loss balancer (before the optimizer, or it is never trained)
         d = self.data
         model = build_model(cfg, n_subjects=len(d.subject_map), n_sessions=len(d.session_map),
                              n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots,
@@ -114,11 +115,11 @@ class Trainer:
         self.warm = warm_start(model, d, cfg) if t.warm_start and self.resume_from is None else None
         balancer = make_balancer(t, loss_term_names(self.modalities))
         self.n_params = sum(p.numel() for p in model.parameters())
-        # 5. activation checkpointing (applied by us, the same under every backend)
+        # 5. activation checkpointing (applied by us, the same under every backend), the train module, this
+        #    rank's loader and the FLOP probe (on a copy of the unwrapped module, before any wrapper)
         self.ac_blocks = apply_activation_checkpointing(model.blocks, t.activation_checkpointing, t.ac_every_k)
         module = TrainModule(model, balancer, t, cfg.model).to(self.device)
         self.raw = module
-
         self.loader = d.train_loader(self.rank, self.world, device=self.device)
         self.step_flops = self._count_flops(module) if cfg.logging.flops else None
 
@@ -199,7 +200,7 @@ class Trainer:
         saved = self.layout.config
         if not saved.is_file():
             return
-        old = flatten(yaml.safe_load(saved.read_text()))
+        old = flatten(drop_retired(yaml.safe_load(saved.read_text())))
         new = flatten(yaml.safe_load(dump_config(self.cfg)))
         changed = fixed_keys([k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)], "resume")
         if changed:
