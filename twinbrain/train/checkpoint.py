@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..weights import save_weights
 from .distributed import barrier, is_dist
 
 COMPLETE = "COMPLETE"
@@ -275,14 +274,3 @@ def full_model_state(module: nn.Module, backend: str) -> dict[str, torch.Tensor]
     if rank != 0:
         return None
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
-
-
-def export_model(path: Path, model_state: dict[str, torch.Tensor], payload: dict) -> None:
-    """Write a single-file model for inference atomically: weights + everything to rebuild it; and, beside
-    it, the same weights as ``model.safetensors`` with ``config.json`` (:mod:`twinbrain.weights`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model_state, **payload}, tmp)
-    tmp.replace(path)
-    save_weights(path.parent, model_state, config=payload.get("config", {}), metadata=payload.get("data"),
-                 step=payload.get("step", 0), metrics=payload.get("metrics"))

@@ -26,7 +26,8 @@ from ..data.module import DataModule
 from ..model import build_model, loss_counts, loss_term_names, make_balancer
 from ..rundir import EXPORT_FILES, RunDir
 from ..schema import MODALITIES, SIGNAL_LOSS_TERMS
-from .checkpoint import Checkpointer, export_model, full_model_state, rng_state, set_rng_state
+from ..weights import write_export
+from .checkpoint import Checkpointer, full_model_state, rng_state, set_rng_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
 from .extensions import prepare_extensions, watch_build_locks
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
@@ -270,7 +271,7 @@ class Trainer:
                        "metrics": metrics or {}, "backend": self.backend.name}
             if diverged:
                 payload["diverged"] = diverged
-            export_model(path, weights, payload)
+            write_export(path, weights, payload)
             marker = path.parent / "DIVERGED"
             if diverged:
                 marker.write_text(diverged + "\n")
