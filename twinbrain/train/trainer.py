@@ -7,7 +7,6 @@ probe -> wrapping/sharding and optimizer, schedule -> per-rank seeds -> auto-res
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
@@ -25,14 +24,14 @@ from ..config import (Config, ConfigError, check_paths, drop_retired, dump_confi
 from ..data.module import DataModule
 from ..model import build_model, loss_counts, loss_term_names, make_balancer
 from ..rundir import EXPORT_FILES, RunDir
-from ..schema import MODALITIES, SIGNAL_LOSS_TERMS
+from ..schema import SIGNAL_LOSS_TERMS
 from ..weights import write_export
+from .backends import make_backend
 from .checkpoint import Checkpointer, full_model_state, rng_state, set_rng_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
-from .extensions import prepare_extensions, watch_build_locks
+from .extensions import prepare_extensions
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
-from .parallel import (apply_activation_checkpointing, autocast_dtype, deepspeed_config, wrap_ddp,
-                       wrap_deepspeed, wrap_fsdp2)
+from .parallel import apply_activation_checkpointing, autocast_dtype
 from .step_module import TrainModule
 from .runlock import RunLock
 from .telemetry import Telemetry, count_flops, reduce_scalars, summary_table
@@ -89,13 +88,14 @@ class Trainer:
         self.dtype = autocast_dtype(t.precision, self.device)
         if self.dtype is not None and self.device.type == "cpu" and t.precision == "fp16":
             raise ConfigError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
+        self.kind = make_backend(self.backend, self.accelerator, self.dtype)
         self.run_dir = Path(cfg.run.out)
         self.layout = RunDir(self.run_dir)
         self.lock = RunLock(self.run_dir)
         self._take_run_dir()
-        self.ext_dir = prepare_extensions() if self.backend.name == "deepspeed" else None
+        self.ext_dir = prepare_extensions() if self.kind.jit_extensions else None
         # Checkpoint choice and compatibility are settled now, in seconds, not after data and model setup.
-        self.checkpointer = Checkpointer(self.layout.checkpoints, self.backend.name, self.rank,
+        self.checkpointer = Checkpointer(self.layout.checkpoints, self.kind, self.rank,
                                          self.world, t.keep_checkpoints)
         self.resume_from = self.checkpointer.newest_intact()
         self._check_run_dir()
@@ -112,6 +112,7 @@ class Trainer:
                              n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots,
                              samples_per_tr=d.samples_per_tr)
         self.modalities = d.modalities
+        self.kind.modalities = tuple(self.modalities)
         # Closed-form start (tuned ridge VAR core, coupling priors); a resume loads the trained state instead.
         self.warm = warm_start(model, d, cfg) if t.warm_start and self.resume_from is None else None
         balancer = make_balancer(t, loss_term_names(self.modalities))
@@ -126,23 +127,10 @@ class Trainer:
 
         # 6. wrapping and optimizer
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 \
-            and self.backend.name != "deepspeed" else None
-        if self.backend.name == "deepspeed":
-            optimizer = build_optimizer(param_groups(module.model, t, extra=module.balancer), t, self.device)
-            with watch_build_locks(self.ext_dir):     # DeepSpeed may JIT-build (and wait on a lock) here
-                self.module, self.optimizer = wrap_deepspeed(module, optimizer,
-                                                             deepspeed_config(cfg, self.backend, self.dtype))
-            self.base_optimizer = optimizer
-        else:
-            if self.backend.name == "fsdp2":
-                self.module = wrap_fsdp2(module, module.model.blocks, self.backend, self.dtype)
-            elif self.backend.name == "ddp":
-                self.module = wrap_ddp(module, self.accelerator, find_unused=len(self.modalities) < 2)
-            else:
-                self.module = module
-            self.optimizer = build_optimizer(param_groups(module.model, t, extra=module.balancer), t,
-                                             self.device)
-            self.base_optimizer = self.optimizer
+            and self.kind.uses_scaler else None
+        self.module, self.optimizer, self.base_optimizer = self.kind.wrap(
+            module, cfg, lambda: build_optimizer(param_groups(module.model, t, extra=module.balancer), t, self.device),
+            self.ext_dir)
         self.schedule = Schedule(self.base_optimizer, t)
         self.early = EarlyStopping(t.early_stop_patience)
 
@@ -261,7 +249,7 @@ class Trainer:
         ``diverged``: why these weights are not a usable model; stored as ``diverged`` in the file and
         in ``RUN/<name>/DIVERGED`` so neither a program nor a person takes them for a trained twin.
         """
-        full = full_model_state(self.module, self.backend.name)
+        full = full_model_state(self.module, self.kind)
         path = self.layout.model(name)
         if self.is_main:
             prefix = "model."
@@ -313,60 +301,19 @@ class Trainer:
             c = loss_counts(b, t, self.cfg.model)
             local += torch.tensor([float(c[n]) for n in names], dtype=torch.float64, device=self.device)
         counts = dict(zip(names, all_reduce_(local).tolist()))
-        ds = self.backend.name == "deepspeed"
-        # DDP/FSDP2/ZeRO average gradients over ranks; DeepSpeed also divides by the accumulation steps.
-        data_scale = float(self.world * (len(micro) if ds else 1))
-        reg_scale = 1.0 if ds else 1.0 / len(micro)
+        data_scale, reg_scale = self.kind.scales(self.world, len(micro))
         parts_sum: dict[str, float] = {}
         loss_sum = torch.zeros((), device=self.device)
         for i, b in enumerate(micro):
-            last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or self.backend.name != "ddp" else self.module.no_sync()
-            with sync:
-                if ds and self.dtype is not None:
-                    for m in MODALITIES:            # DeepSpeed bf16 does not autocast the inputs
-                        b[m].x = b[m].x.to(self.dtype)
-                with torch.autocast(self.device.type, dtype=self.dtype,
-                                    enabled=self.dtype is not None and not ds):
-                    loss, parts = self.module(b, counts, data_scale, reg_scale)
-                if ds:
-                    finite = all_reduce_(torch.tensor([float(torch.isfinite(loss))], device=self.device), "min")
-                    if finite.item() < 1:
-                        raise FloatingPointError(
-                            f"non-finite loss at step {self.step + 1} under DeepSpeed, which cannot skip a "
-                            "step; lower train.lr or use fp32, then resume from the last checkpoint")
-                    self.module.backward(loss)
-                    self.module.step()
-                elif self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+            with self.kind.no_sync(self.module, last=i == len(micro) - 1):
+                loss, parts = self.kind.forward(self.module, b, counts, data_scale, reg_scale, self.device)
+                self.kind.backward(self.module, loss, self.scaler, self.step + 1, self.device)
             loss_sum += loss.detach() / data_scale
             for k, v in parts.items():
                 if k.split("_", 1)[0] in self.modalities:      # absent modalities are not logged
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-
-        if ds:
-            grad_norm = float(self.module.get_global_grad_norm() or 0.0)
-            stepped = True
-        else:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if hasattr(grad_norm_t, "full_tensor"):
-                grad_norm_t = grad_norm_t.full_tensor()
-            ok = torch.tensor([float(torch.isfinite(grad_norm_t) and torch.isfinite(loss_sum))],
-                              device=self.device)
-            stepped = all_reduce_(ok, "min").item() > 0
-            grad_norm = float(grad_norm_t)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            elif stepped:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, stepped = self.kind.step(self.module, self.optimizer, self.scaler, loss_sum, t.grad_clip,
+                                            self.device)
         if stepped:
             self.schedule.step()
             self.skipped_run = 0
@@ -384,7 +331,7 @@ class Trainer:
         summed["loss"] = sum(summed[f"loss/{k}"] for k in SIGNAL_LOSS_TERMS if f"loss/{k}" in summed)
         stats = {**summed, "grad_norm": grad_norm, "skipped_steps": float(self.skipped)}
         balancer = self.raw.balancer
-        if self.backend.name not in ("fsdp2", "deepspeed") or balancer.mode == "none":
+        if not self.kind.sharded or balancer.mode == "none":
             stats.update({f"balancer/{k}": v for k, v in balancer.weights().items()})
         stats.update(self.schedule.lrs())
         self._windows = float(sum(b.num_graphs for b in micro))
