@@ -40,7 +40,7 @@ from twinbrain.data.module import DataModule
 from twinbrain.data.series import mean_abs_correlation, span_series
 from twinbrain.data.simulate.systems import (offdiag_pearson, series_cohort, simulate_rate_network, simulate_var,
                                              sparse_signed_matrix)
-from twinbrain.eval.baselines import DEFAULT_ALPHAS, MLPBaseline, select_ridge_var
+from twinbrain.scoring.baselines import DEFAULT_ALPHAS, MLPBaseline, select_ridge_var
 from twinbrain.eval.forecast_eval import evaluate_forecasts
 from twinbrain.train.trainer import Trainer
 from twinbrain.twin.loader import load_export

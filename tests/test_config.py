@@ -118,3 +118,21 @@ def test_resolved_config_round_trips():
     import yaml
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+def test_a_key_nothing_reads_is_refused_but_old_saved_configs_still_load():
+    with pytest.raises(ConfigError, match="parallel.compile"):
+        load_config(None, ["--parallel.compile", "false"])
+    saved = Config().to_dict()
+    saved["parallel"]["compile"] = False            # what every config saved before the key was retired holds
+    assert config_from_dict(saved) == Config()
+
+
+def test_one_policy_of_what_may_change_after_training():
+    from twinbrain.config import LOCATION_KEYS, fixed_keys, flatten, with_overrides
+    assert fixed_keys(["run.out", "train.max_skipped_fraction", "eval.split", "train.lr"], "resume") == ["train.lr"]
+    assert fixed_keys(["eval.horizons", *LOCATION_KEYS, "data.window_s"], "evaluate") == ["data.window_s"]
+    assert fixed_keys(["data.bids_root", "data.window_s"], "twin") == ["data.window_s"]
+    cfg = Config()
+    assert with_overrides(cfg, {"eval": {"horizons": [1]}}).eval.horizons == [1] and cfg.eval.horizons != [1]
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": [{"e": 3}]}) == {"a.b": 1, "a.c": [1, 2], "d.0.e": 3}

@@ -10,7 +10,7 @@ import torch
 from scipy import integrate
 from scipy.stats import norm
 
-from twinbrain.eval.metrics import (CRPSAccumulator, MetricSet, PearsonAccumulator, R2Accumulator,
+from twinbrain.scoring.metrics import (CRPSAccumulator, MetricSet, PearsonAccumulator, R2Accumulator,
                                     gaussian_crps, skill)
 
 T = torch.tensor

@@ -18,8 +18,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from twinbrain.config import load_config
-from twinbrain.eval.validity import fit_linear_twin, linear_twin_ec, offdiag_pearson
 from twinbrain.model import ModelOutput, build_model
+from twinbrain.scoring.validity import fit_linear_twin, linear_twin_ec, offdiag_pearson
 from twinbrain.twin import CheckpointError, Twin, load_export
 from twinbrain.twin.perturb import stimulate, with_inputs
 

@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from twinbrain.eval.baselines import VARBaseline
-from twinbrain.eval.validity import (adjusted_rand_index, auroc, cluster_agreement, edge_auroc,
+from twinbrain.scoring.baselines import VARBaseline
+from twinbrain.scoring.validity import (adjusted_rand_index, auroc, cluster_agreement, edge_auroc,
                                      fc_similarity, fit_linear_twin, kmeans, linear_twin_ec, modularity,
                                      normalized_mutual_info, offdiag_pearson)
 

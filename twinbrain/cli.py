@@ -17,6 +17,7 @@ import traceback
 import zipfile
 from pathlib import Path
 
+from . import data as _sources  # noqa: F401  (each data source registers its settings check)
 from .config import ConfigError, dump_config, load_config
 
 

@@ -160,7 +160,6 @@ class ParallelConfig:
     ds_config: str = ""              # DeepSpeed JSON (default: ds_configs/zero<stage>.json)
     offload: bool = False            # ZeRO-3 CPU offload
     reshard_after_forward: bool = True  # FSDP2
-    compile: bool = False            # torch.compile the blocks
 
 
 @dataclass
@@ -313,16 +312,34 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is None:
         return raw
     merged = _read_yaml(path.parent / str(base), seen + (path,))
-    _deep_update(merged, raw)
+    deep_update(merged, raw)
     return merged
 
 
-def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+def deep_update(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    """Merge nested ``src`` into ``dst`` in place (a dict in both is merged, anything else replaced);
+    returns ``dst``."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_update(dst[k], v)
+            deep_update(dst[k], v)
         else:
             dst[k] = v
+    return dst
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{'a.b.c': leaf}``; a list of scalars is one leaf (a value per horizon), a list that
+    holds dicts or lists is flattened by index (``'a.0.b'``)."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = obj
+    return out
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -366,12 +383,60 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return cfg
 
 
+# Keys that earlier versions wrote into every saved config although nothing read them: a saved config
+# (checkpoint, export, run directory) is rebuilt without them, since they changed nothing; a new config
+# that names one is refused like any unknown key.
+RETIRED_KEYS = ("parallel.compile",)
+
+
+def drop_retired(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the nested config ``values`` without :data:`RETIRED_KEYS`."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for key in RETIRED_KEYS:
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a config saved with ``to_dict`` (strictly: unknown keys are errors)."""
+    """Rebuild a config saved with ``to_dict`` (strictly: unknown keys are errors; retired ones dropped)."""
     cfg = Config()
-    _apply(cfg, values)
+    _apply(cfg, drop_retired(values))
     validate_config(cfg)
     return cfg
+
+
+def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A new, validated config: ``cfg`` with the nested ``values`` (``{'eval': {'horizons': [1]}}``) merged
+    in; ``cfg`` itself is unchanged."""
+    return config_from_dict(deep_update(cfg.to_dict(), values))
+
+
+# ---------------------------------------------------------------- what may change after training
+
+# Data keys that say WHERE a cohort is, not WHAT it is: a checkpoint's saved config may be pointed at the
+# same data moved elsewhere (verified by the cohort fingerprint), never at different data.
+LOCATION_KEYS = ("data.source", "data.bids_root", "data.store_dir", "data.arrays_root", "data.atlas",
+                 "data.atlas_labels", "data.num_workers", "data.cache_mb")
+
+# The one policy of which config keys (or key prefixes) may differ from a trained run's saved config, per
+# use: ``resume`` may change what does not change what was learned so far; ``evaluate`` the evaluation
+# settings and where the same cohort is now; ``twin`` (asking a trained twin) only where the cohort is.
+# Personalisation describes a NEW subject's data, so its ``data.*`` / ``sim.*`` overrides build a
+# cohort of their own and never change the trained model's config.
+MAY_CHANGE: dict[str, tuple[str, ...]] = {
+    "resume": ("run.", "logging.", "train.max_steps", "train.eval_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.early_stop_patience", "train.max_skipped_",
+               "data.num_workers", "data.cache_mb", "eval."),
+    "evaluate": ("eval.",) + LOCATION_KEYS,
+    "twin": LOCATION_KEYS,
+}
+
+
+def fixed_keys(keys, use: str) -> list[str]:
+    """The dotted ``keys`` that ``use`` (a key of :data:`MAY_CHANGE`) may not change, in order."""
+    return [k for k in keys if not k.startswith(MAY_CHANGE[use])]
 
 
 def dump_config(cfg: Config) -> str:
@@ -388,7 +453,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 # ---------------------------------------------------------------- validation
 
-def _require(ok: bool, key: str, msg: str) -> None:
+def require(ok: bool, key: str, msg: str) -> None:
+    """Raise :class:`ConfigError` ``'key: msg'`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}: {msg}")
 
@@ -398,7 +464,7 @@ def validate_config(cfg: Config) -> None:
     flat = {f"{s.name}.{f.name}": getattr(getattr(cfg, s.name), f.name)
             for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
     for key, allowed in CHOICES.items():
-        _require(flat[key] in allowed, key, f"'{flat[key]}' is not one of {', '.join(allowed)}")
+        require(flat[key] in allowed, key, f"'{flat[key]}' is not one of {', '.join(allowed)}")
 
     d, s, g, m, t, p, e = cfg.data, cfg.sim, cfg.graph, cfg.model, cfg.train, cfg.parallel, cfg.eval
     positive = ["sim.n_subjects", "sim.n_sessions", "sim.minutes", "sim.n_regions", "sim.n_channels",
@@ -408,118 +474,140 @@ def validate_config(cfg: Config) -> None:
                 "train.batch_size", "train.grad_accum", "train.lr", "logging.log_every", "train.eval_every",
                 "train.checkpoint_every", "train.keep_checkpoints", "eval.ar_order"]
     for key in positive:
-        _require(flat[key] > 0, key, f"must be > 0, got {flat[key]}")
+        require(flat[key] > 0, key, f"must be > 0, got {flat[key]}")
     for key in ["train.emb_lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.core_lr_scale",
                 "sim.noise", "sim.eeg_noise", "sim.subject_variability", "data.calib_s",
                 "data.augment_noise", "data.augment_offset", "data.augment_smooth", "model.lap_pe_dim",
                 "model.coupling_rank", "model.coupling_l1", "model.linear_order", "train.early_stop_patience",
                 "eval.ridge_alpha", "eval.max_windows", "logging.profile_steps", "data.num_workers", "data.cache_mb",
                 "data.latent_step_s"]:
-        _require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
-    _require(t.warm_start or t.core_lr_scale > 0 or m.linear_order == 0, "train.core_lr_scale",
+        require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
+    require(t.warm_start or t.core_lr_scale > 0 or m.linear_order == 0, "train.core_lr_scale",
              "is 0 with train.warm_start false: the linear core would stay at persistence; set it > 0 (e.g. 1)")
-    _require(m.coupling_prior != "structural" or bool(g.structural), "model.coupling_prior",
+    require(m.coupling_prior != "structural" or bool(g.structural), "model.coupling_prior",
              "'structural' needs graph.structural (an [R, R] .npy); set it or use fc | none")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    _require(m.hidden % m.heads == 0, "model.hidden",
+    require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    require(m.hidden % m.heads == 0, "model.hidden",
              f"{m.hidden} is not divisible by model.heads={m.heads}; choose hidden as a multiple of heads")
-    _require(m.eeg_stride <= m.eeg_patch, "model.eeg_stride",
+    require(m.eeg_stride <= m.eeg_patch, "model.eeg_stride",
              f"stride {m.eeg_stride} > patch {m.eeg_patch} would skip EEG samples; use stride <= patch")
-    _require(t.warmup_steps < t.max_steps, "train.warmup_steps",
+    require(t.warmup_steps < t.max_steps, "train.warmup_steps",
              f"{t.warmup_steps} warm-up steps >= train.max_steps={t.max_steps}")
-    _require(0.0 < t.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in (0, 1], got {t.min_lr_ratio}")
-    _require(t.ac_every_k >= 1, "train.ac_every_k", f"must be >= 1, got {t.ac_every_k}")
-    _require(t.huber_delta > 0, "train.huber_delta", f"must be > 0, got {t.huber_delta}")
-    _require(t.max_skipped_consecutive >= 0, "train.max_skipped_consecutive",
+    require(0.0 < t.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in (0, 1], got {t.min_lr_ratio}")
+    require(t.ac_every_k >= 1, "train.ac_every_k", f"must be >= 1, got {t.ac_every_k}")
+    require(t.huber_delta > 0, "train.huber_delta", f"must be > 0, got {t.huber_delta}")
+    require(t.max_skipped_consecutive >= 0, "train.max_skipped_consecutive",
              f"must be >= 0 (0 = off), got {t.max_skipped_consecutive}")
-    _require(0 < t.max_skipped_fraction <= 1, "train.max_skipped_fraction",
+    require(0 < t.max_skipped_fraction <= 1, "train.max_skipped_fraction",
              f"must be in (0, 1] (1 = off), got {t.max_skipped_fraction}")
     if t.early_stop_patience:
         n_evals = t.max_steps // t.eval_every
-        _require(t.early_stop_patience < n_evals, "train.early_stop_patience",
+        require(t.early_stop_patience < n_evals, "train.early_stop_patience",
                  f"patience {t.early_stop_patience} evaluations but the run has only {n_evals} "
                  f"(max_steps {t.max_steps} / eval_every {t.eval_every}); lower it or evaluate more often")
-    _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
+    require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     if p.backend == "deepspeed":
-        _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "deepspeed backend needs stage 1, 2 or 3")
-    _require(not p.offload or p.zero_stage == 3, "parallel.offload", "CPU offload needs parallel.zero_stage 3")
-    _require(all(h >= 1 for h in e.horizons), "eval.horizons", f"horizons must be >= 1, got {e.horizons}")
-    _require(bool(e.baseline_orders) and min(e.baseline_orders) >= 1, "eval.baseline_orders",
+        require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "deepspeed backend needs stage 1, 2 or 3")
+    require(not p.offload or p.zero_stage == 3, "parallel.offload", "CPU offload needs parallel.zero_stage 3")
+    require(all(h >= 1 for h in e.horizons), "eval.horizons", f"horizons must be >= 1, got {e.horizons}")
+    require(bool(e.baseline_orders) and min(e.baseline_orders) >= 1, "eval.baseline_orders",
              f"needs at least one order, all >= 1; got {e.baseline_orders}")
-    _require(bool(e.baseline_alphas) and min(e.baseline_alphas) >= 0, "eval.baseline_alphas",
+    require(bool(e.baseline_alphas) and min(e.baseline_alphas) >= 0, "eval.baseline_alphas",
              f"needs at least one ridge alpha, all >= 0; got {e.baseline_alphas}")
-    _require(max(e.horizons, default=1) <= m.forecast_steps, "eval.horizons",
+    require(max(e.horizons, default=1) <= m.forecast_steps, "eval.horizons",
              f"largest horizon {max(e.horizons)} exceeds model.forecast_steps={m.forecast_steps}")
-    _require(g.cross_lag_min_s <= g.cross_lag_max_s, "graph.cross_lag_min_s",
+    require(g.cross_lag_min_s <= g.cross_lag_max_s, "graph.cross_lag_min_s",
              f"{g.cross_lag_min_s} > graph.cross_lag_max_s={g.cross_lag_max_s}")
-    _require(0 <= g.threshold < 1, "graph.threshold", f"must be in [0, 1), got {g.threshold}")
+    require(0 <= g.threshold < 1, "graph.threshold", f"must be in [0, 1), got {g.threshold}")
     for key in ("graph.k_fmri", "graph.k_eeg", "graph.k_cross"):
-        _require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
-    _require(0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
+        require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
+    require(0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
              "data.val_fraction", "val_fraction + test_fraction must be < 1")
 
-    # Window geometry: both modalities cover the same wall-clock span.
+    # Window geometry: both modalities cover the same wall-clock span. A source with a fixed clock of its
+    # own (hcp) checks it in its registered settings check; bids/store/arrays know their TR from the data.
     if d.source == "simulated":
-        tr, sfreq = s.tr, s.eeg_sfreq
-    elif d.source == "hcp":     # fixed TR; the EEG is empty, clocked at eeg_stride samples per TR
-        from twinbrain.data.hcp import HCP_TR
-        tr, sfreq = HCP_TR, m.eeg_stride / HCP_TR
-    else:
-        tr, sfreq = None, d.eeg_sfreq
-    if tr is not None:
-        t_f = d.window_s / tr
-        _require(abs(t_f - round(t_f)) < 1e-6, "data.window_s",
-                 f"{d.window_s} s is not a whole number of TRs (TR {tr} s)")
-        _require(round(t_f) > m.forecast_steps + 1, "data.window_s",
-                 f"window of {round(t_f)} TRs is too short for model.forecast_steps={m.forecast_steps}; "
-                 f"make the window longer than {(m.forecast_steps + 1) * tr} s or forecast fewer steps")
-        spt = tr * sfreq
-        _require(abs(spt - round(spt)) < 1e-6, "sim.eeg_sfreq",
-                 f"TR {tr} s x {sfreq} Hz = {spt} EEG samples per volume; choose rates giving a whole number")
-        _require(d.stride_s / tr >= 1 and abs(d.stride_s / tr - round(d.stride_s / tr)) < 1e-6,
-                 "data.stride_s", f"{d.stride_s} s must be a positive whole number of TRs (TR {tr} s)")
-        _require(round(spt) % m.eeg_stride == 0, "model.eeg_stride",
-                 f"{round(spt)} EEG samples per TR is not a multiple of eeg_stride {m.eeg_stride}; "
-                 f"pick a divisor so EEG latent steps align with fMRI volumes")
-    _require(d.window_s * sfreq >= m.eeg_patch, "model.eeg_patch",
-             f"patch of {m.eeg_patch} samples is longer than the window ({d.window_s * sfreq:.0f} samples)")
+        check_window_geometry(cfg, s.tr, s.eeg_sfreq)
+    elif d.source in ("bids", "store", "arrays"):
+        check_window_geometry(cfg, None, d.eeg_sfreq)
 
     if d.source == "simulated":
         run_s = s.minutes * 60
-        _require(run_s >= d.window_s, "data.window_s",
+        require(run_s >= d.window_s, "data.window_s",
                  f"window {d.window_s} s is longer than a simulated run ({run_s} s); shorten it or raise sim.minutes")
-        _require(d.val_subjects + d.test_subjects < s.n_subjects or d.split == "chronological"
+        require(d.val_subjects + d.test_subjects < s.n_subjects or d.split == "chronological"
                  or bool(d.val_subject_ids or d.test_subject_ids),
                  "data.val_subjects", f"val_subjects {d.val_subjects} + test_subjects {d.test_subjects} leave "
                  f"no training subject out of sim.n_subjects={s.n_subjects}")
-        _require(g.k_fmri < s.n_regions, "graph.k_fmri",
+        require(g.k_fmri < s.n_regions, "graph.k_fmri",
                  f"k-NN of {g.k_fmri} needs more than {g.k_fmri} nodes; sim.n_regions is {s.n_regions}")
-        _require(g.k_eeg < s.n_channels, "graph.k_eeg",
+        require(g.k_eeg < s.n_channels, "graph.k_eeg",
                  f"k-NN of {g.k_eeg} needs more than {g.k_eeg} nodes; sim.n_channels is {s.n_channels}")
-        _require(g.k_cross <= s.n_regions, "graph.k_cross",
+        require(g.k_cross <= s.n_regions, "graph.k_cross",
                  f"{g.k_cross} cross-modal targets per channel but only {s.n_regions} regions")
-        _require(s.n_perturb <= s.n_regions, "sim.n_perturb", f"{s.n_perturb} > sim.n_regions={s.n_regions}")
-        _require(s.n_modules <= s.n_regions, "sim.n_modules", f"{s.n_modules} > sim.n_regions={s.n_regions}")
-    if d.source == "hcp":
-        from twinbrain.data.hcp import HCP_REGIONS, HCP_VOLUMES
-        _require(d.window_s <= HCP_VOLUMES * tr, "data.window_s",
-                 f"window {d.window_s} s is longer than an HCP run ({HCP_VOLUMES * tr:.0f} s)")
-        _require(g.k_fmri < HCP_REGIONS, "graph.k_fmri",
-                 f"k-NN of {g.k_fmri} needs more than {g.k_fmri} of the {HCP_REGIONS} regions")
+        require(s.n_perturb <= s.n_regions, "sim.n_perturb", f"{s.n_perturb} > sim.n_regions={s.n_regions}")
+        require(s.n_modules <= s.n_regions, "sim.n_modules", f"{s.n_modules} > sim.n_regions={s.n_regions}")
     ids = set(d.val_subject_ids) & set(d.test_subject_ids)
-    _require(not ids, "data.test_subject_ids", f"subjects {sorted(ids)} are in both val_subject_ids and "
+    require(not ids, "data.test_subject_ids", f"subjects {sorted(ids)} are in both val_subject_ids and "
                                                f"test_subject_ids; a subject belongs to one split")
     if d.source in ("bids", "store"):
-        _require(0 < d.eeg_l_freq < d.eeg_h_freq < d.eeg_sfreq / 2, "data.eeg_h_freq",
+        require(0 < d.eeg_l_freq < d.eeg_h_freq < d.eeg_sfreq / 2, "data.eeg_h_freq",
                  f"band-pass {d.eeg_l_freq}-{d.eeg_h_freq} Hz must satisfy 0 < l_freq < h_freq < "
                  f"eeg_sfreq/2 = {d.eeg_sfreq / 2} Hz")
     if d.source == "bids":
-        _require(bool(d.bids_root), "data.bids_root", "data.source is 'bids' but no data.bids_root was given")
+        require(bool(d.bids_root), "data.bids_root", "data.source is 'bids' but no data.bids_root was given")
     if d.source == "store":
-        _require(bool(d.store_dir), "data.store_dir", "data.source is 'store' but no data.store_dir was given")
+        require(bool(d.store_dir), "data.store_dir", "data.source is 'store' but no data.store_dir was given")
     if d.source == "arrays":
-        _require(bool(d.arrays_root), "data.arrays_root",
+        require(bool(d.arrays_root), "data.arrays_root",
                  "data.source is 'arrays' but no data.arrays_root was given (a folder with manifest.json)")
+    check_source_settings(cfg)
+
+
+def check_window_geometry(cfg: Config, tr: float | None, sfreq: float) -> None:
+    """Windows of ``data.window_s`` s, strided by ``data.stride_s`` s, fit the clock of the source: ``tr``
+    seconds per fMRI volume (None: known only from the data, so only the EEG patch is checked) and
+    ``sfreq`` EEG samples per second."""
+    d, m = cfg.data, cfg.model
+    if tr is not None:
+        t_f = d.window_s / tr
+        require(abs(t_f - round(t_f)) < 1e-6, "data.window_s",
+                 f"{d.window_s} s is not a whole number of TRs (TR {tr} s)")
+        require(round(t_f) > m.forecast_steps + 1, "data.window_s",
+                 f"window of {round(t_f)} TRs is too short for model.forecast_steps={m.forecast_steps}; "
+                 f"make the window longer than {(m.forecast_steps + 1) * tr} s or forecast fewer steps")
+        spt = tr * sfreq
+        require(abs(spt - round(spt)) < 1e-6, "sim.eeg_sfreq",
+                 f"TR {tr} s x {sfreq} Hz = {spt} EEG samples per volume; choose rates giving a whole number")
+        require(d.stride_s / tr >= 1 and abs(d.stride_s / tr - round(d.stride_s / tr)) < 1e-6,
+                 "data.stride_s", f"{d.stride_s} s must be a positive whole number of TRs (TR {tr} s)")
+        require(round(spt) % m.eeg_stride == 0, "model.eeg_stride",
+                 f"{round(spt)} EEG samples per TR is not a multiple of eeg_stride {m.eeg_stride}; "
+                 f"pick a divisor so EEG latent steps align with fMRI volumes")
+    require(d.window_s * sfreq >= m.eeg_patch, "model.eeg_patch",
+             f"patch of {m.eeg_patch} samples is longer than the window ({d.window_s * sfreq:.0f} samples)")
+
+
+# Settings checks that a data source owns (its fixed clock, run length, region count), keyed by
+# ``data.source``. Each source module registers its own (``twinbrain.data.hcp``), so this floor holds no
+# source's constants; ``twinbrain.data`` registers them on import, and ``load_cohort`` runs the check of
+# its source again, so a source never loads with settings it refuses.
+SOURCE_CHECKS: dict[str, typing.Callable[[Config], None]] = {}
+
+
+def register_source_check(source: str, check: typing.Callable[[Config], None]) -> None:
+    """Make ``check(cfg)`` part of :func:`validate_config` for configs with ``data.source == source``; it
+    raises :class:`ConfigError` naming the key (use :func:`require`)."""
+    require(source in CHOICES["data.source"], "data.source", f"cannot register a check for unknown source "
+                                                              f"'{source}'; add it to CHOICES first")
+    SOURCE_CHECKS[source] = check
+
+
+def check_source_settings(cfg: Config) -> None:
+    """Run the registered settings check of ``cfg.data.source`` (none registered: nothing to check)."""
+    check = SOURCE_CHECKS.get(cfg.data.source)
+    if check is not None:
+        check(cfg)
 
 
 def _writable_dir(path: Path, key: str) -> None:
@@ -547,7 +635,7 @@ def check_paths(cfg: Config) -> None:
     if d.source == "store":
         inputs.append(("data.store_dir", d.store_dir))
     for key, value in inputs:
-        _require(not value or Path(value).exists(), key, f"{value} does not exist; fix the path")
+        require(not value or Path(value).exists(), key, f"{value} does not exist; fix the path")
     _writable_dir(Path(cfg.run.out), "run.out")
     if d.source == "bids":
         _writable_dir(resolve_store_dir(cfg), "data.store_dir")

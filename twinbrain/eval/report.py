@@ -18,6 +18,9 @@ matplotlib.use("Agg")  # headless: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from twinbrain.config import flatten  # noqa: E402
+from twinbrain.rundir import RunDir  # noqa: E402
+
 THROUGHPUT_KEYS = ("windows_per_s", "node_steps_per_s", "windows_per_s_per_device",
                    "node_steps_per_s_per_device", "tflops_per_s", "mfu", "step_time_s", "data_share")
 MEMORY_KEYS = ("mem_peak_gib", "mem_reserved_peak_gib", "mem_peak_pct", "mem_reserved_peak_pct",
@@ -39,7 +42,8 @@ def load_metrics(path: Path) -> tuple[list[dict], list[dict], dict]:
     env: dict = {}
     # Validation and environment records live beside metrics.jsonl (one record per log step there).
     lines: list[str] = []
-    for f in (path.with_name("environment.jsonl"), path, path.with_name("eval_metrics.jsonl")):
+    layout = RunDir(path.parent)
+    for f in (layout.environment, path, layout.eval_metrics):
         if f.is_file():
             lines += f.read_text(encoding="utf-8").splitlines()
     for line in lines:
@@ -110,20 +114,6 @@ def _plot(path: Path, title: str, panels: list[tuple[str, list[str], bool]], rec
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{'a.b.c': leaf}``; flat lists stay lists (e.g. a value per horizon)."""
-    out: dict[str, Any] = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    elif isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
-        for i, v in enumerate(obj):
-            out.update(_flatten(v, f"{prefix}{i}."))
-    else:
-        out[prefix[:-1]] = obj
-    return out
 
 
 def _plot_validation(path: Path, evals: list[dict]) -> Path | None:
@@ -221,14 +211,15 @@ def render_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"report: run directory {run_dir} does not exist; pass the run.out of a training run")
-    out = run_dir / "report"
+    layout = RunDir(run_dir)
+    out = layout.report
     out.mkdir(parents=True, exist_ok=True)
-    train, evals, env = load_metrics(run_dir / "metrics.jsonl")
-    report_path = run_dir / "eval" / "report.json"
+    train, evals, env = load_metrics(layout.metrics)
+    report_path = layout.eval / "report.json"
     flat: dict[str, Any] = {}
     if report_path.is_file():
         try:
-            flat = _flatten(json.loads(report_path.read_text(encoding="utf-8")))
+            flat = flatten(json.loads(report_path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, OSError):
             flat = {"error": f"could not read {report_path}"}
 

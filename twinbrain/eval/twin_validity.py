@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from twinbrain.eval.forecast_eval import train_series
-from twinbrain.eval.validity import (auroc, cluster_agreement, edge_auroc, fc_similarity, fit_linear_twin,
+from twinbrain.scoring.validity import (auroc, cluster_agreement, edge_auroc, fc_similarity, fit_linear_twin,
                                      linear_twin_ec, modularity, offdiag_pearson)
 from twinbrain.schema import relation_key
 

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..weights import save_weights
 from .distributed import barrier, is_dist
 
 COMPLETE = "COMPLETE"
@@ -156,8 +155,11 @@ def latest_checkpoint(root: Path) -> Path | None:
 class Checkpointer:
     """Saves and restores the whole training state; every rank takes part."""
 
-    def __init__(self, root: Path, backend: str, rank: int, world_size: int, keep: int):
-        self.root, self.backend, self.rank, self.world_size, self.keep = root, backend, rank, world_size, keep
+    def __init__(self, root: Path, kind, rank: int, world_size: int, keep: int):
+        """``kind``: the backend object (:mod:`twinbrain.train.backends`) that saves and loads the model and
+        optimizer state its own way."""
+        self.root, self.kind, self.rank, self.world_size, self.keep = root, kind, rank, world_size, keep
+        self.backend = kind.name
 
     # ------------------------------------------------------------ save
     def save(self, step: int, module: nn.Module, optimizer, trainer_state: dict, rank_state: dict,
@@ -169,15 +171,7 @@ class Checkpointer:
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
         barrier()
-        if self.backend == "deepspeed":
-            module.save_checkpoint(str(partial / "ds"), tag="state", client_state={},
-                                   save_latest=False)
-        else:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
-            model_sd, optim_sd = get_state_dict(module, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial / "dcp"))
+        self.kind.save(module, optimizer, partial)
         torch.save(rank_state, partial / f"rank-{self.rank}.pt")
         if self.rank == 0:
             torch.save(trainer_state, partial / "trainer.pt")
@@ -235,54 +229,21 @@ class Checkpointer:
     def load(self, path: Path, module: nn.Module, optimizer) -> tuple[dict, dict]:
         """Restore model and optimizer in place; return ``(trainer_state, rank_state)``."""
         self.check_compatible(path)
-        if self.backend == "deepspeed":
-            load_path, _ = module.load_checkpoint(str(path / "ds"), tag="state",
-                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
-            if load_path is None:
-                raise RuntimeError(f"{path / 'ds'}: DeepSpeed could not load the checkpoint")
-        else:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-            model_sd, optim_sd = get_state_dict(module, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(path / "dcp"))
-            set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.kind.load(module, optimizer, path)
         trainer_state = torch.load(path / "trainer.pt", weights_only=False)
         rank_state = torch.load(path / f"rank-{self.rank}.pt", weights_only=False)
         barrier()
         return trainer_state, rank_state
 
 
-def full_model_state(module: nn.Module, backend: str) -> dict[str, torch.Tensor] | None:
-    """Consolidated (unsharded) fp32 CPU weights of the whole train module, on rank 0 (None elsewhere).
+def full_model_state(module: nn.Module, kind) -> dict[str, torch.Tensor] | None:
+    """Consolidated (unsharded) fp32 CPU weights of the whole train module, on rank 0 (None elsewhere);
+    ``kind``: the backend object that gathers them.
 
     Every rank must call this (FSDP2 and ZeRO-3 gather shards collectively).
     """
     rank = torch.distributed.get_rank() if is_dist() else 0
-    if backend == "deepspeed":
-        if module.zero_optimization_partition_weights():
-            sd = module._zero3_consolidated_16bit_state_dict()
-        else:
-            sd = module.module.state_dict()
-    elif backend == "fsdp2":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        inner = getattr(module, "module", module)
-        sd = inner.state_dict()
+    sd = kind.full_state(module)
     if rank != 0:
         return None
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
-
-
-def export_model(path: Path, model_state: dict[str, torch.Tensor], payload: dict) -> None:
-    """Write a single-file model for inference atomically: weights + everything to rebuild it; and, beside
-    it, the same weights as ``model.safetensors`` with ``config.json`` (:mod:`twinbrain.weights`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model_state, **payload}, tmp)
-    tmp.replace(path)
-    save_weights(path.parent, model_state, config=payload.get("config", {}), metadata=payload.get("data"),
-                 step=payload.get("step", 0), metrics=payload.get("metrics"))

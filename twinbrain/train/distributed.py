@@ -171,7 +171,8 @@ def barrier() -> None:
 
 
 def clean_exit(code: int = 0) -> None:
-    """End a worker without the flaky gloo/c10d teardown abort (see shared/ENVIRONMENT.md)."""
+    """End a worker with ``code`` without the interpreter's own teardown, where gloo/c10d can abort an
+    otherwise finished job at exit: the process group is destroyed, output flushed, then ``os._exit``."""
     if is_dist():
         try:
             dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """Activation checkpointing and model wrapping for DDP, FSDP2 and DeepSpeed ZeRO.
 
-The order follows torchtitan: activation checkpointing first, then compile, then sharding,
-so every backend sees the same checkpointed blocks.
+The order follows torchtitan: activation checkpointing first, then sharding (no compile step), so
+every backend sees the same checkpointed blocks.
 """
 from __future__ import annotations
 
@@ -102,11 +102,3 @@ def wrap_deepspeed(module: nn.Module, optimizer: torch.optim.Optimizer, ds_confi
                                                       dist_init_required=False)
     return engine, ds_optimizer
 
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module under DDP / DeepSpeed / compile wrappers (FSDP2 modules are their own class)."""
-    while True:
-        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
-        if inner is None or not isinstance(inner, nn.Module):
-            return module
-        module = inner

@@ -4,13 +4,14 @@ Call sequence (every rank calls every method; only the main rank writes)::
 
     tel = Telemetry(cfg.logging, run_dir, is_main=..., world_size=..., device=..., config_dict=cfg.to_dict(),
                     run_name=..., resume_run_id=meta.get("wandb_run_id"), max_steps=..., backend=..., start_step=step)
+    tel.set_step_flops(flops, n_windows)   # logging.flops: FLOPs of one micro-batch, counted once by the
+                                           # caller on a copy (count_flops), before the first step
     for step in range(start_step + 1, max_steps + 1):
         tel.step_begin()
         batch = next(it); tel.data_loaded()
         with tel.maybe_profile(step):
-            for micro in micro_batches:   # first micro-batch of the first step: counted once
-                if first: tel.measure_flops(lambda: backward(loss(model(micro))), n_windows=micro.num_graphs)
-                else: backward(loss(model(micro)))
+            for micro in micro_batches:
+                backward(loss(model(micro)))
             ...optimizer step...
         tel.step_end(step, n_windows=LOCAL windows, n_node_steps=LOCAL nodes x time steps)
         if tel.should_flush(step):
@@ -34,12 +35,13 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 
 from ..config import LoggingConfig
+from ..rundir import RunDir
 from .meters import MemoryMeter, StepTimer, count_flops, reduce_scalars, reduce_window
 from .profiling import OOMSnapshots, StepProfiler
 from .tracker import WandbRun, collect_environment, generate_run_id, resolve_wandb_mode
@@ -152,6 +154,7 @@ class Telemetry:
                  max_steps: int, backend: str = "", start_step: int = 0, launch: dict | None = None):
         self.cfg = cfg_logging
         self.run_dir = Path(run_dir)
+        layout = RunDir(self.run_dir)
         self.is_main = is_main
         self.world_size = max(int(world_size), 1)
         self.device = torch.device(device)
@@ -188,15 +191,15 @@ class Telemetry:
         # metrics.jsonl holds exactly one record per training log step (the run-directory contract);
         # validation records go to eval_metrics.jsonl, the environment of each (re)start to environment.jsonl.
         if is_main:
-            for name in ("metrics.jsonl", "eval_metrics.jsonl"):
-                n = drop_records_after(self.run_dir / name, int(start_step))
+            for path in (layout.metrics, layout.eval_metrics):
+                n = drop_records_after(path, int(start_step))
                 if n:
-                    log.info("%s: dropped %d record(s) past step %d, which this run repeats", name, n,
+                    log.info("%s: dropped %d record(s) past step %d, which this run repeats", path.name, n,
                              int(start_step))
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
-        self._eval_jsonl = open(self.run_dir / "eval_metrics.jsonl", "a", encoding="utf-8") if is_main else None
+        self._jsonl = open(layout.metrics, "a", encoding="utf-8") if is_main else None
+        self._eval_jsonl = open(layout.eval_metrics, "a", encoding="utf-8") if is_main else None
         if is_main:
-            with open(self.run_dir / "environment.jsonl", "a", encoding="utf-8") as f:
+            with open(layout.environment, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"kind": "env", "step": int(start_step), "time": self._t_start,
                                     "run_id": self.run_id, **self.env}, allow_nan=False, default=str) + "\n")
 
@@ -207,9 +210,9 @@ class Telemetry:
             self._bar = tqdm(total=self.max_steps, initial=int(start_step), file=sys.stdout,
                              dynamic_ncols=True, desc="train", unit="step")
 
-        self._profiler = StepProfiler(cfg_logging.profile_steps, self.run_dir / "profile", self.rank,
+        self._profiler = StepProfiler(cfg_logging.profile_steps, layout.profile, self.rank,
                                       self.memory.cuda)
-        self._oom = OOMSnapshots(cfg_logging.memory_snapshot_on_oom, self.run_dir / "memory", self.rank,
+        self._oom = OOMSnapshots(cfg_logging.memory_snapshot_on_oom, layout.memory, self.rank,
                                  self.memory.cuda)
         if cfg_logging.memory_snapshot_on_oom and not self.memory.cuda:
             self._say_once("oom", "memory snapshot on OOM needs CUDA; off on %s", self.device.type)
@@ -249,21 +252,6 @@ class Telemetry:
         if flops and flops > 0:
             self._step_flops = float(flops) / (n_windows if n_windows else 1)
             self._flops_per_window = bool(n_windows)
-
-    def measure_flops(self, fn: Callable[[], Any], n_windows: int | None = None) -> int | None:
-        """Run ``fn`` (one forward + backward) under the FLOP counter and keep the count.
-
-        Honours ``logging.flops``: when off, ``fn`` still runs (so the caller's step happens)
-        but nothing is counted and None is returned.  Wrap the first real micro-batch rather
-        than an extra one, so no stray gradients accumulate (and DeepSpeed's engine sees a
-        normal step).  ``n_windows``: windows in that micro-batch (see ``set_step_flops``).
-        """
-        if not self.cfg.flops:
-            fn()
-            return None
-        flops = count_flops(fn)
-        self.set_step_flops(flops, n_windows)
-        return flops
 
     def log(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Queue already-reduced scalars for the next ``flush`` (later values replace earlier)."""

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..rundir import EXPORT_FILES, RunDir
 from .meters import PEAK_BASIS, peak_tflops
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class WandbRun:
         import wandb
 
         folder = Path(folder)
-        files = [folder / f for f in ("model.safetensors", "config.json", "model.pt") if (folder / f).is_file()]
+        files = [folder / f for f in EXPORT_FILES if (folder / f).is_file()]
         if not files:
             return
         art = wandb.Artifact(f"model-{self.run_id}", type="model", metadata={"step": int(step), "folder": str(folder)})
@@ -232,7 +233,7 @@ def reopen_run(run_dir: Path, logging_cfg, config: dict | None = None, device=No
     import json
 
     mode = resolve_wandb_mode(logging_cfg.wandb)
-    env = Path(run_dir) / "environment.jsonl"
+    env = RunDir(run_dir).environment
     if mode is None or not env.is_file():
         return None
     ids = [json.loads(line).get("run_id") for line in env.read_text().splitlines() if line.strip()]

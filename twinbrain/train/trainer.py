@@ -2,12 +2,11 @@
 
 Build order (each step depends only on earlier ones): distributed -> run-directory lock, paths,
 checkpoint choice and compatibility (seconds, before any data or model work) -> seeds -> data ->
-model -> activation checkpointing -> sharding/wrapping -> optimizer and schedule -> loader ->
-auto-resume -> telemetry.
+model (warm start) and loss balancer -> activation checkpointing -> train module, loader and FLOP
+probe -> wrapping/sharding and optimizer, schedule -> per-rank seeds -> auto-resume -> telemetry.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
@@ -20,27 +19,27 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import Config, ConfigError, check_paths, dump_config, save_config
+from ..config import (Config, ConfigError, check_paths, drop_retired, dump_config, fixed_keys, flatten,
+                      save_config)
 from ..data.module import DataModule
 from ..model import build_model, loss_counts, loss_term_names, make_balancer
-from .checkpoint import Checkpointer, export_model, full_model_state, rng_state, set_rng_state
+from ..rundir import EXPORT_FILES, RunDir
+from ..schema import SIGNAL_LOSS_TERMS
+from ..weights import write_export
+from .backends import make_backend
+from .checkpoint import Checkpointer, full_model_state, rng_state, set_rng_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend, resolve_precision
-from .extensions import prepare_extensions, watch_build_locks
+from .extensions import prepare_extensions
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
-from .parallel import (apply_activation_checkpointing, autocast_dtype, deepspeed_config, wrap_ddp,
-                       wrap_deepspeed, wrap_fsdp2)
+from .parallel import apply_activation_checkpointing, autocast_dtype
 from .step_module import TrainModule
 from .runlock import RunLock
 from .telemetry import Telemetry, count_flops, reduce_scalars, summary_table
-from .validation import VAL_LOSS_TERMS, validate
+from .validation import validate
 from .warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
-# Config keys that may change when a run is resumed: they do not change what was learned so far.
-RESUMABLE_CHANGES = ("run.", "logging.", "train.max_steps", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.early_stop_patience", "train.max_skipped_",
-                     "data.num_workers", "data.cache_mb", "eval.")
 # The skipped-fraction limit applies from this step on (a few early skips are normal under fp16).
 FRACTION_MIN_STEPS = 20
 
@@ -53,16 +52,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def node_steps(batch, eeg_stride: int) -> float:
@@ -90,7 +79,7 @@ class Trainer:
     def __init__(self, cfg: Config, data: DataModule | None = None):
         self.cfg = cfg
         t = cfg.train
-        # 1. distributed
+        # 1. distributed, then the run directory (locked) and the checkpoint to resume from
         self.backend: Backend = resolve_backend(cfg)
         # config.yaml records what ran, not 'auto' (the launch config may have chosen it).
         cfg.parallel.backend, cfg.parallel.zero_stage = self.backend.name, self.backend.zero_stage
@@ -102,12 +91,14 @@ class Trainer:
         self.dtype = autocast_dtype(self.precision, self.device)
         if self.dtype is not None and self.device.type == "cpu" and self.precision == "fp16":
             raise ConfigError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
+        self.kind = make_backend(self.backend, self.accelerator, self.dtype)
         self.run_dir = Path(cfg.run.out)
+        self.layout = RunDir(self.run_dir)
         self.lock = RunLock(self.run_dir)
         self._take_run_dir()
-        self.ext_dir = prepare_extensions() if self.backend.name == "deepspeed" else None
+        self.ext_dir = prepare_extensions() if self.kind.jit_extensions else None
         # Checkpoint choice and compatibility are settled now, in seconds, not after data and model setup.
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.backend.name, self.rank,
+        self.checkpointer = Checkpointer(self.layout.checkpoints, self.kind, self.rank,
                                          self.world, t.keep_checkpoints)
         self.resume_from = self.checkpointer.newest_intact()
         self._check_run_dir()
@@ -118,43 +109,31 @@ class Trainer:
         # 3. data
         self.data = data if data is not None else DataModule(cfg).setup()
 
-        # 4. model, loss balancer (before the optimizer, or it is never trained)
+        # 4. model (warm-started unless resuming), loss balancer (before the optimizer, or it is never trained)
         d = self.data
         model = build_model(cfg, n_subjects=len(d.subject_map), n_sessions=len(d.session_map),
                              n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots,
                              samples_per_tr=d.samples_per_tr)
         self.modalities = d.modalities
+        self.kind.modalities = tuple(self.modalities)
         # Closed-form start (tuned ridge VAR core, coupling priors); a resume loads the trained state instead.
         self.warm = warm_start(model, d, cfg) if t.warm_start and self.resume_from is None else None
         balancer = make_balancer(t, loss_term_names(self.modalities))
         self.n_params = sum(p.numel() for p in model.parameters())
-        # 5. activation checkpointing (applied by us, the same under every backend)
+        # 5. activation checkpointing (applied by us, the same under every backend), the train module, this
+        #    rank's loader and the FLOP probe (on a copy of the unwrapped module, before any wrapper)
         self.ac_blocks = apply_activation_checkpointing(model.blocks, t.activation_checkpointing, t.ac_every_k)
         module = TrainModule(model, balancer, t, cfg.model).to(self.device)
         self.raw = module
-
         self.loader = d.train_loader(self.rank, self.world, device=self.device)
         self.step_flops = self._count_flops(module) if cfg.logging.flops else None
 
         # 6. wrapping and optimizer
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 \
-            and self.backend.name != "deepspeed" else None
-        if self.backend.name == "deepspeed":
-            optimizer = build_optimizer(param_groups(module.model, t, extra=module.balancer), t, self.device)
-            with watch_build_locks(self.ext_dir):     # DeepSpeed may JIT-build (and wait on a lock) here
-                self.module, self.optimizer = wrap_deepspeed(module, optimizer,
-                                                             deepspeed_config(cfg, self.backend, self.dtype))
-            self.base_optimizer = optimizer
-        else:
-            if self.backend.name == "fsdp2":
-                self.module = wrap_fsdp2(module, module.model.blocks, self.backend, self.dtype)
-            elif self.backend.name == "ddp":
-                self.module = wrap_ddp(module, self.accelerator, find_unused=len(self.modalities) < 2)
-            else:
-                self.module = module
-            self.optimizer = build_optimizer(param_groups(module.model, t, extra=module.balancer), t,
-                                             self.device)
-            self.base_optimizer = self.optimizer
+            and self.kind.uses_scaler else None
+        self.module, self.optimizer, self.base_optimizer = self.kind.wrap(
+            module, cfg, lambda: build_optimizer(param_groups(module.model, t, extra=module.balancer), t, self.device),
+            self.ext_dir)
         self.schedule = Schedule(self.base_optimizer, t)
         self.early = EarlyStopping(t.early_stop_patience)
 
@@ -168,7 +147,7 @@ class Trainer:
         if self.resume_from is not None:
             self._resume(self.resume_from)
         elif self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.layout.config)
 
         # 9. telemetry
         self.tel = Telemetry(cfg.logging, self.run_dir, is_main=self.is_main, world_size=self.world,
@@ -213,14 +192,14 @@ class Trainer:
         if self.resume_from is None:
             return
         self.checkpointer.check_compatible(self.resume_from)
-        saved = self.run_dir / "config.yaml"
+        saved = self.layout.config
         if not saved.is_file():
             return
-        old = _flat(yaml.safe_load(saved.read_text()))
-        new = _flat(yaml.safe_load(dump_config(self.cfg)))
+        old = flatten(drop_retired(yaml.safe_load(saved.read_text())))
+        new = flatten(yaml.safe_load(dump_config(self.cfg)))
         resolved_later = {"parallel.backend": "auto", "parallel.zero_stage": 0}   # runs saved before resolution
-        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-                   and not k.startswith(RESUMABLE_CHANGES) and resolved_later.get(k, object()) != old.get(k)]
+        changed = fixed_keys([k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+                              and resolved_later.get(k, object()) != old.get(k)], "resume")
         if changed:
             diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
             raise ConfigError(f"{self.run_dir} holds a checkpoint trained with a different config ({diff}). "
@@ -278,8 +257,8 @@ class Trainer:
         ``diverged``: why these weights are not a usable model; stored as ``diverged`` in the file and
         in ``RUN/<name>/DIVERGED`` so neither a program nor a person takes them for a trained twin.
         """
-        full = full_model_state(self.module, self.backend.name)
-        path = self.run_dir / name / "model.pt"
+        full = full_model_state(self.module, self.kind)
+        path = self.layout.model(name)
         if self.is_main:
             prefix = "model."
             weights = {k[len(prefix):].replace("_checkpoint_wrapped_module.", ""): v
@@ -288,7 +267,7 @@ class Trainer:
                        "metrics": metrics or {}, "backend": self.backend.name}
             if diverged:
                 payload["diverged"] = diverged
-            export_model(path, weights, payload)
+            write_export(path, weights, payload)
             marker = path.parent / "DIVERGED"
             if diverged:
                 marker.write_text(diverged + "\n")
@@ -314,7 +293,7 @@ class Trainer:
         # learning-relevant change that this run directory refuses.
         raise DivergenceError(
             f"training diverged: {reason}. Train again in a new --run.out with a lower train.lr (now "
-            f"{self.cfg.train.lr:g}), or check the data; {self.run_dir / 'final' / 'model.pt'} is marked diverged")
+            f"{self.cfg.train.lr:g}), or check the data; {self.layout.model('final')} is marked diverged")
 
     # ------------------------------------------------------------ one optimizer step
     def _micro_batches(self, it) -> list:
@@ -330,60 +309,19 @@ class Trainer:
             c = loss_counts(b, t, self.cfg.model)
             local += torch.tensor([float(c[n]) for n in names], dtype=torch.float64, device=self.device)
         counts = dict(zip(names, all_reduce_(local).tolist()))
-        ds = self.backend.name == "deepspeed"
-        # DDP/FSDP2/ZeRO average gradients over ranks; DeepSpeed also divides by the accumulation steps.
-        data_scale = float(self.world * (len(micro) if ds else 1))
-        reg_scale = 1.0 if ds else 1.0 / len(micro)
+        data_scale, reg_scale = self.kind.scales(self.world, len(micro))
         parts_sum: dict[str, float] = {}
         loss_sum = torch.zeros((), device=self.device)
         for i, b in enumerate(micro):
-            last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or self.backend.name != "ddp" else self.module.no_sync()
-            with sync:
-                if ds and self.dtype is not None:
-                    for m in ("fmri", "eeg"):       # DeepSpeed bf16 does not autocast the inputs
-                        b[m].x = b[m].x.to(self.dtype)
-                with torch.autocast(self.device.type, dtype=self.dtype,
-                                    enabled=self.dtype is not None and not ds):
-                    loss, parts = self.module(b, counts, data_scale, reg_scale)
-                if ds:
-                    finite = all_reduce_(torch.tensor([float(torch.isfinite(loss))], device=self.device), "min")
-                    if finite.item() < 1:
-                        raise FloatingPointError(
-                            f"non-finite loss at step {self.step + 1} under DeepSpeed, which cannot skip a "
-                            "step; lower train.lr or use fp32, then resume from the last checkpoint")
-                    self.module.backward(loss)
-                    self.module.step()
-                elif self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+            with self.kind.no_sync(self.module, last=i == len(micro) - 1):
+                loss, parts = self.kind.forward(self.module, b, counts, data_scale, reg_scale, self.device)
+                self.kind.backward(self.module, loss, self.scaler, self.step + 1, self.device)
             loss_sum += loss.detach() / data_scale
             for k, v in parts.items():
                 if k.split("_", 1)[0] in self.modalities:      # absent modalities are not logged
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-
-        if ds:
-            grad_norm = float(self.module.get_global_grad_norm() or 0.0)
-            stepped = True
-        else:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if hasattr(grad_norm_t, "full_tensor"):
-                grad_norm_t = grad_norm_t.full_tensor()
-            ok = torch.tensor([float(torch.isfinite(grad_norm_t) and torch.isfinite(loss_sum))],
-                              device=self.device)
-            stepped = all_reduce_(ok, "min").item() > 0
-            grad_norm = float(grad_norm_t)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            elif stepped:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, stepped = self.kind.step(self.module, self.optimizer, self.scaler, loss_sum, t.grad_clip,
+                                            self.device)
         if stepped:
             self.schedule.step()
             self.skipped_run = 0
@@ -398,10 +336,10 @@ class Trainer:
                                 op="sum")
         # ``loss``: the unweighted sum of the reconstruction and forecast terms (global means), comparable
         # across balancers and with ``val/loss``; ``objective``: what the optimizer minimised.
-        summed["loss"] = sum(summed[f"loss/{k}"] for k in VAL_LOSS_TERMS if f"loss/{k}" in summed)
+        summed["loss"] = sum(summed[f"loss/{k}"] for k in SIGNAL_LOSS_TERMS if f"loss/{k}" in summed)
         stats = {**summed, "grad_norm": grad_norm, "skipped_steps": float(self.skipped)}
         balancer = self.raw.balancer
-        if self.backend.name not in ("fsdp2", "deepspeed") or balancer.mode == "none":
+        if not self.kind.sharded or balancer.mode == "none":
             stats.update({f"balancer/{k}": v for k, v in balancer.weights().items()})
         stats.update(self.schedule.lrs())
         self._windows = float(sum(b.num_graphs for b in micro))
@@ -473,16 +411,16 @@ class Trainer:
         final_loss = last_eval.get("loss", math.nan)
         diverged = None if math.isfinite(final_loss) else f"final validation loss is {final_loss}"
         self.export("final", {f"val/{k}": v for k, v in last_eval.items()}, diverged=diverged)
-        if self.is_main and not (self.run_dir / "best" / "model.pt").is_file():
+        if self.is_main and not self.layout.model("best").is_file():
             if diverged:
                 log.warning("no best/ export: no validation was finite (%s)", diverged)
             else:
                 # No validation improved on an earlier one (or none ran): the final weights are the best we have.
-                (self.run_dir / "best").mkdir(parents=True, exist_ok=True)
-                for f in ("model.pt", "model.safetensors", "config.json"):
-                    shutil.copyfile(self.run_dir / "final" / f, self.run_dir / "best" / f)
-        if self.is_main and self.tel.wandb is not None and (self.run_dir / "best" / "model.pt").is_file():
-            self.tel.wandb.log_export(self.run_dir / "best", self.step)     # the best export as an artifact
+                self.layout.export("best").mkdir(parents=True, exist_ok=True)
+                for f in EXPORT_FILES:
+                    shutil.copyfile(self.layout.export("final") / f, self.layout.export("best") / f)
+        if self.is_main and self.tel.wandb is not None and self.layout.model("best").is_file():
+            self.tel.wandb.log_export(self.layout.export("best"), self.step)     # the best export as an artifact
         self.last_eval = last_eval
         return last_eval
 

@@ -10,19 +10,16 @@ import math
 import torch
 from torch import Tensor
 
-from ..eval.metrics import R2Accumulator, skill
 from ..model import forecast_targets, forecast_valid, loss_terms
+from ..schema import MODALITIES, SIGNAL_LOSS_TERMS, node_mask, samples_per_step
+from ..scoring.metrics import R2Accumulator, skill
 from .distributed import all_reduce_
-
-MODALITIES = ("fmri", "eeg")
-VAL_LOSS_TERMS = ("fmri_recon", "fmri_forecast", "eeg_recon", "eeg_forecast")
 
 
 def _node_weight(batch, m: str) -> Tensor:
     """``[N]`` bool: real node of a real (non-padding) window."""
     store = batch[m]
-    keep = store.mask.bool() if "mask" in store else torch.ones(store.y.shape[0], dtype=torch.bool,
-                                                                 device=store.y.device)
+    keep = node_mask(store)
     if "weight" in batch:
         keep = keep & (batch.weight[store.batch] > 0)
     return keep
@@ -46,8 +43,8 @@ def validate(module, loader, model_cfg, train_cfg, device, dtype,
     """Global validation metrics of the (wrapped) train module over one pass of ``loader``, for the
     ``modalities`` present in the cohort."""
     s_steps = model_cfg.forecast_steps
-    terms_used = [n for n in VAL_LOSS_TERMS if n.split("_", 1)[0] in modalities]
-    steps = {"fmri": 1, "eeg": model_cfg.eeg_stride}
+    terms_used = [n for n in SIGNAL_LOSS_TERMS if n.split("_", 1)[0] in modalities]
+    steps = samples_per_step(model_cfg)
     r2 = {m: R2Accumulator(horizons=s_steps) for m in modalities}
     r2_pers = {m: R2Accumulator(horizons=s_steps) for m in modalities}
     r2_rec = {m: R2Accumulator() for m in modalities}

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..data.graph import load_structural
 from ..data.series import mean_abs_correlation, span_series
-from ..eval.baselines import fit_ridge_var, select_linear_model
 from ..schema import relation_key
+from ..scoring.baselines import fit_ridge_var, select_linear_model
 
 log = logging.getLogger(__name__)
 

@@ -211,7 +211,7 @@ def _ec(twin, args, out: Path) -> str:
     truth = twin.truth() if args.modality == "fmri" else None
     line = ""
     if truth is not None:
-        from twinbrain.eval.validity import offdiag_pearson
+        from twinbrain.scoring.validity import offdiag_pearson
         info["truth_coupling_pearson_offdiag"] = offdiag_pearson(ec, truth.coupling)
         line = f"; off-diagonal Pearson r with the true coupling {info['truth_coupling_pearson_offdiag']:.3f}"
     twin.save_ec(ec, out / "ec.npy", args.modality, **info)

@@ -24,7 +24,8 @@ from torch import nn
 
 from twinbrain.config import Config, ConfigError, config_from_dict
 from twinbrain.model import build_model
-from twinbrain.weights import save_weights
+from twinbrain.rundir import EXPORT_FILE, RunDir
+from twinbrain.weights import write_export
 
 REQUIRED_KEYS = ("model", "config", "data")
 REQUIRED_META = ("subject_map", "session_map", "n_fmri_slots", "n_eeg_slots", "samples_per_tr", "tr",
@@ -54,11 +55,11 @@ class LoadedModel:
 def resolve_export_path(path: str | Path) -> Path:
     """A file, a folder holding ``model.pt`` (``RUN/best``) or a run folder (-> ``RUN/best/model.pt``)."""
     p = Path(path)
-    for cand in (p, p / "model.pt", p / "best" / "model.pt"):
+    for cand in (p, p / EXPORT_FILE, RunDir(p).model("best")):
         if cand.is_file():
             return cand
-    raise CheckpointError(f"{p}: no exported model found (looked for {p}, {p / 'model.pt'} and "
-                          f"{p / 'best' / 'model.pt'}); pass RUN/best/model.pt of a finished training run")
+    raise CheckpointError(f"{p}: no exported model found (looked for {p}, {p / EXPORT_FILE} and "
+                          f"{RunDir(p).model('best')}); pass RUN/best/model.pt of a finished training run")
 
 
 def default_device(device: str | torch.device | None) -> torch.device:
@@ -139,13 +140,7 @@ def save_export(path: str | Path, model: nn.Module, config: Config, metadata: di
                 metrics: dict | None = None, backend: str = "twin") -> Path:
     """Write ``model`` in the export format above (fp32 CPU weights), atomically, with ``model.safetensors``
     and ``config.json`` beside it (:mod:`twinbrain.weights`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
                for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": weights, "config": config.to_dict(), "data": metadata, "step": int(step),
-                "metrics": metrics or {}, "backend": backend}, tmp)
-    tmp.replace(path)
-    save_weights(path.parent, weights, config=config.to_dict(), metadata=metadata, step=step, metrics=metrics)
-    return path
+    return write_export(path, weights, {"config": config.to_dict(), "data": metadata, "step": int(step),
+                                        "metrics": metrics or {}, "backend": backend})

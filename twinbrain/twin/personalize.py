@@ -27,13 +27,11 @@ from twinbrain.data.graph import build_run_graph
 from twinbrain.data.timing import common_span, samples_per_tr
 from twinbrain.data.types import Cohort, Recording
 from twinbrain.data.windows import NormStats, RecStats, Split, WindowDataset, compute_norm_stats
-from twinbrain.eval.metrics import R2Accumulator, skill
 from twinbrain.model import (build_model, forecast_targets, forecast_valid, loss_counts, loss_terms, normalise,
                              term_weight)
 from twinbrain.model.twinbrain import PERSONAL_SUFFIXES
-from twinbrain.schema import MODALITIES
-
-TERMS = ("fmri_recon", "fmri_forecast", "eeg_recon", "eeg_forecast")
+from twinbrain.schema import MODALITIES, SIGNAL_LOSS_TERMS, samples_per_step
+from twinbrain.scoring.metrics import R2Accumulator, skill
 
 
 # ------------------------------------------------------------------ windows of new recordings
@@ -158,7 +156,7 @@ def fit_rows(model, subject_index: int, session_indices: list[int], n_sessions: 
 
 def _objective(batch, out, cfg) -> torch.Tensor:
     parts = normalise(loss_terms(batch, out, cfg.train, cfg.model), loss_counts(batch, cfg.train, cfg.model))
-    return sum(term_weight(k, cfg.train) * parts[k] for k in TERMS)
+    return sum(term_weight(k, cfg.train) * parts[k] for k in SIGNAL_LOSS_TERMS)
 
 
 @torch.no_grad()
@@ -166,8 +164,8 @@ def heldout_scores(model, windows: list[HeteroData], cfg, batch_size: int = 8) -
     """Forecast loss (mean of ``train.loss`` over valid forecast entries, per modality and summed) and
     forecast R² (all horizons pooled, and horizon 1) with persistence skill at horizon 1."""
     s_steps, device = cfg.model.forecast_steps, next(model.parameters()).device
-    sums = {k: 0.0 for k in TERMS}
-    counts = {k: 0.0 for k in TERMS}
+    sums = {k: 0.0 for k in SIGNAL_LOSS_TERMS}
+    counts = {k: 0.0 for k in SIGNAL_LOSS_TERMS}
     acc = {(m, k): R2Accumulator() for m in MODALITIES for k in ("all", "h1", "persist_h1")}
     for a in range(0, len(windows), batch_size):
         batch = Batch.from_data_list(windows[a:a + batch_size]).to(device)
@@ -177,7 +175,7 @@ def heldout_scores(model, windows: list[HeteroData], cfg, batch_size: int = 8) -
                 sums[k] += float(s)
                 counts[k] += float(c)
         for m in MODALITIES:
-            step = 1 if m == "fmri" else cfg.model.eeg_stride
+            step = samples_per_step(cfg.model)[m]
             y = batch[m].y[..., 0].float()
             tgt = forecast_targets(y, step, s_steps)
             valid = batch[m].mask.bool()[:, None, None] & forecast_valid(y.shape[1], step, s_steps, device)[None]
@@ -186,7 +184,7 @@ def heldout_scores(model, windows: list[HeteroData], cfg, batch_size: int = 8) -
             acc[m, "h1"].update(pred[..., :step], tgt[..., :step], valid[..., :step])
             held = y[:, step - 1::step][:, :, None].expand(-1, -1, step)          # last sample of step t, held
             acc[m, "persist_h1"].update(held, tgt[..., :step], valid[..., :step])
-    res = {k: sums[k] / max(counts[k], 1.0) for k in TERMS}
+    res = {k: sums[k] / max(counts[k], 1.0) for k in SIGNAL_LOSS_TERMS}
     res["forecast_loss"] = res["fmri_forecast"] + res["eeg_forecast"]
     for m in MODALITIES:
         res[f"{m}_r2"] = float(acc[m, "all"].compute())
@@ -197,17 +195,17 @@ def heldout_scores(model, windows: list[HeteroData], cfg, batch_size: int = 8) -
 
 # ------------------------------------------------------------------ personalisation
 
-def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr: float = 1e-2,
+def fit_subject(twin, data, *, subject: str | None = None, steps: int = 100, lr: float = 1e-2,
                 adapt_fraction: float = 0.5, batch_size: int | None = None, seed: int = 0):
-    """Add a new subject from ``data`` (Recording, list of Recordings or Cohort) -> ``(Twin, report)``.
+    """Fit one subject from ``data`` (Recording, list of Recordings or Cohort) -> ``(model, metadata, report)``.
 
     ``steps`` Adam steps at learning rate ``lr`` on random batches of ``batch_size`` (default
-    ``train.batch_size``) adaptation windows. The returned Twin shares the config, has the extended
-    embeddings and maps (``subject_map[subject] = previous size``) and a ``metadata['personalized']``
-    record (recordings, statistics, spans, report); :meth:`Twin.save` writes it as a normal export.
-    ``report``: ``before`` / ``after`` held-out scores (:func:`heldout_scores`), window counts, losses.
+    ``train.batch_size``) adaptation windows. Returns the parts of the personalised twin (which
+    :meth:`Twin.personalize` wraps, with the same config and data): the model with the extended
+    embeddings, the metadata with the extended maps (``subject_map[subject] = previous size``) and a
+    ``metadata['personalized']`` record (recordings, statistics, spans, report), and the ``report``:
+    ``before`` / ``after`` held-out scores (:func:`heldout_scores`), window counts, losses.
     """
-    from twinbrain.twin.twin import Twin
     if not 0.0 < adapt_fraction < 1.0:
         raise ValueError(f"adapt_fraction must be in (0, 1), got {adapt_fraction}")
     recs = _as_recordings(data, subject)
@@ -303,7 +301,7 @@ def personalize(twin, data, *, subject: str | None = None, steps: int = 100, lr:
         "heldout_spans": [[r.key, s, e] for (i, s, e), r in zip(held, recs)],
         "report": {k: v for k, v in report.items() if k not in ("before", "after")} | {
             "before": before, "after": after}}
-    return Twin(model, cfg, meta, path=None, data=twin._data), report
+    return model, meta, report
 
 
 def summary(report: dict) -> str:

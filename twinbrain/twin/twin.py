@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch, HeteroData
 
-from twinbrain.schema import relation_key
+from twinbrain.schema import MODALITIES, relation_key, samples_per_step
 from twinbrain.twin import perturb as _pt
 from twinbrain.twin.exports import twin_node_table, write_ec_maps
 from twinbrain.twin.loader import load_export, save_export
+from twinbrain.twin.personalize import fit_subject, recording_windows
 
 log = logging.getLogger(__name__)
-MODALITIES = ("fmri", "eeg")
 EC_CONVENTION = ("ec[i, j] = mean change of node i's forecast per unit stimulus of node j (row = target, "
                  "column = source; GroundTruth.coupling convention)")
 
@@ -55,7 +55,7 @@ class Twin:
         """Strictly load an export (see :func:`twinbrain.twin.loader.load_export`).
 
         ``data``: where the training cohort is now, as ``{'bids_root': ...}`` or ``['--data.bids_root', DIR]``
-        (only location keys, :data:`twinbrain.data.source.LOCATION_KEYS`); default: the saved config (or the
+        (only location keys, :data:`twinbrain.config.LOCATION_KEYS`); default: the saved config (or the
         cohort recorded in the run). The rebuilt cohort must have the checkpoint's fingerprint."""
         from twinbrain.config import parse_overrides
         from twinbrain.data.source import check_location_overrides
@@ -89,7 +89,7 @@ class Twin:
 
     def step_samples(self, modality: str) -> int:
         """Signal samples per forecast step: 1 for fMRI (one TR), ``eeg_stride`` for EEG."""
-        return 1 if _check_modality(modality) == "fmri" else int(self.cfg.model.eeg_stride)
+        return samples_per_step(self.cfg.model)[_check_modality(modality)]
 
     def sample_period_s(self, modality: str) -> float:
         """Seconds per input sample: ``tr`` for fMRI, ``1 / eeg_sfreq`` for EEG."""
@@ -131,14 +131,12 @@ class Twin:
         """``DataModule`` of the cohort the checkpoint's config describes (simulated cohorts regenerate
         deterministically from ``sim.seed``); checked against the checkpoint's maps and recordings."""
         if self._data is None:
-            from twinbrain.config import config_from_dict
+            from twinbrain.config import with_overrides
             from twinbrain.data.module import DataModule
             from twinbrain.data.source import cohort_config
             cfg = self.cfg
             if self._data_overrides:
-                values = cfg.to_dict()
-                values["data"].update(self._data_overrides)
-                cfg = config_from_dict(values)
+                cfg = with_overrides(cfg, {"data": self._data_overrides})
             dm = DataModule(cohort_config(cfg, self.meta, overridden=bool(self._data_overrides))).setup()
             self._check_data(dm)
             self._data = dm
@@ -194,7 +192,6 @@ class Twin:
     def windows_from(self, recordings, spans=None) -> list[HeteroData]:
         """Windows of recordings outside the training cohort (e.g. a personalised subject). Statistics come
         from the subject's personalisation record if there is one, else from each recording's own span."""
-        from twinbrain.twin.personalize import recording_windows
         return recording_windows(self, recordings, spans)
 
     # ------------------------------------------------------------------ batches
@@ -363,10 +360,10 @@ class Twin:
                          at_step)
 
     def personalize(self, data, **kwargs):
-        """Few-shot personalisation to a new subject -> ``(Twin, report)``; see
-        :func:`twinbrain.twin.personalize.personalize`."""
-        from twinbrain.twin.personalize import personalize
-        return personalize(self, data, **kwargs)
+        """Few-shot personalisation to a new or held-out subject -> ``(Twin, report)``: the new Twin shares
+        this one's config and data; keywords and report as :func:`twinbrain.twin.personalize.fit_subject`."""
+        model, meta, report = fit_subject(self, data, **kwargs)
+        return Twin(model, self.cfg, meta, path=None, data=self._data), report
 
     def save(self, path) -> Path:
         """Write this twin in the export format (loadable by :meth:`from_checkpoint`)."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from twinbrain.eval.baselines import VARBaseline
+from twinbrain.scoring.baselines import VARBaseline
 
 
 def _square(m, name: str) -> np.ndarray:
