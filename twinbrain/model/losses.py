@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MODALITIES = ("fmri", "eeg")
+from twinbrain.schema import MODALITIES, node_mask, samples_per_step
+
 KINDS = ("recon", "forecast", "corr", "latent")
 
 
@@ -93,15 +94,11 @@ def latent_targets(z: Tensor, s_steps: int) -> Tensor:
     return F.pad(z, (0, 0, 0, s_steps))[:, 1:].unfold(1, s_steps, 1).permute(0, 1, 3, 2)
 
 
-def _steps(model_cfg) -> dict[str, int]:
-    return {"fmri": 1, "eeg": model_cfg.eeg_stride}
-
-
 def _counts_from(t_len: dict[str, int], n_valid: dict[str, float], model_cfg) -> dict[str, float]:
     """Counts of every term from window lengths and numbers of valid nodes (shared by both APIs)."""
     s_steps, out = model_cfg.forecast_steps, {}
     for m in MODALITIES:
-        step = _steps(model_cfg)[m]
+        step = samples_per_step(model_cfg)[m]
         fv = forecast_valid(t_len[m], step, s_steps)
         out[f"{m}_recon"] = n_valid[m] * t_len[m]
         out[f"{m}_forecast"] = n_valid[m] * float(fv.sum())
@@ -110,17 +107,10 @@ def _counts_from(t_len: dict[str, int], n_valid: dict[str, float], model_cfg) ->
     return out
 
 
-def _node_mask(batch, m: str) -> Tensor:
-    store = batch[m]
-    if "mask" in store:
-        return store.mask.bool()
-    return torch.ones(store.y.shape[0], dtype=torch.bool, device=store.y.device)
-
-
 def loss_counts(batch, train_cfg, model_cfg) -> dict[str, float]:
     """Element counts of every term of :func:`loss_terms`, from the batch alone (no forward pass)."""
     t_len = {m: batch[m].y.shape[1] for m in MODALITIES}
-    n_valid = {m: float(_node_mask(batch, m).sum()) for m in MODALITIES}
+    n_valid = {m: float(node_mask(batch[m]).sum()) for m in MODALITIES}
     return _counts_from(t_len, n_valid, model_cfg)
 
 
@@ -143,11 +133,11 @@ def loss_terms(batch, out, train_cfg, model_cfg) -> dict[str, tuple[Tensor, floa
     s_steps = model_cfg.forecast_steps
     gaussian = model_cfg.probabilistic == "gaussian"
     t_len = {m: batch[m].y.shape[1] for m in MODALITIES}
-    masks = {m: _node_mask(batch, m) for m in MODALITIES}
+    masks = {m: node_mask(batch[m]) for m in MODALITIES}
     counts = _counts_from(t_len, {m: float(masks[m].sum()) for m in MODALITIES}, model_cfg)
     terms = {}
     for m in MODALITIES:
-        step, dev = _steps(model_cfg)[m], batch[m].y.device
+        step, dev = samples_per_step(model_cfg)[m], batch[m].y.device
         y = batch[m].y.float()[..., 0]                                           # [N, T] clean target
         node = masks[m].float()
         rec = elementwise_loss(out.recon[m][..., 0], y, train_cfg)

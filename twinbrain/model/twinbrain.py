@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from twinbrain.model.blocks import STBlock
 from twinbrain.model.coupling import Coupling, LinearCore, from_dense, to_dense
 from twinbrain.model.layers import CausalPatchEmbed, LatentPredictor, ScaledSum, dense_index, laplacian_pe
-from twinbrain.schema import MODALITIES, RELATIONS, relation_key
+from twinbrain.schema import MODALITIES, RELATIONS, relation_key, samples_per_step
 
 FC = {"fmri": ("fmri", "fc", "fmri"), "eeg": ("eeg", "fc", "eeg")}
 CROSS = ("eeg", "to", "fmri")
@@ -79,7 +79,7 @@ class TwinBrain(nn.Module):
         self.cfg, self.samples_per_tr = cfg, samples_per_tr
         hid, s_steps = cfg.hidden, cfg.forecast_steps
         self.n_slots = {"fmri": n_fmri_slots, "eeg": n_eeg_slots}
-        self.step = {"fmri": 1, "eeg": cfg.eeg_stride}          # signal samples per latent step
+        self.step = samples_per_step(cfg)                        # signal samples per latent step
         self.steps_per_tr = samples_per_tr // cfg.eeg_stride    # EEG latent steps per fMRI volume
 
         self.encode = nn.ModuleDict({"fmri": nn.Linear(1, hid),

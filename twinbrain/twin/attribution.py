@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch_geometric.data import Batch, HeteroData
 
+from twinbrain.schema import MODALITIES
 from twinbrain.twin.perturb import with_inputs
 
-MODALITIES = ("fmri", "eeg")
 METHODS = ("grad_x_input", "integrated_gradients")
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twinbrain.config import ConfigError, config_from_dict, parse_overrides
+from twinbrain.config import ConfigError, config_from_dict, deep_update, parse_overrides
 from twinbrain.twin.loader import CheckpointError
 
 VERBS = ("forecast", "perturb", "ec", "personalize", "attribute")
@@ -239,7 +239,7 @@ def _personalize(twin, args, overrides: list[str], out: Path) -> str:
                          f"describe where its data are with overrides, e.g. --data.bids_root DIR")
     else:
         values = twin.cfg.to_dict()
-        _merge(values, parse_overrides(overrides))
+        deep_update(values, parse_overrides(overrides))
         cohort = load_cohort(config_from_dict(values))
     new, report = twin.personalize(cohort, subject=args.subject, steps=args.steps or 100, lr=args.lr,
                                    adapt_fraction=args.adapt_fraction)
@@ -264,14 +264,6 @@ def _attribute(twin, args, out: Path) -> str:
     plot_attribution(res[m], out / "attribute.png", twin.sample_period_s(m), names=twin.node_names(m),
                      title=f"{res['method']}: {res['modality']} {res['target_name']}, horizon {res['horizon']}")
     return f"attribution of {res['target_name']} ({res['method']}), value {res['value']:.4g} -> {out}"
-
-
-def _merge(dst: dict, src: dict) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch_geometric.data import Batch
 
-MODALITIES = ("fmri", "eeg")
+from twinbrain.schema import MODALITIES
 
 
 def with_inputs(batch, x: dict[str, Tensor]):
