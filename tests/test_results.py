@@ -80,7 +80,9 @@ def test_wandb_run_holds_figures_tables_artifact_and_summaries(evaluated):
     for m in ("fmri", "eeg"):
         t = e[f"eval/test/{m}_forecast_r2"]
         assert t["_type"] == "table-file" and t["ncols"] == 7
-        assert t["nrows"] == len(report["forecast"][m]["horizons"]) * 5      # model + 4 baselines per horizon
+        f = report["forecast"][m]
+        assert len(f["baselines"]) == 5                                       # persistence, ar1, ar, var, svar
+        assert t["nrows"] == len(f["horizons"]) * (1 + len(f["baselines"]))  # model + every baseline per horizon
         assert e[f"eval/{m}/strongest_h1"] in report["forecast"][m]["baselines"]
         assert e[f"eval/{m}/r2_h1"] == pytest.approx(report["forecast"][m]["model"]["r2"][0])
 
