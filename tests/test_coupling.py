@@ -15,7 +15,6 @@ from twinbrain.config import load_config
 from twinbrain.data.module import DataModule
 from twinbrain.data.series import mean_abs_correlation, span_series
 from twinbrain.data.simulate.systems import offdiag_pearson, series_cohort, simulate_var, sparse_signed_matrix
-from twinbrain.scoring.baselines import VARBaseline
 from twinbrain.model import build_model
 from twinbrain.train.warm_start import warm_start
 from twinbrain.twin.twin import Twin
