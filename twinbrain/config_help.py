@@ -7,6 +7,7 @@ default); the type comes from the annotation, the default from the dataclass, al
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import typing
@@ -14,9 +15,16 @@ import typing
 from twinbrain.config import CHOICES, Config
 
 
+@functools.cache
+def _source(cls: type) -> str:
+    # inspect.getsource parses the whole module each call: once per class, not once per field
+    # (every CLI start builds every verb's help).
+    return inspect.getsource(cls)
+
+
 def _comment(cls: type, name: str) -> str:
     m = re.search(rf"^\s+{re.escape(name)}\s*:[^\n#]*(?:\([^\n]*\))?[^\n#]*#\s*(.+?)\s*$",
-                  inspect.getsource(cls), re.M)
+                  _source(cls), re.M)
     return m.group(1) if m else ""
 
 
