@@ -12,10 +12,9 @@ from tests.batches import make_batch
 from tests.synth_recordings import make_cohort
 from twinbrain.config import ConfigError, load_config
 from twinbrain.data.module import DataModule
-from twinbrain.model import build_model, loss_counts, loss_term_names, make_balancer
+from twinbrain.model import build_model, build_train_module, loss_counts
 from twinbrain.train.optim import EarlyStopping, Schedule, warmup_cosine
 from twinbrain.train.parallel import apply_activation_checkpointing
-from twinbrain.train.step_module import TrainModule
 from twinbrain.train.trainer import Trainer
 
 SYNTH = ["--sim.tr", "1.0", "--sim.eeg_sfreq", "20", "--model.eeg_patch", "10", "--model.eeg_stride", "10",
@@ -106,7 +105,7 @@ def _module(model_cfg_overrides=(), balancer="uncertainty"):
                       validate=False)
     torch.manual_seed(0)
     model = build_model(cfg, n_subjects=2, n_sessions=2, n_fmri_slots=8, n_eeg_slots=6, samples_per_tr=4)
-    return cfg, TrainModule(model, make_balancer(cfg.train, loss_term_names()), cfg.train, cfg.model)
+    return cfg, build_train_module(model, cfg.train, cfg.model)
 
 
 def _grads(module):

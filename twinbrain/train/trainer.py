@@ -22,7 +22,7 @@ import yaml
 from ..config import (Config, ConfigError, check_paths, drop_retired, dump_config, fixed_keys, flatten,
                       save_config)
 from ..data.module import DataModule
-from ..model import build_model, loss_counts, loss_term_names, make_balancer
+from ..model import TrainModule, build_model, build_train_module, loss_counts, loss_term_names
 from ..rundir import EXPORT_FILES, RunDir
 from ..schema import SIGNAL_LOSS_TERMS
 from ..weights import write_export
@@ -32,7 +32,6 @@ from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend
 from .extensions import prepare_extensions
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
 from .parallel import apply_activation_checkpointing, autocast_dtype
-from .step_module import TrainModule
 from .runlock import RunLock
 from .telemetry import Telemetry, count_flops, reduce_scalars, summary_table
 from .validation import validate
@@ -109,7 +108,7 @@ class Trainer:
         # 3. data
         self.data = data if data is not None else DataModule(cfg).setup()
 
-        # 4. model (warm-started unless resuming), loss balancer (before the optimizer, or it is never trained)
+        # 4. model (warm-started unless resuming)
         d = self.data
         model = build_model(cfg, n_subjects=len(d.subject_map), n_sessions=len(d.session_map),
                              n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots,
@@ -118,12 +117,12 @@ class Trainer:
         self.kind.modalities = tuple(self.modalities)
         # Closed-form start (tuned ridge VAR core, coupling priors); a resume loads the trained state instead.
         self.warm = warm_start(model, d, cfg) if t.warm_start and self.resume_from is None else None
-        balancer = make_balancer(t, loss_term_names(self.modalities))
         self.n_params = sum(p.numel() for p in model.parameters())
-        # 5. activation checkpointing (applied by us, the same under every backend), the train module, this
-        #    rank's loader and the FLOP probe (on a copy of the unwrapped module, before any wrapper)
+        # 5. activation checkpointing (applied by us, the same under every backend), the train module with
+        #    the loss balancer (before the optimizer, or it is never trained), this rank's loader and the
+        #    FLOP probe (on a copy of the unwrapped module, before any wrapper)
         self.ac_blocks = apply_activation_checkpointing(model.blocks, t.activation_checkpointing, t.ac_every_k)
-        module = TrainModule(model, balancer, t, cfg.model).to(self.device)
+        module = build_train_module(model, t, cfg.model, self.modalities).to(self.device)
         self.raw = module
         self.loader = d.train_loader(self.rank, self.world, device=self.device)
         self.step_flops = self._count_flops(module) if cfg.logging.flops else None
@@ -211,7 +210,7 @@ class Trainer:
             probe = copy.deepcopy(module)
             loader = self.data.train_loader(self.rank, self.world, device=self.device)
             batch = next(iter(loader)).to(self.device)
-            counts = {k: float(v) for k, v in loss_counts(batch, self.cfg.train, self.cfg.model).items()}
+            counts = probe.counts(batch)
             rng = torch.get_rng_state()
 
             def step():
