@@ -27,7 +27,7 @@ from ..rundir import EXPORT_FILES, RunDir
 from ..schema import SIGNAL_LOSS_TERMS
 from ..weights import write_export
 from .backends import make_backend
-from .checkpoint import Checkpointer, full_model_state, rng_state, set_rng_state
+from .checkpoint import Checkpointer, RNGState, full_model_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend, resolve_precision
 from .extensions import prepare_extensions
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
@@ -143,6 +143,9 @@ class Trainer:
         self.step, self.skipped, self.skipped_run = 0, 0, 0
         self.best_metric = math.inf
         self.run_id: str | None = None
+        # Everything a resume restores besides model and optimizer, handed to the one checkpointer.
+        self.checkpointer.register(self, {"schedule": self.schedule, "early": self.early, "scaler": self.scaler},
+                                   {"loader": self.loader, "rng": RNGState()})
         if self.resume_from is not None:
             self._resume(self.resume_from)
         elif self.is_main:
@@ -223,32 +226,27 @@ class Trainer:
             log.warning("FLOP count skipped: %s", exc)
             return None
 
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The trainer's own counters (the top level of ``trainer.pt``; its components are saved beside them)."""
+        return {"step": self.step, "skipped": self.skipped, "skipped_run": self.skipped_run,
+                "run_id": self.run_id, "best_metric": self.best_metric}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.skipped = int(state["skipped"])
+        self.skipped_run = int(state.get("skipped_run", 0))
+        self.run_id = state.get("run_id")
+        self.best_metric = float(state["best_metric"])
+
     def _resume(self, path: Path) -> None:
-        trainer_state, rank_state = self.checkpointer.load(path, self.module, self.base_optimizer)
-        self.step = int(trainer_state["step"])
-        self.skipped = int(trainer_state["skipped"])
-        self.skipped_run = int(trainer_state.get("skipped_run", 0))
-        self.run_id = trainer_state.get("run_id")
-        self.schedule.load_state_dict(trainer_state["schedule"])
-        self.early.load_state_dict(trainer_state["early"])
-        self.best_metric = float(trainer_state["best_metric"])
-        if self.scaler is not None and trainer_state.get("scaler"):
-            self.scaler.load_state_dict(trainer_state["scaler"])
-        self.loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
+        self.checkpointer.load(path, self.module, self.base_optimizer)
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
-        trainer_state = {"step": self.step, "skipped": self.skipped, "skipped_run": self.skipped_run,
-                         "run_id": self.run_id,
-                         "schedule": self.schedule.state_dict(), "early": self.early.state_dict(),
-                         "best_metric": self.best_metric,
-                         "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
         meta = {"config": self.cfg.to_dict(), "data": self.data.metadata(), "run_id": self.run_id}
-        return self.checkpointer.save(self.step, self.module, self.base_optimizer, trainer_state,
-                                      rank_state, meta)
+        return self.checkpointer.save(self.step, self.module, self.base_optimizer, meta)
 
     def export(self, name: str, metrics: dict | None = None, diverged: str | None = None) -> Path:
         """Consolidated single-file model for inference (``RUN/<name>/model.pt``); collective.
