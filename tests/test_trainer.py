@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.batches import make_batch
@@ -75,6 +76,22 @@ def test_resume_refuses_changed_model_config(tmp_path):
                         "--train.lr", "0.5")
     with pytest.raises(ConfigError, match="train.lr"):
         Trainer(changed, data=synth_data(changed))
+
+
+def test_resume_of_a_run_saved_before_an_added_key(tmp_path):
+    """A config.yaml written before model.spatial_layer existed resumes (config.ADDED_KEYS)."""
+    cfg = synth_cfg(tmp_path / "run", "--train.max_steps", "4", "--train.checkpoint_every", "2")
+    tr = Trainer(cfg, data=synth_data(cfg))
+    tr.train(until=2)
+    tr.tel.close(print_summary=False)
+    saved = tmp_path / "run" / "config.yaml"
+    values = yaml.safe_load(saved.read_text())
+    del values["model"]["spatial_layer"]
+    saved.write_text(yaml.safe_dump(values, sort_keys=False))
+    again = synth_cfg(tmp_path / "run", "--train.max_steps", "4", "--train.checkpoint_every", "2")
+    resumed = Trainer(again, data=synth_data(again))
+    assert resumed.step == 2
+    resumed.tel.close(print_summary=False)
 
 
 def test_checkpoint_holds_full_state_and_keeps_newest(tmp_path):

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import (Config, ConfigError, check_paths, drop_retired, dump_config, fixed_keys, flatten,
-                      save_config)
+from ..config import (ADDED_KEYS, Config, ConfigError, check_paths, drop_retired, dump_config, fixed_keys,
+                      flatten, save_config)
 from ..data.module import DataModule
 from ..model import TrainModule, build_model, build_train_module, loss_counts, loss_term_names
 from ..rundir import EXPORT_FILES, RunDir
@@ -197,7 +197,7 @@ class Trainer:
         saved = self.layout.config
         if not saved.is_file():
             return
-        old = flatten(drop_retired(yaml.safe_load(saved.read_text())))
+        old = {**ADDED_KEYS, **flatten(drop_retired(yaml.safe_load(saved.read_text())))}
         new = flatten(yaml.safe_load(dump_config(self.cfg)))
         resolved_later = {"parallel.backend": "auto", "parallel.zero_stage": 0}   # runs saved before resolution
         changed = fixed_keys([k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
