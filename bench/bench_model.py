@@ -16,7 +16,7 @@ import torch
 from torch_geometric.data import Batch, HeteroData
 
 from twinbrain.config import ModelConfig, TrainConfig
-from twinbrain.model import build_model, loss_counts, loss_term_names, loss_terms, make_balancer, normalise
+from twinbrain.model import build_model, build_train_module
 
 
 def knn_edges(n_src: int, n_dst: int, k: int, gen: torch.Generator, same: bool):
@@ -71,16 +71,14 @@ def main() -> None:
         from torch.utils.checkpoint import checkpoint
         for blk in model.blocks:
             blk.forward = (lambda f: (lambda *args: checkpoint(f, *args, use_reentrant=False)))(blk.forward)
-    bal = make_balancer(tc, loss_term_names()).to(dev)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(bal.parameters()), lr=1e-4)
+    module = build_train_module(model, tc, cfg).to(dev)
+    opt = torch.optim.AdamW(list(module.parameters()), lr=1e-4)
     batch = Batch.from_data_list([window(a, s) for s in range(a.windows)]).to(dev)
-    counts = loss_counts(batch, tc, cfg)
+    counts = module.counts(batch)
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
-            out = model(batch)
-            losses = normalise(loss_terms(batch, out, tc, cfg), counts)
-            total = bal(losses)
+            total, _ = module(batch, counts)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()

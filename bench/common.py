@@ -349,16 +349,30 @@ def make_batch(a, windows: int, device: torch.device):
     return Batch.from_data_list([window(a, seed) for seed in range(windows)]).to(device)
 
 
+def train_module(model, tc, mc):
+    """The train step module of the TwinBrain tree on ``sys.path``: ``build_train_module`` (the trainer's
+    own assembly), or, in a tree from before it (a "before" tree timed side by side), that tree's
+    ``TrainModule(model, make_balancer(...))``.  Its ``counts(batch)`` are one batch's loss counts."""
+    try:
+        from twinbrain.model import build_train_module
+    except ImportError:                           # a tree from before build_train_module
+        from twinbrain.model import loss_counts, loss_term_names, make_balancer
+        from twinbrain.train.step_module import TrainModule
+        module = TrainModule(model, make_balancer(tc, loss_term_names()), tc, mc)
+        module.counts = lambda batch: {k: float(v) for k, v in loss_counts(batch, tc, mc).items()}
+        return module
+    return build_train_module(model, tc, mc)
+
+
 def full_model_step(a, windows: int, device: torch.device, dtype: torch.dtype | None,
                     checkpointing: bool = False) -> Callable[[], None]:
     """One trainer-equivalent step of the full TwinBrain model: ``TrainModule`` forward (model + losses
     + uncertainty balancer) under autocast, backward, grad clipping, fused-on-CUDA AdamW, zero_grad.
     ``checkpointing``: ``apply_activation_checkpointing(model.blocks, 'full')`` as the trainer does."""
     from twinbrain.config import ModelConfig, TrainConfig
-    from twinbrain.model import build_model, loss_counts, loss_term_names, make_balancer
+    from twinbrain.model import build_model
     from twinbrain.train.optim import build_optimizer, param_groups
     from twinbrain.train.parallel import apply_activation_checkpointing
-    from twinbrain.train.step_module import TrainModule
 
     mc = ModelConfig(hidden=a.hidden, blocks=a.blocks, heads=a.heads, eeg_patch=a.eeg_stride,
                      eeg_stride=a.eeg_stride)
@@ -366,11 +380,11 @@ def full_model_step(a, windows: int, device: torch.device, dtype: torch.dtype | 
     model = build_model(mc, 4, 4, a.n_fmri, a.n_eeg, a.spt)
     if checkpointing:
         apply_activation_checkpointing(model.blocks, "full", 1)
-    module = TrainModule(model, make_balancer(tc, loss_term_names()), tc, mc).to(device).train()
+    module = train_module(model, tc, mc).to(device).train()
     opt = build_optimizer(param_groups(model, tc, extra=module.balancer), tc, device)
     params = [p for g in opt.param_groups for p in g["params"]]
     batch = make_batch(a, windows, device)
-    counts = {k: float(v) for k, v in loss_counts(batch, tc, mc).items()}
+    counts = module.counts(batch)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -99,10 +99,9 @@ def measured(a, config: str, steps: int, trials: int, threads_reference: bool) -
 
 def default_model_params(subjects: int) -> int:
     from twinbrain.config import ModelConfig, TrainConfig
-    from twinbrain.model import build_model, loss_term_names, make_balancer
+    from twinbrain.model import build_model, build_train_module
     model = build_model(ModelConfig(), subjects, subjects, 200, 63, 500)
-    bal = make_balancer(TrainConfig(), loss_term_names())
-    return sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in bal.parameters())
+    return sum(p.numel() for p in build_train_module(model, TrainConfig(), ModelConfig()).parameters())
 
 
 def step_time(a) -> tuple[float, str]:

@@ -83,10 +83,9 @@ def live_peak(tree: str) -> None:
     from torch_geometric.data import Batch
     from train_step_reference import _window
     from twinbrain.config import ModelConfig, TrainConfig
-    from twinbrain.model import build_model, loss_counts, loss_term_names, make_balancer
+    from twinbrain.model import build_model
     from twinbrain.train.optim import build_optimizer, param_groups
     from twinbrain.train.parallel import apply_activation_checkpointing
-    from twinbrain.train.step_module import TrainModule
     a = argparse.Namespace(n_fmri=190, n_eeg=63, t_f=50, steps_per_tr=5, eeg_stride=100)
     out = {}
     for ck in (0, 1):
@@ -96,10 +95,10 @@ def live_peak(tree: str) -> None:
         model = build_model(mc, 4, 4, 190, 63, 500)
         if ck:
             apply_activation_checkpointing(model.blocks, "full", 1)
-        module = TrainModule(model, make_balancer(tc, loss_term_names()), tc, mc).train()
+        module = common.train_module(model, tc, mc).train()
         opt = build_optimizer(param_groups(model, tc, extra=module.balancer), tc, torch.device("cpu"))
         batch = Batch.from_data_list([_window(a, 0)])
-        counts = {k: float(v) for k, v in loss_counts(batch, tc, mc).items()}
+        counts = module.counts(batch)
         params = [p for g in opt.param_groups for p in g["params"]]
 
         def step():

@@ -96,12 +96,12 @@ def worker(a) -> dict:
     from torch_geometric.data import Batch
     import twinbrain
     from twinbrain.config import ModelConfig, TrainConfig
-    from twinbrain.model import build_model, loss_counts, loss_term_names, make_balancer
+    from twinbrain.model import build_model
     from twinbrain.train.optim import build_optimizer, param_groups
     from twinbrain.train.parallel import apply_activation_checkpointing
-    from twinbrain.train.step_module import TrainModule
 
     assert Path(twinbrain.__file__).resolve().is_relative_to(Path(a.worker).resolve()), twinbrain.__file__
+    from common import train_module          # after twinbrain: common puts this tree on sys.path
     torch.manual_seed(0)
     overrides = {k: _parse_value(v) for k, v in (s.split("=", 1) for s in a.set)}
     mc = ModelConfig(hidden=a.hidden, blocks=a.blocks, eeg_patch=a.eeg_stride, eeg_stride=a.eeg_stride,
@@ -110,11 +110,11 @@ def worker(a) -> dict:
     model = build_model(mc, 4, 4, a.n_fmri, a.n_eeg, a.steps_per_tr * a.eeg_stride)
     if a.checkpointing:
         apply_activation_checkpointing(model.blocks, "full", 1)
-    module = TrainModule(model, make_balancer(tc, loss_term_names()), tc, mc).train()
+    module = train_module(model, tc, mc).train()
     opt = build_optimizer(param_groups(model, tc, extra=module.balancer), tc, torch.device("cpu"))
     params = [p for g in opt.param_groups for p in g["params"]]
     batch = Batch.from_data_list([_window(a, s) for s in range(a.windows)])
-    counts = {k: float(v) for k, v in loss_counts(batch, tc, mc).items()}
+    counts = module.counts(batch)
 
     def step() -> None:
         loss, _ = module(batch, counts, 1.0, 1.0)

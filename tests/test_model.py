@@ -413,6 +413,20 @@ def test_build_model_accepts_full_config():
         build_model(tiny_cfg(eeg_stride=3, eeg_patch=3), 2, 2, N_F, N_E, SPT)
 
 
+def test_relation_layers_come_from_the_config_choice():
+    """model.spatial_layer picks each relation's layer (model/relations.py); the default keeps the
+    parameter names every checkpoint holds."""
+    from twinbrain.config import CHOICES
+    from twinbrain.model.relations import SPATIAL_LAYERS
+    assert tuple(SPATIAL_LAYERS) == CHOICES["model.spatial_layer"]
+    model = make(tiny_cfg())
+    assert all(isinstance(model.coupling[relation_key(r)], Coupling) for r in RELATIONS)
+    names = {k for k in model.state_dict() if k.startswith("coupling.")}
+    assert names == {f"coupling.{relation_key(r)}.{p}" for r in RELATIONS for p in ("weight", "u", "v", "penalty_weight")}
+    with pytest.raises(ValueError, match="model.spatial_layer 'gat'"):
+        make(tiny_cfg(spatial_layer="gat"))
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

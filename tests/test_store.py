@@ -28,20 +28,32 @@ def dataset(tmp_path):
 @pytest.mark.parametrize("override,changes", [
     ({"data": {"eeg_l_freq": 0.5}}, True), ({"data": {"eeg_h_freq": 30.0}}, True),
     ({"data": {"eeg_sfreq": 200.0}}, True), ({"data": {"volume_marker": "V"}}, True),
-    ({"data": {"pair_map": ["task-a=b"]}}, True), ({"graph": {"k_fmri": 5}}, True),
-    ({"graph": {"threshold": 0.2}}, True), ({"graph": {"eeg_measure": "coherence"}}, True),
-    ({"graph": {"cross_lag_max_s": 7.0}}, True),
+    ({"data": {"pair_map": ["task-a=b"]}}, True), ({"graph": {"k_fmri": 5}}, False),
+    ({"graph": {"threshold": 0.2}}, False), ({"graph": {"eeg_measure": "coherence"}}, False),
+    ({"graph": {"cross_lag_max_s": 7.0}}, False),
     ({"train": {"lr": 0.1}}, False), ({"model": {"hidden": 64}}, False),
     ({"data": {"window_s": 40.0}}, False), ({"data": {"num_workers": 2}}, False),
     ({"run": {"out": "elsewhere"}}, False),
 ])
-def test_key_changes_with_every_preprocessing_and_graph_parameter(dataset, override, changes):
+def test_key_changes_with_every_preprocessing_parameter_and_no_graph_parameter(dataset, override, changes):
     root, cfg = dataset
     other = make_config(root, cfg.data.store_dir)
     for section, values in override.items():
         for name, value in values.items():
             setattr(getattr(other, section), name, value)
     assert (_key(other, root) != _key(cfg, root)) == changes
+
+
+def test_store_key_covers_what_the_store_holds_only(dataset):
+    """The store holds prepared signals, no graphs: graph.k_fmri leaves the key alone, a preprocessing
+    field changes it."""
+    root, cfg = dataset
+    base = _key(cfg, root)
+    cfg.graph.k_fmri += 3
+    assert _key(cfg, root) == base
+    assert not any(k.startswith("graph.") for k in prep.preprocessing_params(cfg))
+    cfg.data.eeg_h_freq = 30.0
+    assert _key(cfg, root) != base
 
 
 def test_key_tracks_sources_atlas_and_schema(dataset, tmp_path, monkeypatch):
@@ -139,9 +151,12 @@ def test_cache_only_mode_without_raw_data(dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="no runs for data.tasks"):
         prep.load_prepared_cohort(offline)
     offline.data.tasks = []
-    offline.graph.k_fmri = 3                                    # store built with other parameters
-    with pytest.raises(FileNotFoundError, match="differs in: graph.k_fmri"):
+    offline.graph.k_fmri = 3                                    # graphs are not in the store
+    assert len(prep.load_prepared_cohort(offline).recordings) == 2
+    offline.data.eeg_h_freq = 30.0                              # store built with other parameters
+    with pytest.raises(FileNotFoundError, match="differs in: eeg.h_freq"):
         prep.load_prepared_cohort(offline)
+    offline.data.eeg_h_freq = cfg.data.eeg_h_freq
     offline.data.store_dir = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="has no prepared runs"):
         prep.load_prepared_cohort(offline)

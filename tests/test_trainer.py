@@ -6,16 +6,16 @@ import math
 
 import pytest
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.batches import make_batch
 from tests.synth_recordings import make_cohort
 from twinbrain.config import ConfigError, load_config
 from twinbrain.data.module import DataModule
-from twinbrain.model import build_model, loss_counts, loss_term_names, make_balancer
+from twinbrain.model import build_model, build_train_module, loss_counts
 from twinbrain.train.optim import EarlyStopping, Schedule, warmup_cosine
 from twinbrain.train.parallel import apply_activation_checkpointing
-from twinbrain.train.step_module import TrainModule
 from twinbrain.train.trainer import Trainer
 
 SYNTH = ["--sim.tr", "1.0", "--sim.eeg_sfreq", "20", "--model.eeg_patch", "10", "--model.eeg_stride", "10",
@@ -78,6 +78,22 @@ def test_resume_refuses_changed_model_config(tmp_path):
         Trainer(changed, data=synth_data(changed))
 
 
+def test_resume_of_a_run_saved_before_an_added_key(tmp_path):
+    """A config.yaml written before model.spatial_layer existed resumes (config.ADDED_KEYS)."""
+    cfg = synth_cfg(tmp_path / "run", "--train.max_steps", "4", "--train.checkpoint_every", "2")
+    tr = Trainer(cfg, data=synth_data(cfg))
+    tr.train(until=2)
+    tr.tel.close(print_summary=False)
+    saved = tmp_path / "run" / "config.yaml"
+    values = yaml.safe_load(saved.read_text())
+    del values["model"]["spatial_layer"]
+    saved.write_text(yaml.safe_dump(values, sort_keys=False))
+    again = synth_cfg(tmp_path / "run", "--train.max_steps", "4", "--train.checkpoint_every", "2")
+    resumed = Trainer(again, data=synth_data(again))
+    assert resumed.step == 2
+    resumed.tel.close(print_summary=False)
+
+
 def test_checkpoint_holds_full_state_and_keeps_newest(tmp_path):
     cfg = synth_cfg(tmp_path / "run", "--train.max_steps", "6", "--train.checkpoint_every", "2",
                     "--train.keep_checkpoints", "2")
@@ -106,7 +122,7 @@ def _module(model_cfg_overrides=(), balancer="uncertainty"):
                       validate=False)
     torch.manual_seed(0)
     model = build_model(cfg, n_subjects=2, n_sessions=2, n_fmri_slots=8, n_eeg_slots=6, samples_per_tr=4)
-    return cfg, TrainModule(model, make_balancer(cfg.train, loss_term_names()), cfg.train, cfg.model)
+    return cfg, build_train_module(model, cfg.train, cfg.model)
 
 
 def _grads(module):

@@ -114,6 +114,7 @@ class ModelConfig:
     session_affine: bool = False     # per-session input affine layer
     spectral_norm: bool = False      # spectral normalisation of the block weights
     lap_pe_dim: int = 0              # Laplacian positional encoding size (0 = off)
+    spatial_layer: str = "coupling"  # layer of every relation (model/relations.py): coupling = signed C[target, source]
     coupling_rank: int = 4           # rank of the per-subject coupling deltas (0 = population coupling only)
     coupling_l1: float = 1.0e-3      # sparsity penalty on the couplings (weighted by 1 - prior)
     coupling_prior: str = "fc"       # fc (|r| of training spans) | structural (graph.structural) | none
@@ -209,6 +210,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "graph.eeg_measure": ("corr", "coherence"),
     "model.probabilistic": ("none", "gaussian"),
     "model.coupling_prior": ("fc", "structural", "none"),
+    "model.spatial_layer": ("coupling",),
     "train.scheduler": ("cosine", "onecycle", "plateau", "constant"),
     "train.loss": ("huber", "mse", "smooth_l1"),
     "train.balancer": ("uncertainty", "gradnorm", "none"),
@@ -387,6 +389,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 # (checkpoint, export, run directory) is rebuilt without them, since they changed nothing; a new config
 # that names one is refused like any unknown key.
 RETIRED_KEYS = ("parallel.compile",)
+
+
+# Keys added after run directories were saved, with the value that reproduces those runs: a saved
+# config without the key reads as that value when a resume compares it with the new one.
+ADDED_KEYS: dict[str, Any] = {"model.spatial_layer": "coupling"}
 
 
 def drop_retired(values: dict[str, Any]) -> dict[str, Any]:

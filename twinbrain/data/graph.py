@@ -47,21 +47,6 @@ class GraphEdges:
         return (torch.from_numpy(np.ascontiguousarray(self.edge_index[key], dtype=np.int64)),
                 torch.from_numpy(np.ascontiguousarray(self.edge_weight[key], dtype=np.float32)))
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat dict of arrays (for ``np.savez``); inverse of :meth:`from_arrays`."""
-        out = {"n_nodes": np.array([self.n_fmri, self.n_eeg], dtype=np.int64)}
-        for k in RELATIONS:
-            out["__".join(k) + "/edge_index"] = self.edge_index[k]
-            out["__".join(k) + "/edge_weight"] = self.edge_weight[k]
-        return out
-
-    @classmethod
-    def from_arrays(cls, arrays) -> "GraphEdges":
-        n_fmri, n_eeg = (int(v) for v in arrays["n_nodes"])
-        return cls(n_fmri, n_eeg,
-                   {k: np.asarray(arrays["__".join(k) + "/edge_index"], np.int64) for k in RELATIONS},
-                   {k: np.asarray(arrays["__".join(k) + "/edge_weight"], np.float32) for k in RELATIONS})
-
 
 # ------------------------------------------------------------------ similarity measures
 

@@ -2,9 +2,10 @@
 
 ``prepare`` discovers and pairs runs, then preprocesses each one that is not in the store yet
 (resumable: a run whose key exists is skipped; an interrupted run leaves no entry). A run's key is
-``<run id>-<hash>`` where the hash covers every parameter that changes its content or the graphs built
-from it (EEG/fMRI preprocessing, atlas content, pairing, all graph parameters, store schema) and the
-size/mtime of each of its source files. Runs that fail are reported with the file and the fix; the
+``<run id>-<hash>`` where the hash covers every parameter that changes its content (EEG/fMRI
+preprocessing, atlas content, pairing, store schema) and the size/mtime of each of its source files.
+The store holds no graphs (they are built from the runs when a DataModule is set up), so ``graph.*``
+is not part of the key. Runs that fail are reported with the file and the fix; the
 others are still prepared, so fixing one file and re-running only redoes that run.
 """
 from __future__ import annotations
@@ -74,7 +75,8 @@ def _label_table(d) -> str:
 
 
 def preprocessing_params(cfg: Config) -> dict:
-    """Flat dict of everything that changes a prepared run or its graphs (hashed into the key)."""
+    """Flat dict of everything that changes a prepared run (hashed into the key); no ``graph.*``: the
+    store holds no graphs."""
     d = cfg.data
     params = {
         "schema": SCHEMA_VERSION,
@@ -86,9 +88,6 @@ def preprocessing_params(cfg: Config) -> dict:
         "fmri.atlas": Path(d.atlas).name if d.atlas else "",
         "fmri.atlas_sha256": _sha_if_file(d.atlas), "fmri.atlas_labels_sha256": _sha_if_file(_label_table(d)),
     }
-    for f in dataclasses.fields(cfg.graph):
-        params[f"graph.{f.name}"] = getattr(cfg.graph, f.name)
-    params["graph.structural_sha256"] = _sha_if_file(cfg.graph.structural)
     return params
 
 
@@ -253,16 +252,17 @@ def _load_truth(store: Store, names: set[str]):
 
 
 def _offline_ignore(cfg: Config) -> set[str]:
-    """Parameters a cache-only node cannot recompute (files absent there) and so does not compare."""
-    d, ignore = cfg.data, set()
+    """Parameters a cache-only node cannot recompute (files absent there) and so does not compare, and
+    the ``graph.*`` parameters that entries prepared before the key left them out still carry (they never
+    changed what the store holds)."""
+    d = cfg.data
+    ignore = {f"graph.{f.name}" for f in dataclasses.fields(cfg.graph)} | {"graph.structural_sha256"}
     if not d.bids_root:
         ignore.add("dataset")
     if d.atlas and not Path(d.atlas).is_file():
         ignore.add("fmri.atlas_sha256")
     if d.atlas_labels and not Path(d.atlas_labels).is_file():
         ignore.add("fmri.atlas_labels_sha256")
-    if cfg.graph.structural and not Path(cfg.graph.structural).is_file():
-        ignore.add("graph.structural_sha256")
     return ignore
 
 

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twinbrain.model.blocks import STBlock
-from twinbrain.model.coupling import Coupling, LinearCore, from_dense, to_dense
+from twinbrain.model.coupling import LinearCore, from_dense, to_dense
 from twinbrain.model.layers import CausalPatchEmbed, LatentPredictor, ScaledSum, dense_index, laplacian_pe
-from twinbrain.schema import MODALITIES, RELATIONS, relation_key, samples_per_step
+from twinbrain.model.relations import build_relation_layers
+from twinbrain.schema import MODALITIES, samples_per_step
 
 FC = {"fmri": ("fmri", "fc", "fmri"), "eeg": ("eeg", "fc", "eeg")}
 CROSS = ("eeg", "to", "fmri")
@@ -103,10 +104,7 @@ class TwinBrain(nn.Module):
         if cfg.lap_pe_dim:
             self.pe_proj = nn.ModuleDict({m: nn.Linear(cfg.lap_pe_dim, hid) for m in MODALITIES})
         # One signed directed coupling per relation, shared by every block (the twin's "who drives whom").
-        self.coupling = nn.ModuleDict({
-            relation_key(r): Coupling(self.n_slots[r[2]], self.n_slots[r[0]], n_subjects, cfg.coupling_rank,
-                                      self_relation=r[0] == r[2])
-            for r in RELATIONS})
+        self.coupling = build_relation_layers(cfg, self.n_slots, n_subjects)
 
         self.blocks = nn.ModuleList(
             STBlock(hid, cfg.heads, cfg.kernel_size, cfg.dropout, self.steps_per_tr, self.n_slots,

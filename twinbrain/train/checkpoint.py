@@ -3,8 +3,9 @@
 Layout of ``<run>/checkpoints/step-XXXXXXXX/``:
   ``dcp/``              model + optimizer via ``torch.distributed.checkpoint`` (single, DDP, FSDP2)
   ``ds/``               DeepSpeed engine checkpoint (model, optimizer, ZeRO partitions)
-  ``trainer.pt``        step counters, schedule, early stopping, scaler, tracker run id (rank 0)
-  ``rank-R.pt``         per-rank RNG states and data-loader position (every rank)
+  ``trainer.pt``        the trainer's counters (step, skipped steps, best metric, tracker run id) at the
+                        top level, and one key per shared state: schedule, early stopping, scaler (rank 0)
+  ``rank-R.pt``         one key per per-rank state: data-loader position, RNG states (every rank)
   ``meta.json``         world size, backend, step, config, subject/session maps
   ``MANIFEST.json``     every file above with its size and SHA-256
   ``COMPLETE``          written last: a checkpoint without it is ignored
@@ -14,6 +15,10 @@ so a crash mid-save never leaves a directory that looks complete. At load, every
 manifest (sizes of all files, checksums of its share) and the ranks agree on the verdict; a damaged
 checkpoint is renamed ``step-X.damaged`` (kept for inspection, never deleted) and the newest intact
 one is used instead.
+
+Everything but the model and optimizer (which the backend object saves its own way) is *stateful*: an
+object with ``state_dict()`` / ``load_state_dict(state)``, handed to :meth:`Checkpointer.register` by name
+(torchtitan's pattern); the checkpointer saves and restores them all the same way.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -134,6 +139,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Stateful(Protocol):
+    """What the checkpointer saves: anything with ``state_dict`` and ``load_state_dict``."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RNGState:
+    """This process's Python, NumPy, torch and CUDA random generators, as a :class:`Stateful`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
+
+
 def _step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
@@ -160,10 +183,34 @@ class Checkpointer:
         optimizer state its own way."""
         self.root, self.kind, self.rank, self.world_size, self.keep = root, kind, rank, world_size, keep
         self.backend = kind.name
+        self.counters: Stateful | None = None
+        self.shared: dict[str, Stateful | None] = {}
+        self.per_rank: dict[str, Stateful] = {}
+
+    def register(self, counters: Stateful, shared: Mapping[str, Stateful | None],
+                 per_rank: Mapping[str, Stateful]) -> None:
+        """What the checkpoints hold besides model and optimizer (restored in this order, ``per_rank`` last):
+
+        ``counters``: its state's keys lie at the top level of ``trainer.pt`` (the trainer's counters);
+        ``shared``: the same on every rank, saved by rank 0 as ``trainer.pt[name]`` (``None``: not in
+        this run, saved as ``None`` and not restored, e.g. the fp16 grad scaler); ``per_rank``: saved by
+        every rank as ``rank-R.pt[name]`` (data-loader position, RNG states).
+        """
+        clash = set(counters.state_dict()) & set(shared)
+        if clash:
+            raise ValueError(f"checkpoint states {sorted(clash)} are both counters and shared states")
+        self.counters, self.shared, self.per_rank = counters, dict(shared), dict(per_rank)
 
     # ------------------------------------------------------------ save
-    def save(self, step: int, module: nn.Module, optimizer, trainer_state: dict, rank_state: dict,
-             meta: dict) -> Path:
+    def save(self, step: int, module: nn.Module, optimizer, meta: dict) -> Path:
+        """Collective: write checkpoint ``step`` (model, optimizer and every registered state)."""
+        if self.counters is None:
+            raise RuntimeError("Checkpointer.save before register(): nothing would resume the trainer")
+        # Every state is taken before any file is written (saving draws no random numbers, but taking the
+        # RNG states first makes sure of it).
+        trainer_state = {**self.counters.state_dict(),
+                         **{k: v.state_dict() if v is not None else None for k, v in self.shared.items()}}
+        rank_state = {k: v.state_dict() for k, v in self.per_rank.items()}
         final = _step_dir(self.root, step)
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
@@ -226,14 +273,26 @@ class Checkpointer:
                                f"'{self.backend}'; use the same launch config to resume")
         return meta
 
-    def load(self, path: Path, module: nn.Module, optimizer) -> tuple[dict, dict]:
-        """Restore model and optimizer in place; return ``(trainer_state, rank_state)``."""
+    def load(self, path: Path, module: nn.Module, optimizer) -> None:
+        """Collective: restore model and optimizer, then every registered state, in place."""
+        if self.counters is None:
+            raise RuntimeError("Checkpointer.load before register(): the trainer's state would not be restored")
         self.check_compatible(path)
         self.kind.load(module, optimizer, path)
         trainer_state = torch.load(path / "trainer.pt", weights_only=False)
         rank_state = torch.load(path / f"rank-{self.rank}.pt", weights_only=False)
         barrier()
-        return trainer_state, rank_state
+        self.counters.load_state_dict(trainer_state)
+        for name, obj in self.shared.items():
+            if obj is None:
+                continue
+            if name not in trainer_state:
+                raise KeyError(f"{path / 'trainer.pt'} holds no '{name}' state; resume from a checkpoint of "
+                               f"this version, or start a new --run.out")
+            if trainer_state[name] is not None:         # None: the saving run had no such state
+                obj.load_state_dict(trainer_state[name])
+        for name, obj in self.per_rank.items():
+            obj.load_state_dict(rank_state[name])
 
 
 def full_model_state(module: nn.Module, kind) -> dict[str, torch.Tensor] | None:

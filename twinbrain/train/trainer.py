@@ -19,20 +19,19 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import (Config, ConfigError, check_paths, drop_retired, dump_config, fixed_keys, flatten,
-                      save_config)
+from ..config import (ADDED_KEYS, Config, ConfigError, check_paths, drop_retired, dump_config, fixed_keys,
+                      flatten, save_config)
 from ..data.module import DataModule
-from ..model import build_model, loss_counts, loss_term_names, make_balancer
+from ..model import TrainModule, build_model, build_train_module, loss_counts, loss_term_names
 from ..rundir import EXPORT_FILES, RunDir
 from ..schema import SIGNAL_LOSS_TERMS
 from ..weights import write_export
 from .backends import make_backend
-from .checkpoint import Checkpointer, full_model_state, rng_state, set_rng_state
+from .checkpoint import Checkpointer, RNGState, full_model_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend, resolve_precision
 from .extensions import prepare_extensions
 from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
 from .parallel import apply_activation_checkpointing, autocast_dtype
-from .step_module import TrainModule
 from .runlock import RunLock
 from .telemetry import Telemetry, count_flops, reduce_scalars, summary_table
 from .validation import validate
@@ -109,7 +108,7 @@ class Trainer:
         # 3. data
         self.data = data if data is not None else DataModule(cfg).setup()
 
-        # 4. model (warm-started unless resuming), loss balancer (before the optimizer, or it is never trained)
+        # 4. model (warm-started unless resuming)
         d = self.data
         model = build_model(cfg, n_subjects=len(d.subject_map), n_sessions=len(d.session_map),
                              n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots,
@@ -118,12 +117,12 @@ class Trainer:
         self.kind.modalities = tuple(self.modalities)
         # Closed-form start (tuned ridge VAR core, coupling priors); a resume loads the trained state instead.
         self.warm = warm_start(model, d, cfg) if t.warm_start and self.resume_from is None else None
-        balancer = make_balancer(t, loss_term_names(self.modalities))
         self.n_params = sum(p.numel() for p in model.parameters())
-        # 5. activation checkpointing (applied by us, the same under every backend), the train module, this
-        #    rank's loader and the FLOP probe (on a copy of the unwrapped module, before any wrapper)
+        # 5. activation checkpointing (applied by us, the same under every backend), the train module with
+        #    the loss balancer (before the optimizer, or it is never trained), this rank's loader and the
+        #    FLOP probe (on a copy of the unwrapped module, before any wrapper)
         self.ac_blocks = apply_activation_checkpointing(model.blocks, t.activation_checkpointing, t.ac_every_k)
-        module = TrainModule(model, balancer, t, cfg.model).to(self.device)
+        module = build_train_module(model, t, cfg.model, self.modalities).to(self.device)
         self.raw = module
         self.loader = d.train_loader(self.rank, self.world, device=self.device)
         self.step_flops = self._count_flops(module) if cfg.logging.flops else None
@@ -144,6 +143,9 @@ class Trainer:
         self.step, self.skipped, self.skipped_run = 0, 0, 0
         self.best_metric = math.inf
         self.run_id: str | None = None
+        # Everything a resume restores besides model and optimizer, handed to the one checkpointer.
+        self.checkpointer.register(self, {"schedule": self.schedule, "early": self.early, "scaler": self.scaler},
+                                   {"loader": self.loader, "rng": RNGState()})
         if self.resume_from is not None:
             self._resume(self.resume_from)
         elif self.is_main:
@@ -195,7 +197,7 @@ class Trainer:
         saved = self.layout.config
         if not saved.is_file():
             return
-        old = flatten(drop_retired(yaml.safe_load(saved.read_text())))
+        old = {**ADDED_KEYS, **flatten(drop_retired(yaml.safe_load(saved.read_text())))}
         new = flatten(yaml.safe_load(dump_config(self.cfg)))
         resolved_later = {"parallel.backend": "auto", "parallel.zero_stage": 0}   # runs saved before resolution
         changed = fixed_keys([k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
@@ -211,7 +213,7 @@ class Trainer:
             probe = copy.deepcopy(module)
             loader = self.data.train_loader(self.rank, self.world, device=self.device)
             batch = next(iter(loader)).to(self.device)
-            counts = {k: float(v) for k, v in loss_counts(batch, self.cfg.train, self.cfg.model).items()}
+            counts = probe.counts(batch)
             rng = torch.get_rng_state()
 
             def step():
@@ -224,32 +226,27 @@ class Trainer:
             log.warning("FLOP count skipped: %s", exc)
             return None
 
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The trainer's own counters (the top level of ``trainer.pt``; its components are saved beside them)."""
+        return {"step": self.step, "skipped": self.skipped, "skipped_run": self.skipped_run,
+                "run_id": self.run_id, "best_metric": self.best_metric}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.skipped = int(state["skipped"])
+        self.skipped_run = int(state.get("skipped_run", 0))
+        self.run_id = state.get("run_id")
+        self.best_metric = float(state["best_metric"])
+
     def _resume(self, path: Path) -> None:
-        trainer_state, rank_state = self.checkpointer.load(path, self.module, self.base_optimizer)
-        self.step = int(trainer_state["step"])
-        self.skipped = int(trainer_state["skipped"])
-        self.skipped_run = int(trainer_state.get("skipped_run", 0))
-        self.run_id = trainer_state.get("run_id")
-        self.schedule.load_state_dict(trainer_state["schedule"])
-        self.early.load_state_dict(trainer_state["early"])
-        self.best_metric = float(trainer_state["best_metric"])
-        if self.scaler is not None and trainer_state.get("scaler"):
-            self.scaler.load_state_dict(trainer_state["scaler"])
-        self.loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
+        self.checkpointer.load(path, self.module, self.base_optimizer)
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
-        trainer_state = {"step": self.step, "skipped": self.skipped, "skipped_run": self.skipped_run,
-                         "run_id": self.run_id,
-                         "schedule": self.schedule.state_dict(), "early": self.early.state_dict(),
-                         "best_metric": self.best_metric,
-                         "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
         meta = {"config": self.cfg.to_dict(), "data": self.data.metadata(), "run_id": self.run_id}
-        return self.checkpointer.save(self.step, self.module, self.base_optimizer, trainer_state,
-                                      rank_state, meta)
+        return self.checkpointer.save(self.step, self.module, self.base_optimizer, meta)
 
     def export(self, name: str, metrics: dict | None = None, diverged: str | None = None) -> Path:
         """Consolidated single-file model for inference (``RUN/<name>/model.pt``); collective.

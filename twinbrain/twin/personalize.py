@@ -10,7 +10,8 @@ is exactly how the model treats an unseen subject (the population model). Every 
 every old row, is frozen: their gradients are masked, the optimizer is Adam without weight decay, so
 they stay bit-identical. The objective is the training loss on reconstruction + forecasting
 (``fmri_recon + fmri_forecast + eeg_recon + eeg_forecast``, :func:`twinbrain.model.loss_terms` normalised
-by counts, weighted by ``train.forecast_weight``).
+by counts, weighted by ``train.forecast_weight``): the training step's module,
+:func:`twinbrain.model.build_train_module` with ``objective='signal'``.
 
 Each recording of the new subject is split chronologically: the first ``adapt_fraction`` of its span
 gives the adaptation windows (and the z-scoring statistics, so the held-out part is never seen), the
@@ -27,8 +28,7 @@ from twinbrain.data.graph import build_run_graph
 from twinbrain.data.timing import common_span, samples_per_tr
 from twinbrain.data.types import Cohort, Recording
 from twinbrain.data.windows import NormStats, RecStats, Split, WindowDataset, compute_norm_stats
-from twinbrain.model import (build_model, forecast_targets, forecast_valid, loss_counts, loss_terms, normalise,
-                             term_weight)
+from twinbrain.model import build_model, build_train_module, forecast_targets, forecast_valid, loss_terms
 from twinbrain.model.twinbrain import PERSONAL_SUFFIXES
 from twinbrain.schema import MODALITIES, SIGNAL_LOSS_TERMS, samples_per_step
 from twinbrain.scoring.metrics import R2Accumulator, skill
@@ -154,11 +154,6 @@ def fit_rows(model, subject_index: int, session_indices: list[int], n_sessions: 
     return rows
 
 
-def _objective(batch, out, cfg) -> torch.Tensor:
-    parts = normalise(loss_terms(batch, out, cfg.train, cfg.model), loss_counts(batch, cfg.train, cfg.model))
-    return sum(term_weight(k, cfg.train) * parts[k] for k in SIGNAL_LOSS_TERMS)
-
-
 @torch.no_grad()
 def heldout_scores(model, windows: list[HeteroData], cfg, batch_size: int = 8) -> dict[str, float]:
     """Forecast loss (mean of ``train.loss`` over valid forecast entries, per modality and summed) and
@@ -257,6 +252,8 @@ def fit_subject(twin, data, *, subject: str | None = None, steps: int = 100, lr:
     def check_loss() -> float:
         return heldout_scores(model, w_check, cfg, bs)["forecast_loss"] if w_check else -float(len(losses))
 
+    # The training step's module with the signal objective (fixed weights, no balancer, no penalty).
+    module = build_train_module(model, cfg.train, cfg.model, objective="signal").to(twin.device)
     opt = torch.optim.Adam([p for p, _ in params], lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses = []
@@ -264,7 +261,7 @@ def fit_subject(twin, data, *, subject: str | None = None, steps: int = 100, lr:
     for step in range(1, int(steps) + 1):
         pick = torch.randperm(len(w_fit), generator=gen)[:bs].tolist()
         batch = Batch.from_data_list([w_fit[i] for i in pick]).to(twin.device)
-        loss = _objective(batch, model(batch), cfg)
+        loss, _ = module(batch, module.counts(batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p, mask in params:          # only the new rows learn
