@@ -200,7 +200,8 @@ def markdown(cases: list[dict], a, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI (its defaults are the benchmark's simulation settings; ``bench/ec_transfer_core.py`` reuses them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
     p.add_argument("--systems", default="var,rate", help="comma list of var | rate")
@@ -221,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one seed, 20 nodes, 40 steps (~1-2 min)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("override", nargs="*", help="extra config overrides, e.g. --train.lr=3e-3 (after --)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.quick:
         a.seeds, a.sizes, a.steps, a.mlp_steps = "0", "20", 40, 300
     torch.set_num_threads(a.threads)
