@@ -5,14 +5,18 @@ learned coupling is ``C[target, source]`` (row = target, column = source), the o
 """
 from __future__ import annotations
 
-import torch
+import typing
+
+if typing.TYPE_CHECKING:
+    import torch
 
 MODALITIES = ("fmri", "eeg")
 
 # The loss terms that score the signal itself (reconstruction and forecast of each modality): what
 # validation reports as ``loss`` and what personalisation fits. ``model.losses.KINDS`` adds the
 # auxiliary ``corr`` and ``latent`` terms, which train the model but are not its score.
-SIGNAL_LOSS_TERMS = tuple(f"{m}_{kind}" for m in MODALITIES for kind in ("recon", "forecast"))
+SIGNAL_KINDS = ("recon", "forecast")
+SIGNAL_LOSS_TERMS = tuple(f"{m}_{kind}" for m in MODALITIES for kind in SIGNAL_KINDS)
 
 
 def samples_per_step(model_cfg=None, *, eeg_stride: int | None = None) -> dict[str, int]:
@@ -27,6 +31,7 @@ def node_mask(store, like: str = "y") -> torch.Tensor:
     where only inputs are certain, as in the model's forward)."""
     if "mask" in store:
         return store.mask.bool()
+    import torch        # here, so the facts above import without torch (data floor, CLI)
     ref = store[like]
     return torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
 

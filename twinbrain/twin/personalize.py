@@ -180,7 +180,7 @@ def heldout_scores(model, windows: list[HeteroData], cfg, batch_size: int = 8) -
             held = y[:, step - 1::step][:, :, None].expand(-1, -1, step)          # last sample of step t, held
             acc[m, "persist_h1"].update(held, tgt[..., :step], valid[..., :step])
     res = {k: sums[k] / max(counts[k], 1.0) for k in SIGNAL_LOSS_TERMS}
-    res["forecast_loss"] = res["fmri_forecast"] + res["eeg_forecast"]
+    res["forecast_loss"] = sum(res[f"{m}_forecast"] for m in MODALITIES)
     for m in MODALITIES:
         res[f"{m}_r2"] = float(acc[m, "all"].compute())
         res[f"{m}_r2_h1"] = float(acc[m, "h1"].compute())
@@ -287,7 +287,7 @@ def fit_subject(twin, data, *, subject: str | None = None, steps: int = 100, lr:
               "train_loss_last": losses[-1] if losses else float("nan"), "best_step": best[1],
               "n_check_windows": len(w_check), "before": before, "after": after,
               "improvement": before["forecast_loss"] - after["forecast_loss"]}
-    worse = [k for k in ("forecast_loss", "fmri_forecast", "eeg_forecast") if after[k] > before[k] + 1e-12]
+    worse = [k for k in ("forecast_loss", *(f"{m}_forecast" for m in MODALITIES)) if after[k] > before[k] + 1e-12]
     if worse:
         report["warning"] = (f"held-out forecast got worse after personalisation ({', '.join(worse)} rose); "
                              f"try fewer --steps, a lower --lr or more adaptation data (--adapt-fraction)")
