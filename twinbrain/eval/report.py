@@ -296,7 +296,7 @@ def render_report(run_dir: str | Path) -> Path:
     out = layout.report
     out.mkdir(parents=True, exist_ok=True)
     train, evals, env = load_metrics(layout.metrics)
-    flat = _read_eval_report(layout.eval / "report.json")
+    flat = _read_eval_report(layout.eval_report)
     plots = _render_plots(out, train, evals, flat)
     summary = out / "summary.md"
     summary.write_text("\n".join(_summary_lines(run_dir.name, train, evals, env, flat, plots)) + "\n",

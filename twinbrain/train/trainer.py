@@ -23,7 +23,7 @@ from ..config import (ADDED_KEYS, Config, ConfigError, check_paths, drop_retired
                       flatten, save_config)
 from ..data.module import DataModule
 from ..model import TrainModule, build_model, build_train_module, loss_counts, loss_term_names
-from ..rundir import EXPORT_FILES, RunDir
+from ..rundir import BEST, EXPORT_FILES, FINAL, RunDir
 from ..schema import SIGNAL_LOSS_TERMS
 from ..weights import write_export
 from .backends import make_backend
@@ -306,12 +306,12 @@ class Trainer:
         return None
 
     def _stop_diverged(self, reason: str) -> None:
-        self.export("final", {"skipped_steps": self.skipped}, diverged=reason)
+        self.export(FINAL, {"skipped_steps": self.skipped}, diverged=reason)
         # No checkpoint to point at: those of the streak hold the diverged weights, and a lower lr is a
         # learning-relevant change that this run directory refuses.
         raise DivergenceError(
             f"training diverged: {reason}. Train again in a new --run.out with a lower train.lr (now "
-            f"{self.cfg.train.lr:g}), or check the data; {self.layout.model('final')} is marked diverged")
+            f"{self.cfg.train.lr:g}), or check the data; {self.layout.model(FINAL)} is marked diverged")
 
     # ------------------------------------------------------------ one optimizer step
     def _micro_batches(self, it) -> list:
@@ -414,7 +414,7 @@ class Trainer:
             self.tel.log_eval(0, last_eval)
             if self.early.update(last_eval["loss"])[0]:
                 self.best_metric = last_eval["loss"]
-                self.export("best", {f"val/{k}": v for k, v in last_eval.items()})
+                self.export(BEST, {f"val/{k}": v for k, v in last_eval.items()})
         while self.step < end and not stop:
             self.tel.step_begin()
             micro = self._micro_batches(it)
@@ -439,7 +439,7 @@ class Trainer:
                 improved, stop = self.early.update(last_eval["loss"])
                 if improved and math.isfinite(last_eval["loss"]):
                     self.best_metric = last_eval["loss"]
-                    self.export("best", {f"val/{k}": v for k, v in last_eval.items()})
+                    self.export(BEST, {f"val/{k}": v for k, v in last_eval.items()})
                 if stop and self.is_main:
                     log.info("early stopping at step %d: no improvement in %d evaluations", self.step,
                              t.early_stop_patience)
@@ -452,17 +452,17 @@ class Trainer:
             return last_eval                      # interrupted on purpose: no final export
         final_loss = last_eval.get("loss", math.nan)
         diverged = None if math.isfinite(final_loss) else f"final validation loss is {final_loss}"
-        self.export("final", {f"val/{k}": v for k, v in last_eval.items()}, diverged=diverged)
-        if self.is_main and not self.layout.model("best").is_file():
+        self.export(FINAL, {f"val/{k}": v for k, v in last_eval.items()}, diverged=diverged)
+        if self.is_main and not self.layout.model(BEST).is_file():
             if diverged:
                 log.warning("no best/ export: no validation was finite (%s)", diverged)
             else:
                 # No validation improved on an earlier one (or none ran): the final weights are the best we have.
-                self.layout.export("best").mkdir(parents=True, exist_ok=True)
+                self.layout.export(BEST).mkdir(parents=True, exist_ok=True)
                 for f in EXPORT_FILES:
-                    shutil.copyfile(self.layout.export("final") / f, self.layout.export("best") / f)
-        if self.is_main and self.tel.wandb is not None and self.layout.model("best").is_file():
-            self.tel.wandb.log_export(self.layout.export("best"), self.step)     # the best export as an artifact
+                    shutil.copyfile(self.layout.export(FINAL) / f, self.layout.export(BEST) / f)
+        if self.is_main and self.tel.wandb is not None and self.layout.model(BEST).is_file():
+            self.tel.wandb.log_export(self.layout.export(BEST), self.step)     # the best export as an artifact
         self.last_eval = last_eval
         return last_eval
 
