@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from twinbrain.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,7 @@ def run(cmd: list[str], log: Path) -> None:
 def fold(subject: str, out: Path, config: str, extra: list[str]) -> dict:
     """Train and evaluate one fold (skipped if its report exists); returns the evaluation report."""
     run_dir = out / f"fold-{subject}"
-    report = run_dir / "eval" / "report.json"
+    report = RunDir(run_dir).eval_report
     if not report.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / "bench.log"
@@ -55,7 +57,7 @@ def fold(subject: str, out: Path, config: str, extra: list[str]) -> dict:
              "--data.test_subject_ids", f"[{subject}]", "--logging.wandb", "disabled",
              "--logging.progress", "lines", *extra], log)
         t1 = time.perf_counter()
-        run([sys.executable, "-m", "twinbrain.cli", "evaluate", "--checkpoint", str(run_dir / "best" / "model.pt"),
+        run([sys.executable, "-m", "twinbrain.cli", "evaluate", "--checkpoint", str(RunDir(run_dir).model()),
              "--split", "test"], log)
         (run_dir / "bench_time.json").write_text(json.dumps({"train_s": t1 - t0,
                                                              "evaluate_s": time.perf_counter() - t1}))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from twinbrain.rundir import RunDir
+
 import common
 
 NVLINK_GBS = 450.0      # H100 SXM NVLink 4: 18 links x 25 GB/s, per direction per GPU
@@ -55,7 +57,7 @@ def train_run(config: str, steps: int, procs: int, threads: int, a, out: Path) -
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in RunDir(out).metrics.read_text().splitlines() if line.strip()]
     recs = [r for r in recs if r.get("kind") == "train" and "windows_per_s" in r][1:]
     shown = " ".join(cmd).replace(str(Path(sys.executable).parent) + "/", "").replace(str(out), "RUN")
     return {"cmd": f"OMP_NUM_THREADS={threads} {shown}", "wall": wall,

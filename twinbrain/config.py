@@ -470,10 +470,27 @@ def validate_config(cfg: Config) -> None:
     """Refuse impossible values and combinations, naming the key and what is allowed."""
     flat = {f"{s.name}.{f.name}": getattr(getattr(cfg, s.name), f.name)
             for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
+    _check_ranges(flat)
+    _check_training(cfg)
+    _check_parallel(cfg.parallel)
+    _check_eval_graph_split(cfg, flat)
+    d, s = cfg.data, cfg.sim
+    # Window geometry: both modalities cover the same wall-clock span. A source with a fixed clock of its
+    # own (hcp) checks it in its registered settings check; bids/store/arrays know their TR from the data.
+    if d.source == "simulated":
+        check_window_geometry(cfg, s.tr, s.eeg_sfreq)
+    elif d.source in ("bids", "store", "arrays"):
+        check_window_geometry(cfg, None, d.eeg_sfreq)
+    if d.source == "simulated":
+        _check_simulated_cohort(cfg)
+    _check_source_inputs(cfg)
+    check_source_settings(cfg)
+
+
+def _check_ranges(flat: dict[str, Any]) -> None:
+    """Choices, then positive and non-negative values, by dotted key."""
     for key, allowed in CHOICES.items():
         require(flat[key] in allowed, key, f"'{flat[key]}' is not one of {', '.join(allowed)}")
-
-    d, s, g, m, t, p, e = cfg.data, cfg.sim, cfg.graph, cfg.model, cfg.train, cfg.parallel, cfg.eval
     positive = ["sim.n_subjects", "sim.n_sessions", "sim.minutes", "sim.n_regions", "sim.n_channels",
                 "sim.n_modules", "sim.tr", "sim.eeg_sfreq", "sim.dt_ms", "data.eeg_sfreq", "data.window_s",
                 "data.stride_s", "model.hidden", "model.blocks", "model.heads", "model.kernel_size",
@@ -489,6 +506,12 @@ def validate_config(cfg: Config) -> None:
                 "eval.ridge_alpha", "eval.max_windows", "logging.profile_steps", "data.num_workers", "data.cache_mb",
                 "data.latent_step_s"]:
         require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
+
+
+def _check_training(cfg: Config) -> None:
+    """Model and training combinations: the linear core's start, priors, shapes, schedule, divergence
+    limits and early stopping."""
+    g, m, t = cfg.graph, cfg.model, cfg.train
     require(t.warm_start or t.core_lr_scale > 0 or m.linear_order == 0, "train.core_lr_scale",
              "is 0 with train.warm_start false: the linear core would stay at persistence; set it > 0 (e.g. 1)")
     require(m.coupling_prior != "structural" or bool(g.structural), "model.coupling_prior",
@@ -512,10 +535,19 @@ def validate_config(cfg: Config) -> None:
         require(t.early_stop_patience < n_evals, "train.early_stop_patience",
                  f"patience {t.early_stop_patience} evaluations but the run has only {n_evals} "
                  f"(max_steps {t.max_steps} / eval_every {t.eval_every}); lower it or evaluate more often")
+
+
+def _check_parallel(p: ParallelConfig) -> None:
+    """ZeRO stage, backend and CPU offload agree."""
     require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     if p.backend == "deepspeed":
         require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "deepspeed backend needs stage 1, 2 or 3")
     require(not p.offload or p.zero_stage == 3, "parallel.offload", "CPU offload needs parallel.zero_stage 3")
+
+
+def _check_eval_graph_split(cfg: Config, flat: dict[str, Any]) -> None:
+    """Evaluation horizons and baseline grids, graph construction and the split fractions."""
+    d, g, m, e = cfg.data, cfg.graph, cfg.model, cfg.eval
     require(all(h >= 1 for h in e.horizons), "eval.horizons", f"horizons must be >= 1, got {e.horizons}")
     require(bool(e.baseline_orders) and min(e.baseline_orders) >= 1, "eval.baseline_orders",
              f"needs at least one order, all >= 1; got {e.baseline_orders}")
@@ -531,29 +563,30 @@ def validate_config(cfg: Config) -> None:
     require(0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
              "data.val_fraction", "val_fraction + test_fraction must be < 1")
 
-    # Window geometry: both modalities cover the same wall-clock span. A source with a fixed clock of its
-    # own (hcp) checks it in its registered settings check; bids/store/arrays know their TR from the data.
-    if d.source == "simulated":
-        check_window_geometry(cfg, s.tr, s.eeg_sfreq)
-    elif d.source in ("bids", "store", "arrays"):
-        check_window_geometry(cfg, None, d.eeg_sfreq)
 
-    if d.source == "simulated":
-        run_s = s.minutes * 60
-        require(run_s >= d.window_s, "data.window_s",
-                 f"window {d.window_s} s is longer than a simulated run ({run_s} s); shorten it or raise sim.minutes")
-        require(d.val_subjects + d.test_subjects < s.n_subjects or d.split == "chronological"
-                 or bool(d.val_subject_ids or d.test_subject_ids),
-                 "data.val_subjects", f"val_subjects {d.val_subjects} + test_subjects {d.test_subjects} leave "
-                 f"no training subject out of sim.n_subjects={s.n_subjects}")
-        require(g.k_fmri < s.n_regions, "graph.k_fmri",
-                 f"k-NN of {g.k_fmri} needs more than {g.k_fmri} nodes; sim.n_regions is {s.n_regions}")
-        require(g.k_eeg < s.n_channels, "graph.k_eeg",
-                 f"k-NN of {g.k_eeg} needs more than {g.k_eeg} nodes; sim.n_channels is {s.n_channels}")
-        require(g.k_cross <= s.n_regions, "graph.k_cross",
-                 f"{g.k_cross} cross-modal targets per channel but only {s.n_regions} regions")
-        require(s.n_perturb <= s.n_regions, "sim.n_perturb", f"{s.n_perturb} > sim.n_regions={s.n_regions}")
-        require(s.n_modules <= s.n_regions, "sim.n_modules", f"{s.n_modules} > sim.n_regions={s.n_regions}")
+def _check_simulated_cohort(cfg: Config) -> None:
+    """The simulated cohort is long and large enough for the window, the held-out subjects and the graph."""
+    d, s, g = cfg.data, cfg.sim, cfg.graph
+    run_s = s.minutes * 60
+    require(run_s >= d.window_s, "data.window_s",
+             f"window {d.window_s} s is longer than a simulated run ({run_s} s); shorten it or raise sim.minutes")
+    require(d.val_subjects + d.test_subjects < s.n_subjects or d.split == "chronological"
+             or bool(d.val_subject_ids or d.test_subject_ids),
+             "data.val_subjects", f"val_subjects {d.val_subjects} + test_subjects {d.test_subjects} leave "
+             f"no training subject out of sim.n_subjects={s.n_subjects}")
+    require(g.k_fmri < s.n_regions, "graph.k_fmri",
+             f"k-NN of {g.k_fmri} needs more than {g.k_fmri} nodes; sim.n_regions is {s.n_regions}")
+    require(g.k_eeg < s.n_channels, "graph.k_eeg",
+             f"k-NN of {g.k_eeg} needs more than {g.k_eeg} nodes; sim.n_channels is {s.n_channels}")
+    require(g.k_cross <= s.n_regions, "graph.k_cross",
+             f"{g.k_cross} cross-modal targets per channel but only {s.n_regions} regions")
+    require(s.n_perturb <= s.n_regions, "sim.n_perturb", f"{s.n_perturb} > sim.n_regions={s.n_regions}")
+    require(s.n_modules <= s.n_regions, "sim.n_modules", f"{s.n_modules} > sim.n_regions={s.n_regions}")
+
+
+def _check_source_inputs(cfg: Config) -> None:
+    """Explicit splits are disjoint; each real source has its band-pass and its input folder."""
+    d = cfg.data
     ids = set(d.val_subject_ids) & set(d.test_subject_ids)
     require(not ids, "data.test_subject_ids", f"subjects {sorted(ids)} are in both val_subject_ids and "
                                                f"test_subject_ids; a subject belongs to one split")
@@ -568,7 +601,6 @@ def validate_config(cfg: Config) -> None:
     if d.source == "arrays":
         require(bool(d.arrays_root), "data.arrays_root",
                  "data.source is 'arrays' but no data.arrays_root was given (a folder with manifest.json)")
-    check_source_settings(cfg)
 
 
 def check_window_geometry(cfg: Config, tr: float | None, sfreq: float) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 from twinbrain.weights import CONFIG_FILE, WEIGHTS_FILE
 
 EXPORT_FILE = "model.pt"
+BEST, FINAL = "best", "final"                              # the two exports of a run
+EVAL_REPORT = "report.json"                                # an evaluation's report, in RUN/eval/ by default
 EXPORT_FILES = (EXPORT_FILE, WEIGHTS_FILE, CONFIG_FILE)    # what an export folder holds
 
 
@@ -60,13 +62,17 @@ class RunDir:
         """Folder of the export ``name`` (``best`` | ``final``)."""
         return self.root / name
 
-    def model(self, name: str = "best") -> Path:
+    def model(self, name: str = BEST) -> Path:
         """``RUN/<name>/model.pt``."""
         return self.export(name) / EXPORT_FILE
 
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.eval / EVAL_REPORT
 
     @property
     def report(self) -> Path:

@@ -5,28 +5,35 @@ learned coupling is ``C[target, source]`` (row = target, column = source), the o
 """
 from __future__ import annotations
 
-import torch
+import typing
+
+if typing.TYPE_CHECKING:
+    import torch
 
 MODALITIES = ("fmri", "eeg")
 
 # The loss terms that score the signal itself (reconstruction and forecast of each modality): what
 # validation reports as ``loss`` and what personalisation fits. ``model.losses.KINDS`` adds the
 # auxiliary ``corr`` and ``latent`` terms, which train the model but are not its score.
-SIGNAL_LOSS_TERMS = tuple(f"{m}_{kind}" for m in MODALITIES for kind in ("recon", "forecast"))
+SIGNAL_KINDS = ("recon", "forecast")
+SIGNAL_LOSS_TERMS = tuple(f"{m}_{kind}" for m in MODALITIES for kind in SIGNAL_KINDS)
 
 
-def samples_per_step(model_cfg) -> dict[str, int]:
+def samples_per_step(model_cfg=None, *, eeg_stride: int | None = None) -> dict[str, int]:
     """Signal samples per latent (forecast) step of each modality: one fMRI volume (a TR), and
-    ``model.eeg_stride`` EEG samples."""
-    return {"fmri": 1, "eeg": int(model_cfg.eeg_stride)}
+    ``model.eeg_stride`` EEG samples (``eeg_stride`` given: that stride, without a config)."""
+    return {"fmri": 1, "eeg": int(model_cfg.eeg_stride if eeg_stride is None else eeg_stride)}
 
 
-def node_mask(store) -> torch.Tensor:
+def node_mask(store, like: str = "y") -> torch.Tensor:
     """``[N]`` bool of a modality's node store (``batch[m]``): its ``mask`` (slots with data), or all True
-    where the store has none."""
+    where the store has none (``N`` and the device read from ``store[like]``: ``y`` for targets, ``x``
+    where only inputs are certain, as in the model's forward)."""
     if "mask" in store:
         return store.mask.bool()
-    return torch.ones(store.y.shape[0], dtype=torch.bool, device=store.y.device)
+    import torch        # here, so the facts above import without torch (data floor, CLI)
+    ref = store[like]
+    return torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
 
 Relation = tuple[str, str, str]
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from twinbrain.config import DataConfig
+from twinbrain.schema import MODALITIES
 
 
 class WindowSampler:
@@ -137,7 +138,7 @@ def augment_batch(batch, augment: DataConfig, generator: torch.Generator | None 
     per-node offset (std ``augment_offset``), then white noise (std ``augment_noise``); all in z-units.
     Missing slots (mask False) are left at 0.
     """
-    for m in ("fmri", "eeg"):
+    for m in MODALITIES:
         x = batch[m].x                                                    # [N, T, 1]
         out = causal_moving_average(x, int(augment.augment_smooth), dim=1)
         if augment.augment_offset > 0:

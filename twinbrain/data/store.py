@@ -28,6 +28,7 @@ import numpy as np
 
 from twinbrain.data.mapped import npz_memmap
 from twinbrain.data.types import Recording
+from twinbrain.schema import MODALITIES
 
 # Bump when the entry format or the meaning of stored arrays changes: old entries are then never reused.
 SCHEMA_VERSION = 2          # 2: positions in millimetres (were metres)
@@ -111,11 +112,11 @@ class Store:
             raise ValueError(f"{npz}: written with store schema {info.get('schema')}, this code reads "
                              f"{SCHEMA_VERSION}; re-run `twinbrain prepare` to rebuild the store")
         try:
-            signals = ("eeg", "fmri") if mmap else ()
+            signals = MODALITIES if mmap else ()
             with np.load(npz, allow_pickle=False) as z:
                 arr = {k: z[k] for k in z.files if k not in signals}
             arr.update({k: npz_memmap(npz, k) for k in signals})
-            for k in ("eeg", "fmri"):
+            for k in MODALITIES:
                 if not mmap and arr[k].dtype != np.float32:          # float16 storage -> float32 in memory
                     arr[k] = arr[k].astype(np.float32)
         except Exception as exc:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from twinbrain.data.mapped import all_finite, row_blocks_bytes
+from twinbrain.schema import MODALITIES
 
 POSITION_UNIT = "mm"   # unit of Recording.region_pos / channel_pos (MNI millimetres for regions)
 
@@ -18,7 +19,7 @@ POSITION_UNIT = "mm"   # unit of Recording.region_pos / channel_pos (MNI millime
 def present_modalities(n_fmri_slots: int, n_eeg_slots: int) -> tuple[str, ...]:
     """Modalities with at least one node slot. An absent modality (e.g. EEG in an fMRI-only cohort) still
     flows through the model as empty tensors, but it is not balanced, logged or scored."""
-    present = tuple(m for m, n in (("fmri", n_fmri_slots), ("eeg", n_eeg_slots)) if n > 0)
+    present = tuple(m for m, n in zip(MODALITIES, (n_fmri_slots, n_eeg_slots)) if n > 0)
     if not present:
         raise ValueError("the cohort has neither fMRI regions nor EEG channels")
     return present

@@ -16,6 +16,7 @@ from twinbrain.data.mapped import ResidentCache, read_columns, release_recording
 from twinbrain.data.timing import (channel_mask, common_span, eeg_index, eeg_span, samples_per_tr,
                                    span_volumes, volumes)
 from twinbrain.data.types import Cohort, Recording
+from twinbrain.schema import MODALITIES
 
 Span = tuple[int, float, float]  # (rec_index, start_s, end_s)
 
@@ -345,7 +346,7 @@ class WindowDataset:
         a = self.window_arrays(i)
         st = self._static(a["rec"])
         data = HeteroData()
-        for m in ("fmri", "eeg"):
+        for m in MODALITIES:
             y = torch.from_numpy(a[m]).unsqueeze(-1)                     # [N, T, 1]
             data[m].x = y.clone()                                        # separate storage: x may be augmented
             data[m].y = y

@@ -32,7 +32,7 @@ from twinbrain.eval.figures import plot_forecast_example, plot_horizons
 from twinbrain.eval.forecast_eval import evaluate_forecasts
 from twinbrain.eval.publish import publish_evaluation
 from twinbrain.eval.twin_validity import twin_validity
-from twinbrain.rundir import RunDir
+from twinbrain.rundir import EVAL_REPORT, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str | None = None, out_dir: Pat
     out = Path(out_dir) if out_dir else RunDir.of_export(lm.path).eval
     out.mkdir(parents=True, exist_ok=True)
     md = render_markdown(report)
-    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+    (out / EVAL_REPORT).write_text(json.dumps(report, indent=1, allow_nan=False))
     (out / "report.md").write_text(md)
     labels = {m: {k: baseline_label(k, report["protocol"].get("baseline_tuning", {}).get(m, {}).get(k))
                   for k in f["baselines"]} for m, f in report["forecast"].items()}

@@ -206,23 +206,19 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
         "| " + " | ".join(r) + " |" for r in rows]
 
 
-def render_report(run_dir: str | Path) -> Path:
-    """Render ``RUN_DIR/report/*.png`` and ``RUN_DIR/report/summary.md``; returns the summary path."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"report: run directory {run_dir} does not exist; pass the run.out of a training run")
-    layout = RunDir(run_dir)
-    out = layout.report
-    out.mkdir(parents=True, exist_ok=True)
-    train, evals, env = load_metrics(layout.metrics)
-    report_path = layout.eval / "report.json"
+def _read_eval_report(path: Path) -> dict[str, Any]:
+    """``eval/report.json`` flattened to dotted keys; ``{}`` when absent, one ``error`` entry when unreadable."""
     flat: dict[str, Any] = {}
-    if report_path.is_file():
+    if path.is_file():
         try:
-            flat = flatten(json.loads(report_path.read_text(encoding="utf-8")))
+            flat = flatten(json.loads(path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, OSError):
-            flat = {"error": f"could not read {report_path}"}
+            flat = {"error": f"could not read {path}"}
+    return flat
 
+
+def _render_plots(out: Path, train: list[dict], evals: list[dict], flat: dict[str, Any]) -> dict[str, Path | None]:
+    """Every figure of the report under ``out`` (None where there is nothing to plot), by section name."""
     tkeys = _keys(train)
     loss_terms = [k for k in tkeys if k.startswith(("loss/", "loss_"))]
     optim = {"learning rate": [k for k in tkeys if k == "lr" or k.startswith("lr/")],
@@ -231,9 +227,7 @@ def render_report(run_dir: str | Path) -> Path:
     grouped = set(loss_terms) | {"loss"} | set(THROUGHPUT_KEYS) | set(MEMORY_KEYS) | {
         k for ks in optim.values() for k in ks}
     other = [k for k in tkeys if k not in grouped]
-    vkeys = _keys(evals)
-
-    plots = {
+    return {
         "loss": _plot(out / "loss.png", "training loss", [("loss", ["loss"], True),
                                                            ("loss terms", loss_terms, True)], train),
         "optimisation": _plot(out / "optim.png", "optimisation", [(n, ks, n == "gradient norm")
@@ -253,7 +247,12 @@ def render_report(run_dir: str | Path) -> Path:
         "evaluation": _plot_eval_report(out / "eval_report.png", flat) if flat else None,
     }
 
-    md = [f"# TwinBrain run report: `{run_dir.name}`", ""]
+
+def _summary_lines(name: str, train: list[dict], evals: list[dict], env: dict, flat: dict[str, Any],
+                   plots: dict[str, Path | None]) -> list[str]:
+    """The Markdown of ``summary.md`` (one list item a line): environment, final training metrics, the
+    validation table (last and best), the evaluation report and the plots."""
+    md = [f"# TwinBrain run report: `{name}`", ""]
     if env:
         md += [f"- device: {env.get('device_name', '?')} x {env.get('world_size', '?')} "
                f"({env.get('backend') or 'single'}), torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}",
@@ -270,7 +269,7 @@ def render_report(run_dir: str | Path) -> Path:
     if evals:
         md += ["", "## Validation", ""]
         rows = []
-        for k in vkeys:
+        for k in _keys(evals):
             xs, ys = _series(evals, k)
             lower = any(w in k.lower() for w in LOWER_IS_BETTER)
             best = (min if lower else max)(zip(ys, xs))
@@ -285,6 +284,21 @@ def render_report(run_dir: str | Path) -> Path:
     if made:
         md += ["", "## Plots", ""]
         md += [f"### {k}\n\n![{k}]({p.name})\n" for k, p in made.items()]
+    return md
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """Render ``RUN_DIR/report/*.png`` and ``RUN_DIR/report/summary.md``; returns the summary path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"report: run directory {run_dir} does not exist; pass the run.out of a training run")
+    layout = RunDir(run_dir)
+    out = layout.report
+    out.mkdir(parents=True, exist_ok=True)
+    train, evals, env = load_metrics(layout.metrics)
+    flat = _read_eval_report(layout.eval_report)
+    plots = _render_plots(out, train, evals, flat)
     summary = out / "summary.md"
-    summary.write_text("\n".join(md) + "\n", encoding="utf-8")
+    summary.write_text("\n".join(_summary_lines(run_dir.name, train, evals, env, flat, plots)) + "\n",
+                       encoding="utf-8")
     return summary

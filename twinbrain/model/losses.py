@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from twinbrain.schema import MODALITIES, node_mask, samples_per_step
+from twinbrain.schema import MODALITIES, SIGNAL_KINDS, node_mask, samples_per_step
 
-KINDS = ("recon", "forecast", "corr", "latent")
+KINDS = (*SIGNAL_KINDS, "corr", "latent")
 
 
 def loss_term_names(modalities: tuple[str, ...] = MODALITIES) -> list[str]:

@@ -27,7 +27,7 @@ from twinbrain.model.blocks import STBlock
 from twinbrain.model.coupling import LinearCore, from_dense, to_dense
 from twinbrain.model.layers import CausalPatchEmbed, LatentPredictor, ScaledSum, dense_index, laplacian_pe
 from twinbrain.model.relations import build_relation_layers
-from twinbrain.schema import MODALITIES, samples_per_step
+from twinbrain.schema import MODALITIES, node_mask, samples_per_step
 
 FC = {"fmri": ("fmri", "fc", "fmri"), "eeg": ("eeg", "fc", "eeg")}
 CROSS = ("eeg", "to", "fmri")
@@ -202,9 +202,8 @@ class TwinBrain(nn.Module):
                 raise ValueError(f"batch['{m}'].x must be [N, T, 1], got {tuple(x.shape)}")
             n, dev = x.shape[0], x.device
             window = store.batch if "batch" in store else torch.zeros(n, dtype=torch.long, device=dev)
-            mask = store.mask if "mask" in store else torch.ones(n, dtype=torch.bool, device=dev)
             node_id = store.node_id if "node_id" in store else torch.arange(n, device=dev)
-            g[m] = {"x": x, "mask": mask.bool(), "node_id": node_id, "window": window,
+            g[m] = {"x": x, "mask": node_mask(store, "x"), "node_id": node_id, "window": window,
                     "subject": batch.subject.view(-1)[window], "session": batch.session.view(-1)[window],
                     "idx": dense_index(node_id, window, self.n_slots[m])}
         t_f, t_e = g["fmri"]["x"].shape[1], g["eeg"]["x"].shape[1]

@@ -23,7 +23,7 @@ from ..config import (ADDED_KEYS, Config, ConfigError, check_paths, drop_retired
                       flatten, save_config)
 from ..data.module import DataModule
 from ..model import TrainModule, build_model, build_train_module, loss_counts, loss_term_names
-from ..rundir import EXPORT_FILES, RunDir
+from ..rundir import BEST, EXPORT_FILES, FINAL, RunDir
 from ..schema import SIGNAL_LOSS_TERMS
 from ..weights import write_export
 from .backends import make_backend
@@ -79,6 +79,27 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         # 1. distributed, then the run directory (locked) and the checkpoint to resume from
+        self._setup_run()
+        # 2. seeds: identical model initialisation on every rank
+        seed_everything(t.seed)
+        # 3. data
+        self.data = data if data is not None else DataModule(cfg).setup()
+        # 4. model (warm-started unless resuming); 5. activation checkpointing, train module, loader, FLOP probe
+        module = self._build_module()
+        # 6. wrapping and optimizer
+        self._wrap(module)
+        # 7. per-rank randomness (dropout) after the shared initialisation
+        seed_everything(t.seed + 1000003 * (self.rank + 1))
+        # 8. auto-resume
+        self._resume_or_start()
+        # 9. telemetry
+        self._start_telemetry()
+
+    # ------------------------------------------------------------ build steps
+    def _setup_run(self) -> None:
+        """Backend, device and precision; the run directory locked; the checkpoint to resume from chosen
+        and checked against the config (seconds, before any data or model work)."""
+        cfg, t = self.cfg, self.cfg.train
         self.backend: Backend = resolve_backend(cfg)
         # config.yaml records what ran, not 'auto' (the launch config may have chosen it).
         cfg.parallel.backend, cfg.parallel.zero_stage = self.backend.name, self.backend.zero_stage
@@ -102,14 +123,12 @@ class Trainer:
         self.resume_from = self.checkpointer.newest_intact()
         self._check_run_dir()
 
-        # 2. seeds: identical model initialisation on every rank
-        seed_everything(t.seed)
-
-        # 3. data
-        self.data = data if data is not None else DataModule(cfg).setup()
-
-        # 4. model (warm-started unless resuming)
-        d = self.data
+    def _build_module(self) -> TrainModule:
+        """The model (warm-started unless resuming), activation checkpointing (applied by us, the same
+        under every backend), the train module with the loss balancer (before the optimizer, or it is never
+        trained), this rank's loader and the FLOP probe (on a copy of the unwrapped module, before any
+        wrapper). Returns the unwrapped train module on the device."""
+        cfg, t, d = self.cfg, self.cfg.train, self.data
         model = build_model(cfg, n_subjects=len(d.subject_map), n_sessions=len(d.session_map),
                              n_fmri_slots=d.n_fmri_slots, n_eeg_slots=d.n_eeg_slots,
                              samples_per_tr=d.samples_per_tr)
@@ -118,16 +137,17 @@ class Trainer:
         # Closed-form start (tuned ridge VAR core, coupling priors); a resume loads the trained state instead.
         self.warm = warm_start(model, d, cfg) if t.warm_start and self.resume_from is None else None
         self.n_params = sum(p.numel() for p in model.parameters())
-        # 5. activation checkpointing (applied by us, the same under every backend), the train module with
-        #    the loss balancer (before the optimizer, or it is never trained), this rank's loader and the
-        #    FLOP probe (on a copy of the unwrapped module, before any wrapper)
         self.ac_blocks = apply_activation_checkpointing(model.blocks, t.activation_checkpointing, t.ac_every_k)
         module = build_train_module(model, t, cfg.model, self.modalities).to(self.device)
         self.raw = module
         self.loader = d.train_loader(self.rank, self.world, device=self.device)
         self.step_flops = self._count_flops(module) if cfg.logging.flops else None
+        return module
 
-        # 6. wrapping and optimizer
+    def _wrap(self, module: TrainModule) -> None:
+        """The backend's wrapping/sharding of ``module`` with its optimizer, the grad scaler (fp16),
+        the learning-rate schedule and early stopping."""
+        cfg, t = self.cfg, self.cfg.train
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 \
             and self.kind.uses_scaler else None
         self.module, self.optimizer, self.base_optimizer = self.kind.wrap(
@@ -136,10 +156,9 @@ class Trainer:
         self.schedule = Schedule(self.base_optimizer, t)
         self.early = EarlyStopping(t.early_stop_patience)
 
-        # 7. per-rank randomness (dropout) after the shared initialisation
-        seed_everything(t.seed + 1000003 * (self.rank + 1))
-
-        # 8. auto-resume
+    def _resume_or_start(self) -> None:
+        """Counters at zero, every stateful piece registered with the checkpointer, then the newest intact
+        checkpoint loaded, or (a new run) the resolved config written."""
         self.step, self.skipped, self.skipped_run = 0, 0, 0
         self.best_metric = math.inf
         self.run_id: str | None = None
@@ -149,9 +168,11 @@ class Trainer:
         if self.resume_from is not None:
             self._resume(self.resume_from)
         elif self.is_main:
-            save_config(cfg, self.layout.config)
+            save_config(self.cfg, self.layout.config)
 
-        # 9. telemetry
+    def _start_telemetry(self) -> None:
+        """Telemetry (metrics.jsonl, tracker) continuing the resumed run id, and the launch logged."""
+        cfg, t = self.cfg, self.cfg.train
         self.tel = Telemetry(cfg.logging, self.run_dir, is_main=self.is_main, world_size=self.world,
                              device=self.device, config_dict=cfg.to_dict(),
                              run_name=cfg.run.name or self.run_dir.name, resume_run_id=self.run_id,
@@ -285,27 +306,42 @@ class Trainer:
         return None
 
     def _stop_diverged(self, reason: str) -> None:
-        self.export("final", {"skipped_steps": self.skipped}, diverged=reason)
+        self.export(FINAL, {"skipped_steps": self.skipped}, diverged=reason)
         # No checkpoint to point at: those of the streak hold the diverged weights, and a lower lr is a
         # learning-relevant change that this run directory refuses.
         raise DivergenceError(
             f"training diverged: {reason}. Train again in a new --run.out with a lower train.lr (now "
-            f"{self.cfg.train.lr:g}), or check the data; {self.layout.model('final')} is marked diverged")
+            f"{self.cfg.train.lr:g}), or check the data; {self.layout.model(FINAL)} is marked diverged")
 
     # ------------------------------------------------------------ one optimizer step
     def _micro_batches(self, it) -> list:
         return [next(it) for _ in range(self.cfg.train.grad_accum)]
 
     def train_step(self, micro: list) -> dict[str, float]:
-        t = self.cfg.train
+        """One optimizer step over the micro-batches ``micro`` (``train.grad_accum`` of them); returns the
+        step's logged scalars (global values)."""
         micro = [b.to(self.device) for b in micro]
-        # Global element counts of every loss term over all micro-batches and ranks, before backward.
+        counts = self._global_counts(micro)
+        loss_sum, parts_sum = self._forward_backward(micro, counts)
+        grad_norm = self._optimizer_step(loss_sum)
+        stats = self._step_stats(loss_sum, parts_sum, grad_norm)
+        self._windows = float(sum(b.num_graphs for b in micro))
+        self._node_steps = float(sum(node_steps(b, self.cfg.model.eeg_stride) for b in micro))
+        return stats
+
+    def _global_counts(self, micro: list) -> dict[str, float]:
+        """Global element counts of every loss term over all micro-batches and ranks, before backward."""
+        t = self.cfg.train
         names = loss_term_names()
         local = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         for b in micro:
             c = loss_counts(b, t, self.cfg.model)
             local += torch.tensor([float(c[n]) for n in names], dtype=torch.float64, device=self.device)
-        counts = dict(zip(names, all_reduce_(local).tolist()))
+        return dict(zip(names, all_reduce_(local).tolist()))
+
+    def _forward_backward(self, micro: list, counts: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward and backward of every micro-batch (gradient sync on the last only): the summed loss
+        and this rank's sum of each present modality's loss parts."""
         data_scale, reg_scale = self.kind.scales(self.world, len(micro))
         parts_sum: dict[str, float] = {}
         loss_sum = torch.zeros((), device=self.device)
@@ -317,6 +353,12 @@ class Trainer:
             for k, v in parts.items():
                 if k.split("_", 1)[0] in self.modalities:      # absent modalities are not logged
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+        return loss_sum, parts_sum
+
+    def _optimizer_step(self, loss_sum: torch.Tensor) -> float:
+        """Clip and step (or skip a non-finite step on all ranks), advance the schedule and the counters;
+        returns the gradient norm."""
+        t = self.cfg.train
         grad_norm, stepped = self.kind.step(self.module, self.optimizer, self.scaler, loss_sum, t.grad_clip,
                                             self.device)
         if stepped:
@@ -328,6 +370,11 @@ class Trainer:
             if self.is_main:
                 log.warning("step %d: non-finite loss or gradient, step skipped on all ranks", self.step + 1)
         self.step += 1
+        return grad_norm
+
+    def _step_stats(self, loss_sum: torch.Tensor, parts_sum: dict[str, float], grad_norm: float) -> dict[str, float]:
+        """The step's logged scalars: objective, loss parts and ``loss`` (global), grad norm, skips,
+        balancer weights and learning rates."""
         # Loss parts are this rank's share of the global mean: summing over ranks gives the global value.
         summed = reduce_scalars({"objective": float(loss_sum), **{f"loss/{k}": v for k, v in parts_sum.items()}},
                                 op="sum")
@@ -339,8 +386,6 @@ class Trainer:
         if not self.kind.sharded or balancer.mode == "none":
             stats.update({f"balancer/{k}": v for k, v in balancer.weights().items()})
         stats.update(self.schedule.lrs())
-        self._windows = float(sum(b.num_graphs for b in micro))
-        self._node_steps = float(sum(node_steps(b, self.cfg.model.eeg_stride) for b in micro))
         return stats
 
     # ------------------------------------------------------------ loop
@@ -369,7 +414,7 @@ class Trainer:
             self.tel.log_eval(0, last_eval)
             if self.early.update(last_eval["loss"])[0]:
                 self.best_metric = last_eval["loss"]
-                self.export("best", {f"val/{k}": v for k, v in last_eval.items()})
+                self.export(BEST, {f"val/{k}": v for k, v in last_eval.items()})
         while self.step < end and not stop:
             self.tel.step_begin()
             micro = self._micro_batches(it)
@@ -394,7 +439,7 @@ class Trainer:
                 improved, stop = self.early.update(last_eval["loss"])
                 if improved and math.isfinite(last_eval["loss"]):
                     self.best_metric = last_eval["loss"]
-                    self.export("best", {f"val/{k}": v for k, v in last_eval.items()})
+                    self.export(BEST, {f"val/{k}": v for k, v in last_eval.items()})
                 if stop and self.is_main:
                     log.info("early stopping at step %d: no improvement in %d evaluations", self.step,
                              t.early_stop_patience)
@@ -407,17 +452,17 @@ class Trainer:
             return last_eval                      # interrupted on purpose: no final export
         final_loss = last_eval.get("loss", math.nan)
         diverged = None if math.isfinite(final_loss) else f"final validation loss is {final_loss}"
-        self.export("final", {f"val/{k}": v for k, v in last_eval.items()}, diverged=diverged)
-        if self.is_main and not self.layout.model("best").is_file():
+        self.export(FINAL, {f"val/{k}": v for k, v in last_eval.items()}, diverged=diverged)
+        if self.is_main and not self.layout.model(BEST).is_file():
             if diverged:
                 log.warning("no best/ export: no validation was finite (%s)", diverged)
             else:
                 # No validation improved on an earlier one (or none ran): the final weights are the best we have.
-                self.layout.export("best").mkdir(parents=True, exist_ok=True)
+                self.layout.export(BEST).mkdir(parents=True, exist_ok=True)
                 for f in EXPORT_FILES:
-                    shutil.copyfile(self.layout.export("final") / f, self.layout.export("best") / f)
-        if self.is_main and self.tel.wandb is not None and self.layout.model("best").is_file():
-            self.tel.wandb.log_export(self.layout.export("best"), self.step)     # the best export as an artifact
+                    shutil.copyfile(self.layout.export(FINAL) / f, self.layout.export(BEST) / f)
+        if self.is_main and self.tel.wandb is not None and self.layout.model(BEST).is_file():
+            self.tel.wandb.log_export(self.layout.export(BEST), self.step)     # the best export as an artifact
         self.last_eval = last_eval
         return last_eval
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from twinbrain.config import ConfigError, config_from_dict, deep_update, parse_overrides
+from twinbrain.schema import MODALITIES
 from twinbrain.twin.loader import CheckpointError
 
 VERBS = ("forecast", "perturb", "ec", "personalize", "attribute")
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "off"],
                    help="progress bars on stderr (auto: on a terminal)")
     p.add_argument("--steps", type=int, help="forecast steps (forecast) / optimisation steps (personalize)")
-    p.add_argument("--modality", choices=["fmri", "eeg"], help="default: fmri, or eeg for an EEG-only twin")
+    p.add_argument("--modality", choices=list(MODALITIES), help="default: fmri, or eeg for an EEG-only twin")
     p.add_argument("--targets", help="comma-separated node slots or names to stimulate")
     p.add_argument("--amplitude", type=float, default=1.0, help="stimulus, z-units of the node's signal")
     p.add_argument("--duration", type=int, default=1, help="stimulus length in input steps (TRs / samples)")
@@ -153,7 +154,7 @@ def _forecast(twin, args, out: Path) -> str:
             np.save(out / f"forecast_{k}.npy", f[k])
     _dump(out / "forecast.json", {"subject": args.subject, "split": args.split, "window": args.window,
                                   "steps": f["steps"], "tr": f["tr"], "eeg_sfreq": f["eeg_sfreq"], "units": "z",
-                                  "shapes": {k: list(f[k].shape) for k in ("fmri", "eeg")},
+                                  "shapes": {k: list(f[k].shape) for k in MODALITIES},
                                   "region_names": twin.node_names("fmri"), "channel_names": twin.node_names("eeg")})
     m = args.modality
     plot_forecast(w[m].x[..., 0].numpy(), f[m], out / "forecast.png", twin.sample_period_s(m), std=f.get(f"{m}_std"),
@@ -257,9 +258,9 @@ def _attribute(twin, args, out: Path) -> str:
     w = _window(twin, args)
     res = twin.attribute(w, args.target, modality=args.modality, horizon=args.horizon, method=_method(args),
                          steps=args.ig_steps, at_step=args.at_step)
-    for m in ("fmri", "eeg"):
+    for m in MODALITIES:
         np.save(out / f"attr_{m}.npy", res[m])
-    _dump(out / "attribute.json", {k: v for k, v in res.items() if k not in ("fmri", "eeg")})
+    _dump(out / "attribute.json", {k: v for k, v in res.items() if k not in MODALITIES})
     m = args.modality
     plot_attribution(res[m], out / "attribute.png", twin.sample_period_s(m), names=twin.node_names(m),
                      title=f"{res['method']}: {res['modality']} {res['target_name']}, horizon {res['horizon']}")

@@ -24,7 +24,7 @@ from torch import nn
 
 from twinbrain.config import Config, ConfigError, config_from_dict
 from twinbrain.model import build_model
-from twinbrain.rundir import EXPORT_FILE, RunDir
+from twinbrain.rundir import BEST, EXPORT_FILE, RunDir
 from twinbrain.weights import write_export
 
 REQUIRED_KEYS = ("model", "config", "data")
@@ -55,7 +55,7 @@ class LoadedModel:
 def resolve_export_path(path: str | Path) -> Path:
     """A file, a folder holding ``model.pt`` (``RUN/best``) or a run folder (-> ``RUN/best/model.pt``)."""
     p = Path(path)
-    for cand in (p, p / EXPORT_FILE, RunDir(p).model("best")):
+    for cand in (p, p / EXPORT_FILE, RunDir(p).model(BEST)):
         if cand.is_file():
             return cand
     raise CheckpointError(f"{p}: no exported model found (looked for {p}, {p / EXPORT_FILE} and "

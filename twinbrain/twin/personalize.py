@@ -180,7 +180,7 @@ def heldout_scores(model, windows: list[HeteroData], cfg, batch_size: int = 8) -
             held = y[:, step - 1::step][:, :, None].expand(-1, -1, step)          # last sample of step t, held
             acc[m, "persist_h1"].update(held, tgt[..., :step], valid[..., :step])
     res = {k: sums[k] / max(counts[k], 1.0) for k in SIGNAL_LOSS_TERMS}
-    res["forecast_loss"] = res["fmri_forecast"] + res["eeg_forecast"]
+    res["forecast_loss"] = sum(res[f"{m}_forecast"] for m in MODALITIES)
     for m in MODALITIES:
         res[f"{m}_r2"] = float(acc[m, "all"].compute())
         res[f"{m}_r2_h1"] = float(acc[m, "h1"].compute())
@@ -189,6 +189,53 @@ def heldout_scores(model, windows: list[HeteroData], cfg, batch_size: int = 8) -
 
 
 # ------------------------------------------------------------------ personalisation
+
+def _check_personalisable(meta: dict, sub: str) -> None:
+    """Refuse a subject personalised already or fitted in training (its embedding needs no fit)."""
+    trained = (meta.get("split") or {}).get("subjects", {}).get("train", [])
+    if sub in meta.get("personalized", {}):
+        raise ValueError(f"subject '{sub}' is already in the model, personalised (index "
+                         f"{meta['subject_map'][sub]}); personalise the original twin again instead")
+    if sub in meta["subject_map"] and sub in trained:
+        raise ValueError(f"subject '{sub}' was a training subject (index {meta['subject_map'][sub]}); its "
+                         f"embedding is already fitted. Personalise a held-out (val/test) or a new subject")
+
+
+def _fit_new_rows(model, params: list, w_fit: list, w_check: list, cfg, bs: int, *, steps: int, lr: float,
+                  seed: int, device) -> tuple[list[float], int]:
+    """``steps`` Adam steps on random batches of ``bs`` windows of ``w_fit``, only the masked rows of
+    ``params`` (``[(parameter, row mask)]``) learning; the rows of the step with the lowest forecast loss on
+    ``w_check`` (checked about ten times, and at step 0) are kept. Returns ``(losses, best_step)``."""
+    check_every = max(1, int(steps) // 10)
+
+    def check_loss() -> float:
+        return heldout_scores(model, w_check, cfg, bs)["forecast_loss"] if w_check else -float(len(losses))
+
+    # The training step's module with the signal objective (fixed weights, no balancer, no penalty).
+    module = build_train_module(model, cfg.train, cfg.model, objective="signal").to(device)
+    opt = torch.optim.Adam([p for p, _ in params], lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    best = (check_loss(), 0, [p.detach().clone() for p, _ in params])
+    for step in range(1, int(steps) + 1):
+        pick = torch.randperm(len(w_fit), generator=gen)[:bs].tolist()
+        batch = Batch.from_data_list([w_fit[i] for i in pick]).to(device)
+        loss, _ = module(batch, module.counts(batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p, mask in params:          # only the new rows learn
+            p.grad.mul_(mask)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % check_every == 0 or step == int(steps):
+            cur = check_loss()
+            if cur < best[0]:
+                best = (cur, step, [p.detach().clone() for p, _ in params])
+    with torch.no_grad():
+        for (p, _), kept in zip(params, best[2]):
+            p.copy_(kept)
+    return losses, best[1]
+
 
 def fit_subject(twin, data, *, subject: str | None = None, steps: int = 100, lr: float = 1e-2,
                 adapt_fraction: float = 0.5, batch_size: int | None = None, seed: int = 0):
@@ -207,13 +254,7 @@ def fit_subject(twin, data, *, subject: str | None = None, steps: int = 100, lr:
     _check_geometry(twin, recs)
     sub = recs[0].subject
     known = sub in twin.meta["subject_map"]
-    trained = (twin.meta.get("split") or {}).get("subjects", {}).get("train", [])
-    if sub in twin.meta.get("personalized", {}):
-        raise ValueError(f"subject '{sub}' is already in the model, personalised (index "
-                         f"{twin.meta['subject_map'][sub]}); personalise the original twin again instead")
-    if known and sub in trained:
-        raise ValueError(f"subject '{sub}' was a training subject (index {twin.meta['subject_map'][sub]}); its "
-                         f"embedding is already fitted. Personalise a held-out (val/test) or a new subject")
+    _check_personalisable(twin.meta, sub)
     cfg = twin.cfg
     adapt, held = [], []
     for i, r in enumerate(recs):
@@ -247,34 +288,8 @@ def fit_subject(twin, data, *, subject: str | None = None, steps: int = 100, lr:
     # starts at the tuned population model, and a few minutes of one subject can over-fit it.
     n_check = len(w_adapt) // 4
     w_fit, w_check = (w_adapt[:-n_check], w_adapt[-n_check:]) if n_check else (w_adapt, [])
-    check_every = max(1, int(steps) // 10)
-
-    def check_loss() -> float:
-        return heldout_scores(model, w_check, cfg, bs)["forecast_loss"] if w_check else -float(len(losses))
-
-    # The training step's module with the signal objective (fixed weights, no balancer, no penalty).
-    module = build_train_module(model, cfg.train, cfg.model, objective="signal").to(twin.device)
-    opt = torch.optim.Adam([p for p, _ in params], lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    best = (check_loss(), 0, [p.detach().clone() for p, _ in params])
-    for step in range(1, int(steps) + 1):
-        pick = torch.randperm(len(w_fit), generator=gen)[:bs].tolist()
-        batch = Batch.from_data_list([w_fit[i] for i in pick]).to(twin.device)
-        loss, _ = module(batch, module.counts(batch))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p, mask in params:          # only the new rows learn
-            p.grad.mul_(mask)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if step % check_every == 0 or step == int(steps):
-            cur = check_loss()
-            if cur < best[0]:
-                best = (cur, step, [p.detach().clone() for p, _ in params])
-    with torch.no_grad():
-        for (p, _), kept in zip(params, best[2]):
-            p.copy_(kept)
+    losses, best_step = _fit_new_rows(model, params, w_fit, w_check, cfg, bs, steps=steps, lr=lr, seed=seed,
+                                      device=twin.device)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -284,10 +299,10 @@ def fit_subject(twin, data, *, subject: str | None = None, steps: int = 100, lr:
               "sessions": sessions, "recordings": [r.key for r in recs],
               "n_adapt_windows": len(w_adapt), "n_heldout_windows": len(w_held), "steps": int(steps), "lr": lr,
               "adapt_fraction": adapt_fraction, "train_loss_first": losses[0] if losses else float("nan"),
-              "train_loss_last": losses[-1] if losses else float("nan"), "best_step": best[1],
+              "train_loss_last": losses[-1] if losses else float("nan"), "best_step": best_step,
               "n_check_windows": len(w_check), "before": before, "after": after,
               "improvement": before["forecast_loss"] - after["forecast_loss"]}
-    worse = [k for k in ("forecast_loss", "fmri_forecast", "eeg_forecast") if after[k] > before[k] + 1e-12]
+    worse = [k for k in ("forecast_loss", *(f"{m}_forecast" for m in MODALITIES)) if after[k] > before[k] + 1e-12]
     if worse:
         report["warning"] = (f"held-out forecast got worse after personalisation ({', '.join(worse)} rose); "
                              f"try fewer --steps, a lower --lr or more adaptation data (--adapt-fraction)")

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch_geometric.data import Batch
 
-from twinbrain.schema import MODALITIES
+from twinbrain.schema import MODALITIES, samples_per_step
 
 
 def with_inputs(batch, x: dict[str, Tensor]):
@@ -74,7 +74,7 @@ def predict(model, batch, steps: int, *, spt: int, stride: int, need=MODALITIES)
     s_steps = model.cfg.forecast_steps
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    step = {"fmri": 1, "eeg": stride}
+    step = samples_per_step(eeg_stride=stride)
     if steps <= s_steps:
         out = model(batch)
         res = {m: out.forecast[m][:, -1, :steps * step[m]] for m in MODALITIES}
