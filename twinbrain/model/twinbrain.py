@@ -123,7 +123,7 @@ class TwinBrain(nn.Module):
         # exactly like the tuned VAR at step 0 and training learns departures from it.
         self.linear_modalities = tuple(m for m in LINEAR_MODALITIES if cfg.linear_order > 0)
         self.linear = nn.ModuleDict({m: LinearCore(self.n_slots[m], cfg.linear_order, s_steps, n_subjects,
-                                                   cfg.coupling_rank)
+                                                   cfg.coupling_rank, core=cfg.core)
                                      for m in self.linear_modalities})
         self.gate = nn.ModuleDict({m: ScaledSum(0.0) for m in self.linear_modalities})
         # Other modalities: a learned gain times the last observed sample of the step plus the decoded
