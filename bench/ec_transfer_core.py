@@ -1,6 +1,7 @@
 """Does a sigmoid-transfer (MINDy-style) model recover the rate network's coupling better than ridge VAR(1)?
 
-Closed form (numpy) except ``ct`` (torch L-BFGS), no twin training: the systems, sizes, seeds and subject split of ``bench/ec_ground_truth.py`` (its
+Closed form (numpy) except ``ct`` (torch L-BFGS; the fits are ``twinbrain.scoring.baselines``' ``TransferMap``,
+``select_transfer`` and ``TransferFlow``, the twin's ``model.core: transfer``), no twin training: the systems, sizes, seeds and subject split of ``bench/ec_ground_truth.py`` (its
 :func:`simulate` and argument defaults; 3 train / 1 validation / 1 test subject per case), and closed-form
 models fitted on the training subjects, every hyper-parameter chosen by one-step MSE on the validation
 subject, scored on the test subject. Models (``x`` = one region's series, ``t`` in TRs):
