@@ -5,7 +5,8 @@ simulate one series per subject (train / val / test subjects), warm-start the tw
 ridge VAR in its linear core), train it briefly on CPU (best checkpoint chosen on validation), then score
 
 * EC — off-diagonal Pearson r with the true ``C`` (row = target, column = source) of the twin's Jacobian,
-  coupling and linear-core EC, a ridge VAR(1) (alpha chosen on validation), ``|corr|`` FC, and an NPI-style
+  coupling and linear-core EC (``--core``: ``model.core``; for the transfer-flow core ``twin_linear`` is its
+  ``W``, in signal units ``× sd_i``, no generator), a ridge VAR(1) (alpha chosen on validation), ``|corr|`` FC, and an NPI-style
   MLP surrogate (order 1, early-stopped on validation; EC = Jacobian of its one-step map averaged over
   test states);
 * forecasts — R² on the TEST subjects at h = 1..5 of the twin and of the tuned baselines of
@@ -16,6 +17,7 @@ No hyper-parameter is chosen on test subjects. Writes ``results.json`` and ``res
 
     python bench/ec_ground_truth.py --out runs/ec_gt            # default (~10 min on 2 CPU cores)
     python bench/ec_ground_truth.py --quick --out runs/ec_gt_q  # one seed, 20 nodes, fewer steps
+    python bench/ec_ground_truth.py --core auto --out runs/ec_gt_auto   # core chosen on validation
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HORIZONS = [1, 2, 3, 4, 5]
 EC_METHODS = ("twin_jacobian", "twin_linear", "twin_coupling", "var1", "mlp", "fc")
 ONE_STEP = ("twin_jacobian", "twin_linear", "var1", "mlp")     # one-TR gains: unit and time conversions apply
-FORECASTERS = ("model", "var", "ar", "mlp", "persistence")
+FORECASTERS = ("model", "svar", "var", "ar", "mlp", "persistence")   # svar = the twin's own step-0 core
 
 
 def simulate(system: str, n: int, seed: int, a) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -77,7 +79,7 @@ def run_config(n: int, run_dir: Path, a, seed: int):
             "--data.val_subjects", "1", "--data.test_subjects", "1", "--train.seed", str(seed),
             "--train.max_steps", str(max(a.steps, 2)), "--train.warmup_steps", "1",
             "--train.eval_every", str(max(1, a.steps // 4)), "--train.checkpoint_every", str(max(a.steps, 2)),
-            "--train.batch_size", "4"]
+            "--train.batch_size", "4", "--model.core", a.core]
     return load_config(ROOT / "configs/smoke.yaml", args + list(a.override))
 
 
@@ -147,6 +149,8 @@ def one_case(system: str, n: int, seed: int, a, scratch: Path) -> dict:
     sd = np.mean([s.std(1) for s in (series[i] for i in train_subjects(dm))], axis=0)
     r_sig = {k: offdiag_pearson(to_signal_units(ec[k], sd), truth) for k in ONE_STEP}
     r_gen = {k: offdiag_pearson(to_signal_units(generator(ec[k]), sd), truth) for k in ONE_STEP}
+    if warm.get("core") == "transfer":      # twin_linear = W of the flow: amplitude of a unit-free tanh, × sd_i
+        r_sig["twin_linear"], r_gen["twin_linear"] = offdiag_pearson(sd[:, None] * ec["twin_linear"], truth), None
 
     with torch.enable_grad():
         res = evaluate_forecasts(model, dm, "test", cfg, device=torch.device("cpu"), mlp=True)
@@ -194,7 +198,8 @@ def markdown(cases: list[dict], a, header: str) -> str:
             lines.append(f"| {sys_} | {n} | {k} | "
                          + " | ".join(f"{np.mean([v for v in col if v is not None]):.4f}" for col in vals) + " |")
     lines += ["", "Per case: " + "; ".join(
-        f"{c['system']}/{c['n']}/s{c['seed']}: best step {c['best_step']}, gate {c['gate']:.3f}, "
+        f"{c['system']}/{c['n']}/s{c['seed']}: core {c['tuning']['warm_start'].get('core', 'var')}, "
+        f"best step {c['best_step']}, gate {c['gate']:.3f}, "
         f"Jacobian EC {c['cpu_s']['jacobian_ec']:.1f} CPU-s ({c['ec_windows']} windows), "
         f"total {c['cpu_s']['total']:.0f} CPU-s" for c in cases)]
     return "\n".join(lines) + "\n"
@@ -221,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-states", type=int, default=400, help="test states its Jacobian averages")
     p.add_argument("--quick", action="store_true", help="one seed, 20 nodes, 40 steps (~1-2 min)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--core", default="var", choices=("var", "transfer", "auto"),
+                   help="model.core of the twin (auto: VAR or transfer flow, whichever has the lower val MSE)")
     p.add_argument("override", nargs="*", help="extra config overrides, e.g. --train.lr=3e-3 (after --)")
     return p
 
@@ -241,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in [int(s) for s in a.seeds.split(",")]:
                     c = one_case(system, n, seed, a, scratch)
                     print(f"{system} N={n} seed={seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in c["ec_r"].items())
+                          + f" | core {c['tuning']['warm_start'].get('core', 'var')}"
                           + f" | R2 h1 twin {c['r2']['model'][0]:.4f} var {c['r2']['var'][0]:.4f}"
                           + f" | {c['cpu_s']['total']:.0f} CPU-s", flush=True)
                     cases.append(c)

@@ -1,6 +1,7 @@
 """Does a sigmoid-transfer (MINDy-style) model recover the rate network's coupling better than ridge VAR(1)?
 
-Closed form (numpy) except ``ct`` (torch L-BFGS), no twin training: the systems, sizes, seeds and subject split of ``bench/ec_ground_truth.py`` (its
+Closed form (numpy) except ``ct`` (torch L-BFGS; the fits are ``twinbrain.scoring.baselines``' ``TransferMap``,
+``select_transfer`` and ``TransferFlow``, the twin's ``model.core: transfer``), no twin training: the systems, sizes, seeds and subject split of ``bench/ec_ground_truth.py`` (its
 :func:`simulate` and argument defaults; 3 train / 1 validation / 1 test subject per case), and closed-form
 models fitted on the training subjects, every hyper-parameter chosen by one-step MSE on the validation
 subject, scored on the test subject. Models (``x`` = one region's series, ``t`` in TRs):
@@ -52,11 +53,12 @@ import scipy.linalg
 from scipy.optimize import minimize
 
 from twinbrain.data.simulate.systems import offdiag_pearson
-from twinbrain.scoring.baselines import DEFAULT_ALPHAS, select_ridge_var
+from twinbrain.scoring.baselines import (DEFAULT_ALPHAS, TransferFlow,
+                                         TransferMap as Transfer, select_ridge_var, select_transfer,
+                                         step_pairs as pairs)
 
 HERE = Path(__file__).resolve().parent
 HORIZONS = (1, 2, 3, 4, 5)
-SLOPES = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
 def _bench():
@@ -81,63 +83,8 @@ def normalise(series: list[np.ndarray], how: str) -> tuple[list, list, list, np.
     return [(s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True) for s in tr], *held, sd
 
 
-def pairs(series: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """``x(t) [N, M]`` and ``x(t+1) [N, M]`` over every series (never across series)."""
-    return np.concatenate([s[:, :-1] for s in series], 1), np.concatenate([s[:, 1:] for s in series], 1)
-
-
-class Transfer:
-    """``x(t+1) = c + L x(t) + W tanh(b ⊙ x(t))``; ``L`` diagonal (``mindy``) or full (``hybrid``)."""
-
-    def __init__(self, b: np.ndarray, full_linear: bool):
-        self.b, self.full = np.asarray(b, float), full_linear
-
-    def fit(self, x: np.ndarray, y: np.ndarray, alpha: float) -> "Transfer":
-        """Ridge (``alpha`` on every coefficient but the intercept) per target region, closed form."""
-        n = x.shape[0]
-        p = np.tanh(self.b[:, None] * x)
-        xm, pm, ym = x.mean(1), p.mean(1), y.mean(1)
-        xc, pc, yc = x - xm[:, None], p - pm[:, None], y - ym[:, None]
-        if self.full:                                         # one shared design [x; tanh]
-            f = np.vstack([xc, pc])
-            g = f @ f.T + alpha * np.eye(2 * n)
-            w = scipy.linalg.solve(g, f @ yc.T, assume_a="pos").T           # [N, 2N]
-            self.lin, self.w = w[:, :n], w[:, n:]
-        else:                                                 # per target: [tanh (all); own x]
-            gpp, gpx, gpy = pc @ pc.T, pc @ xc.T, pc @ yc.T       # [N, N] each; [j, i]
-            xx, xy = (xc * xc).sum(1), (xc * yc).sum(1)
-            self.w, d = np.zeros((n, n)), np.zeros(n)
-            for i in range(n):
-                g = np.empty((n + 1, n + 1))
-                g[:n, :n], g[:n, n], g[n, :n], g[n, n] = gpp, gpx[:, i], gpx[:, i], xx[i]
-                g[np.diag_indices(n + 1)] += alpha
-                sol = scipy.linalg.solve(g, np.concatenate([gpy[:, i], [xy[i]]]), assume_a="pos")
-                self.w[i], d[i] = sol[:n], sol[n]
-            self.lin = np.diag(d)
-        self.c = ym - self.lin @ xm - self.w @ pm
-        return self
-
-    def step(self, x: np.ndarray) -> np.ndarray:
-        """``x [N, M] -> x(t+1) [N, M]``."""
-        return self.c[:, None] + self.lin @ x + self.w @ np.tanh(self.b[:, None] * x)
-
-
 def mse(y: np.ndarray, pred: np.ndarray) -> float:
     return float(((y - pred) ** 2).mean())
-
-
-def select_transfer(tr, va, n: int, full_linear: bool, slopes=SLOPES, alphas=DEFAULT_ALPHAS):
-    """Shared slope and alpha by one-step MSE on validation; returns ``(model, info)``."""
-    xt, yt = pairs(tr)
-    xv, yv = pairs(va)
-    best = None
-    for b in slopes:
-        for al in alphas:
-            mod = Transfer(np.full(n, b), full_linear).fit(xt, yt, al)
-            e = mse(yv, mod.step(xv))
-            if best is None or e < best[0]:
-                best = (e, b, al, mod)
-    return best[3], {"b": best[1], "alpha": best[2], "val_mse": best[0]}
 
 
 def fit_per_region_slopes(tr, va, b0: float, alpha: float, maxiter: int):
@@ -154,52 +101,6 @@ def fit_per_region_slopes(tr, va, b0: float, alpha: float, maxiter: int):
     mod = Transfer(np.exp(res.x), False).fit(xt, yt, alpha)
     xv, yv = pairs(va)
     return mod, {"val_mse": mse(yv, mod.step(xv)), "b_mean": float(np.exp(res.x).mean())}
-
-
-class ContinuousTransfer:
-    """One-TR flow of ``dx/dt = c - D x + W tanh(b x)`` (RK4), fitted by L-BFGS from a :class:`Transfer`."""
-
-    def __init__(self, init: Transfer, substeps: int):
-        import torch
-        self.torch, self.substeps = torch, substeps
-        self.b = torch.tensor(init.b)
-        self.params = [torch.tensor(init.w.copy(), requires_grad=True),
-                       torch.tensor(1.0 - np.diag(init.lin), requires_grad=True),
-                       torch.tensor(init.c.copy(), requires_grad=True)]
-
-    def _flow(self, x):
-        w, d, c = self.params
-        h = 1.0 / self.substeps
-
-        def f(v):
-            return c - d * v + self.torch.tanh(self.b * v) @ w.T
-
-        for _ in range(self.substeps):
-            k1 = f(x)
-            k2 = f(x + h / 2 * k1)
-            k3 = f(x + h / 2 * k2)
-            k4 = f(x + h * k3)
-            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        return x
-
-    def fit(self, x: np.ndarray, y: np.ndarray, iters: int) -> "ContinuousTransfer":
-        torch = self.torch
-        xt, yt = torch.tensor(x.T), torch.tensor(y.T)
-        opt = torch.optim.LBFGS(self.params, lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = ((self._flow(xt) - yt) ** 2).mean()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        self.w = self.params[0].detach().numpy()
-        return self
-
-    def step(self, x: np.ndarray) -> np.ndarray:
-        with self.torch.no_grad():
-            return self._flow(self.torch.tensor(x.T)).numpy().T
 
 
 def var_step(fit):
@@ -234,10 +135,10 @@ def one_case(bench, system: str, n: int, seed: int, norm: str, a) -> dict:
     var, _ = select_ridge_var(tr, va, orders=[1, 2, 3], alphas=DEFAULT_ALPHAS)
     ec["var1"], tuning["var1"], tuning["var"] = var1.coef[0], {"alpha": var1.alpha}, {"order": var.order,
                                                                                       "alpha": var.alpha}
-    mindy, tuning["mindy"] = select_transfer(tr, va, n, full_linear=False)
-    hyb, tuning["hybrid"] = select_transfer(tr, va, n, full_linear=True)
+    mindy, tuning["mindy"] = select_transfer(tr, va, full_linear=False)
+    hyb, tuning["hybrid"] = select_transfer(tr, va, full_linear=True)
     pr, tuning["mindy_pr"] = fit_per_region_slopes(tr, va, tuning["mindy"]["b"], tuning["mindy"]["alpha"], a.maxiter)
-    ct = ContinuousTransfer(mindy, a.ct_substeps).fit(*pairs(tr), a.ct_iters)
+    ct = TransferFlow(mindy, a.ct_substeps).fit(*pairs(tr), a.ct_iters)
     tuning["ct"] = {"b": tuning["mindy"]["b"], "val_mse": mse(pairs(va)[1], ct.step(pairs(va)[0]))}
     ec["mindy"], ec["mindy_pr"], ec["ct"] = mindy.w, pr.b[:, None] * pr.w, ct.w
     use_ct = tuning["ct"]["val_mse"] < tuning["mindy"]["val_mse"]          # discrete or continuous, on val

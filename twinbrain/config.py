@@ -119,6 +119,7 @@ class ModelConfig:
     coupling_l1: float = 1.0e-3      # sparsity penalty on the couplings (weighted by 1 - prior)
     coupling_prior: str = "fc"       # fc (|r| of training spans) | structural (graph.structural) | none
     linear_order: int = 5            # max lag p of the fMRI linear (VAR) core; 0 = no core
+    core: str = "var"                # linear core: var (ridge VAR) | transfer (one-TR flow of dx/dt = c - Dx + W tanh(bx)) | auto (lower val MSE)
 
 
 @dataclass
@@ -211,6 +212,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.probabilistic": ("none", "gaussian"),
     "model.coupling_prior": ("fc", "structural", "none"),
     "model.spatial_layer": ("coupling",),
+    "model.core": ("var", "transfer", "auto"),
     "train.scheduler": ("cosine", "onecycle", "plateau", "constant"),
     "train.loss": ("huber", "mse", "smooth_l1"),
     "train.balancer": ("uncertainty", "gradnorm", "none"),
@@ -393,7 +395,7 @@ RETIRED_KEYS = ("parallel.compile",)
 
 # Keys added after run directories were saved, with the value that reproduces those runs: a saved
 # config without the key reads as that value when a resume compares it with the new one.
-ADDED_KEYS: dict[str, Any] = {"model.spatial_layer": "coupling"}
+ADDED_KEYS: dict[str, Any] = {"model.spatial_layer": "coupling", "model.core": "var"}
 
 
 def drop_retired(values: dict[str, Any]) -> dict[str, Any]:

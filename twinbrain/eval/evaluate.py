@@ -157,6 +157,8 @@ def baseline_label(name: str, tuning: dict | None = None) -> str:
     p = tuning.get("order")
     if name == "mlp":
         return f"MLP({p}) iterated, stopped at {tuning['best_step']}/{tuning['max_steps']} steps"
+    if name == "svar" and tuning.get("core") == "transfer":
+        return f"transfer flow dx/dt = c - Dx + W tanh({tuning['slope']:g}x), α={tuning['alpha']:g}, val-tuned"
     if name == "svar":
         return f"ridge VAR({p}), α own {tuning['alpha']:g} / cross {tuning['alpha_cross']:g}, val-tuned"
     base = {"ar1": "AR(1) per node", "ar": f"AR({p}) per node", "var": f"ridge VAR({p})"}.get(name, name)

@@ -29,6 +29,7 @@ from torch_geometric.data import Batch
 
 from twinbrain.data.series import span_series
 from twinbrain.data.timing import volumes
+from twinbrain.model.twinbrain import LINEAR_MODALITIES
 from twinbrain.schema import samples_per_step
 from twinbrain.scoring.baselines import build_baselines, fit_baselines, tuned_baselines
 from twinbrain.scoring.metrics import MetricSet, all_reduce_sum, skill
@@ -95,6 +96,12 @@ def _series(ms: MetricSet, m: str, horizons: list[int], names: tuple[str, ...]) 
     return {k: [_finite(res[(m, k, h)]) for h in horizons] for k in names if (m, k, horizons[0]) in res}
 
 
+def svar_core(mc, modality: str) -> str:
+    """``model.core`` where ``modality`` has a linear core (fMRI with ``model.linear_order`` > 0), else
+    ``var``: the ``svar`` baseline is fitted with the twin's own core selection."""
+    return mc.core if modality in LINEAR_MODALITIES and mc.linear_order > 0 else "var"
+
+
 def strongest_baseline(r2: dict[str, np.ndarray]) -> list[str]:
     """Per horizon, the name of the baseline with the highest R² (``r2[name]`` is ``[H]``, NaN = missing;
     ties keep the first name in ``r2``'s order)."""
@@ -139,7 +146,7 @@ def _geometry(cfg, dm) -> _Geometry:
                      hsel=torch.tensor([h - 1 for h in horizons]), prob=mc.probabilistic == "gaussian")
 
 
-def _fit_split_baselines(dm, e, mods, mlp: bool) -> tuple[dict, dict]:
+def _fit_split_baselines(dm, e, mc, mods, mlp: bool) -> tuple[dict, dict]:
     """Every baseline of every modality, fitted on the training spans: ``base[m][name]``, and
     ``tuning[m]`` (the hyper-parameters chosen when ``eval.tune_baselines``)."""
     base, tuning = {}, {}
@@ -147,7 +154,8 @@ def _fit_split_baselines(dm, e, mods, mlp: bool) -> tuple[dict, dict]:
         for m in mods:
             if e.tune_baselines:        # hyper-parameters chosen on the validation split, never on test
                 base[m], tuning[m] = tuned_baselines(train_series(dm, m), train_series(dm, m, "val"),
-                                                     orders=e.baseline_orders, alphas=e.baseline_alphas, mlp=mlp)
+                                                     orders=e.baseline_orders, alphas=e.baseline_alphas, mlp=mlp,
+                                                     core=svar_core(mc, m))
             else:
                 base[m] = fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))
     return base, tuning
@@ -256,7 +264,7 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     g = _geometry(cfg, dm)
     horizons, t_ctx, spt = g.horizons, g.t_ctx, g.spt
     mods = dm.modalities                # fMRI-only cohorts score no EEG
-    base, tuning = _fit_split_baselines(dm, e, mods, mlp)
+    base, tuning = _fit_split_baselines(dm, e, mc, mods, mlp)
     names = list(base[mods[0]])
     sc = _Scores(mods, horizons, names, g.prob, dm.n_fmri_slots)
 

@@ -6,7 +6,9 @@
   never mixed, so it is causal.
 * :class:`LinearCore` — a VAR(p) over all slots of a modality in signal space (z-units), iterated over
   the forecast horizon exactly like the ridge-VAR baseline, so warm-started in closed form the model
-  *is* the tuned VAR and the nonlinear path only adds corrections.
+  *is* the tuned VAR and the nonlinear path only adds corrections. With ``core`` = ``transfer`` / ``auto``
+  it can instead be the one-TR flow of ``dx/dt = c - D x + W tanh(b x)`` (continuous-time MINDy),
+  warm-started by the same L-BFGS fit as the ``svar`` baseline.
 
 Both keep their matrices in fp32 and multiply outside autocast (tensor-core friendly on GPU in fp32/TF32,
 exact sums under bf16).
@@ -98,12 +100,23 @@ class LinearCore(nn.Module):
 
     Personal EC in signal space: subject ``s`` uses ``A_1 + U_s Vᵀ`` (``U [n_subjects, M, rank]`` from zero,
     ``V [M, rank]`` shared), so personalising a subject moves its own lag-1 influences.
+
+    Transfer flow (``core`` = ``transfer`` or ``auto``; extra parameters ``w [M, M]``, ``decay [M]`` (``D``),
+    ``drive [M]`` (``c``), buffers ``slope [M]`` (``b``) and ``flow`` (which core is in use, saved with the
+    checkpoint)): one step is the RK4 flow over one TR (``substeps`` steps of ``1 / substeps``) of
+    ``dx/dt = c - D x + W_s tanh(b ⊙ x)`` with ``W_s = W + U_s Vᵀ``; it also starts at persistence
+    (``W = D = c = 0``) until :meth:`load_transfer`. ``core = 'var'`` has exactly the VAR parameters (old
+    checkpoints load); ``auto`` holds both and uses the one the warm start chose.
     """
 
-    def __init__(self, n_slots: int, order: int, steps: int, n_subjects: int = 1, rank: int = 0):
+    def __init__(self, n_slots: int, order: int, steps: int, n_subjects: int = 1, rank: int = 0,
+                 core: str = "var", substeps: int = 4):
         super().__init__()
+        if core not in ("var", "transfer", "auto"):
+            raise ValueError(f"linear core: core '{core}' is not one of var, transfer, auto (model.core)")
         m = max(n_slots, 1)
         self.n_slots, self.order, self.steps, self.rank = n_slots, order, steps, rank
+        self.core, self.substeps = core, int(substeps)
         coef = torch.zeros(order, m, m)
         coef[0] = torch.eye(m)
         self.coef = nn.Parameter(coef)
@@ -113,16 +126,40 @@ class LinearCore(nn.Module):
             # Small basis: Adam moves U by ~lr per step, so the step in A_1 scales with |V|; signal-space
             # lag-1 gains are O(0.1-1) and must move gently when a subject has only a few windows.
             self.v = nn.Parameter(0.1 * torch.randn(m, rank) / m ** 0.5)
+        self.use_flow = core == "transfer"              # python mirror of the ``flow`` buffer (no host sync)
+        if core != "var":
+            self.w = nn.Parameter(torch.zeros(m, m))
+            self.decay = nn.Parameter(torch.zeros(m))
+            self.drive = nn.Parameter(torch.zeros(m))
+            self.register_buffer("slope", torch.ones(m))
+            self.register_buffer("flow", torch.tensor([self.use_flow]))   # 1-D: FSDP2-friendly
+            self.register_load_state_dict_post_hook(lambda mod, _keys: mod._sync_flow())
+
+    def _sync_flow(self) -> None:
+        self.use_flow = bool(self.flow.item()) if self.core != "var" else False
+
+    def _personal(self, base: Tensor, subject: Tensor | None) -> Tensor:
+        """``base [M, M]`` plus subject deltas: ``[M, M]`` or ``[B, M, M]``."""
+        if subject is None or not self.rank:
+            return base
+        m = self.n_slots
+        u = self.u.float().index_select(0, subject)[:, :m]
+        return base + torch.matmul(u, self.v.float()[:m].t())
+
+    def matrix(self, subject: Tensor | None = None) -> Tensor:
+        """The core's EC ``[M, M]`` (or ``[B, M, M]`` of ``subject``), row = target: ``W`` (+ ``U_s Vᵀ``) for
+        the transfer flow, the lag-1 matrix (:meth:`lag1`) for the VAR."""
+        if not self.use_flow:
+            return self.lag1(subject)
+        m = self.n_slots
+        with fp32_region(self.w):
+            return self._personal(self.w.float()[:m, :m], subject)
 
     def lag1(self, subject: Tensor | None = None) -> Tensor:
         """``[M, M]`` population lag-1 matrix, or ``[B, M, M]`` personal ones of ``subject [B]``."""
         m = self.n_slots
         with fp32_region(self.coef):
-            a = self.coef.float()[0, :m, :m]
-            if subject is None or not self.rank:
-                return a
-            u = self.u.float().index_select(0, subject)[:, :m]
-            return a + torch.matmul(u, self.v.float()[:m].t())
+            return self._personal(self.coef.float()[0, :m, :m], subject)
 
     @torch.no_grad()
     def load_var(self, coef, intercept) -> None:
@@ -130,6 +167,8 @@ class LinearCore(nn.Module):
         ``p'`` are set to 0."""
         coef, intercept = torch.as_tensor(coef, dtype=torch.float32), torch.as_tensor(intercept, dtype=torch.float32)
         p, m = coef.shape[0], self.n_slots
+        if self.core == "transfer":
+            raise ValueError("linear core: model.core is 'transfer'; warm-start it with load_transfer, not load_var")
         if p > self.order or coef.shape[1:] != (m, m) or intercept.shape != (m,):
             raise ValueError(f"linear core: VAR of shape {tuple(coef.shape)} does not fit order <= {self.order} "
                              f"over {m} slots")
@@ -137,12 +176,60 @@ class LinearCore(nn.Module):
         self.coef[:p, :m, :m] = coef
         self.intercept.zero_()
         self.intercept[:m] = intercept
+        self._set_flow(False)
+
+    @torch.no_grad()
+    def load_transfer(self, w, decay, drive, slope) -> None:
+        """Copy a fitted flow (``w [M, M]``, ``decay [M]``, ``drive [M]``, ``slope [M]``:
+        :class:`twinbrain.scoring.baselines.TransferFlow`'s ``w, d, c, b``) and use it."""
+        if self.core == "var":
+            raise ValueError("linear core: model.core is 'var'; set model.core: transfer or auto for a flow core")
+        m = self.n_slots
+        w = torch.as_tensor(w, dtype=torch.float32)
+        if w.shape != (m, m):
+            raise ValueError(f"linear core: flow W of shape {tuple(w.shape)} does not fit {m} slots")
+        for dst, src in ((self.decay, decay), (self.drive, drive), (self.slope, slope)):
+            dst.zero_()
+            dst[:m] = torch.as_tensor(src, dtype=torch.float32)
+        self.w.zero_()
+        self.w[:m, :m] = w
+        self._set_flow(True)
+
+    def _set_flow(self, on: bool) -> None:
+        if self.core == "auto":
+            self.flow.fill_(on)
+            self._sync_flow()
+
+    def _flow_step(self, x: Tensor, w: Tensor, d: Tensor, c: Tensor, b: Tensor) -> Tensor:
+        """One TR of ``dx/dt = c - D x + W tanh(b x)`` by RK4: ``x [B, M, T]``, ``w [M, M]`` or ``[B, M, M]``,
+        ``d, c, b [M, 1]`` -> ``[B, M, T]`` (fp32)."""
+        h = 1.0 / self.substeps
+
+        def f(v):
+            return c - d * v + torch.matmul(w, torch.tanh(b * v))
+
+        for _ in range(self.substeps):
+            k1 = f(x)
+            k2 = f(x + h / 2 * k1)
+            k3 = f(x + h / 2 * k2)
+            k4 = f(x + h * k3)
+            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return x
 
     def forward(self, x: Tensor, subject: Tensor | None = None) -> Tensor:
         """``x [B, M, T]`` (window ``b`` of subject ``subject[b]``) -> ``[B, M, T, steps]``; entry
         ``[b, i, t, s]`` forecasts step ``t + 1 + s`` from inputs at steps ``<= t`` only (iterated on its
         own predictions)."""
         m, t_len = self.n_slots, x.shape[-1]
+        if self.use_flow:                     # order 1: each step sees only the previous (predicted) sample
+            with fp32_region(x):
+                w = self.matrix(subject)
+                d, c, b = (p.float()[:m].view(m, 1) for p in (self.decay, self.drive, self.slope))
+                y, outs = x.float(), []
+                for _ in range(self.steps):
+                    y = self._flow_step(y, w, d, c, b)
+                    outs.append(y)
+            return torch.stack(outs, dim=-1)
         with fp32_region(x):
             a = [self.lag1(subject)] + [self.coef.float()[k, :m, :m] for k in range(1, self.order)]
             b = self.intercept.float()[:m].view(1, m, 1)

@@ -34,6 +34,8 @@ CROSS = ("eeg", "to", "fmri")
 # Subject-specific parameters: trained at ``train.emb_lr`` without weight decay.
 EMBEDDING_PREFIXES = ("subject_embed.", "session_embed.", "session_affine.")
 PERSONAL_SUFFIXES = (".u",)               # per-subject loadings of the low-rank coupling deltas
+# The linear core's population coefficients (VAR: coef, intercept; transfer flow: w, decay, drive).
+CORE_SUFFIXES = (".coef", ".intercept", ".w", ".decay", ".drive")
 # Modalities forecast by the linear dynamics core (one signal sample per latent step).
 LINEAR_MODALITIES = ("fmri",)
 
@@ -123,7 +125,7 @@ class TwinBrain(nn.Module):
         # exactly like the tuned VAR at step 0 and training learns departures from it.
         self.linear_modalities = tuple(m for m in LINEAR_MODALITIES if cfg.linear_order > 0)
         self.linear = nn.ModuleDict({m: LinearCore(self.n_slots[m], cfg.linear_order, s_steps, n_subjects,
-                                                   cfg.coupling_rank)
+                                                   cfg.coupling_rank, core=cfg.core)
                                      for m in self.linear_modalities})
         self.gate = nn.ModuleDict({m: ScaledSum(0.0) for m in self.linear_modalities})
         # Other modalities: a learned gain times the last observed sample of the step plus the decoded
@@ -143,7 +145,7 @@ class TwinBrain(nn.Module):
 
         Every parameter name in exactly one group: ``embedding`` (subject/session embeddings, the session
         affine and the personal coupling deltas: ``train.emb_lr``, no weight decay), ``core`` (the linear
-        core's population coefficients: ``train.core_lr_scale`` x ``train.lr``, no decay), ``no_decay`` (biases,
+        core's population coefficients, VAR or transfer flow: ``train.core_lr_scale`` x ``train.lr``, no decay), ``no_decay`` (biases,
         norms, node-identity and step embeddings, the couplings — held sparse by their own penalty) and ``default`` (weights, with weight decay). Names are
         relative to the unwrapped model; checkpoint wrappers' ``_checkpoint_wrapped_module.`` is removed.
         """
@@ -153,7 +155,7 @@ class TwinBrain(nn.Module):
             if name.startswith(EMBEDDING_PREFIXES) or (name.startswith(("coupling.", "linear."))
                                                        and name.endswith(PERSONAL_SUFFIXES)):
                 groups["embedding"].append(name)
-            elif name.startswith("linear.") and name.endswith((".coef", ".intercept")):
+            elif name.startswith("linear.") and name.endswith(CORE_SUFFIXES):
                 groups["core"].append(name)
             elif (p.dim() < 2 or "norm" in name or "step_emb" in name
                   or name.startswith(("node_emb.", "coupling.", "linear.", "gate.", "anchor."))):

@@ -16,6 +16,7 @@ summed (not averaged) squared error, so its effect fades as training data grows.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -601,13 +602,191 @@ def select_ar(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_AL
     return best, scores
 
 
+# ---------------------------------------------------------------- transfer (MINDy-style) models
+
+TRANSFER_SLOPES = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+def step_pairs(series: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``x(t) [N, M]`` and ``x(t+1) [N, M]`` over every ``[N, T]`` series (pairs never cross series)."""
+    return np.concatenate([s[:, :-1] for s in series], 1), np.concatenate([s[:, 1:] for s in series], 1)
+
+
+class TransferMap:
+    """Discrete MINDy (Singh et al. 2020): ``x(t+1) = c + L x(t) + W tanh(b ⊙ x(t))``, ridge in closed form.
+
+    ``L`` diagonal (``full_linear=False``: own linear decay, all cross-node input through the transfer) or
+    full (the ``hybrid`` of ``bench/ec_transfer_core.py``). ``b [N]`` slopes, ``w [N, N]`` row = target.
+    """
+
+    def __init__(self, b: np.ndarray, full_linear: bool = False):
+        self.b, self.full = np.asarray(b, float), full_linear
+
+    def fit(self, x: np.ndarray, y: np.ndarray, alpha: float) -> "TransferMap":
+        """``x, y [N, M]`` (:func:`step_pairs`); ridge ``alpha`` on every coefficient but the intercept."""
+        n = x.shape[0]
+        p = np.tanh(self.b[:, None] * x)
+        xm, pm, ym = x.mean(1), p.mean(1), y.mean(1)
+        xc, pc, yc = x - xm[:, None], p - pm[:, None], y - ym[:, None]
+        if self.full:                                         # one shared design [x; tanh]
+            f = np.vstack([xc, pc])
+            g = f @ f.T + alpha * np.eye(2 * n)
+            w = scipy.linalg.solve(g, f @ yc.T, assume_a="pos").T           # [N, 2N]
+            self.lin, self.w = w[:, :n], w[:, n:]
+        else:                                                 # per target: [tanh (all); own x]
+            gpp, gpx, gpy = pc @ pc.T, pc @ xc.T, pc @ yc.T       # [N, N] each; [j, i]
+            xx, xy = (xc * xc).sum(1), (xc * yc).sum(1)
+            self.w, d = np.zeros((n, n)), np.zeros(n)
+            for i in range(n):
+                g = np.empty((n + 1, n + 1))
+                g[:n, :n], g[:n, n], g[n, :n], g[n, n] = gpp, gpx[:, i], gpx[:, i], xx[i]
+                g[np.diag_indices(n + 1)] += alpha
+                sol = scipy.linalg.solve(g, np.concatenate([gpy[:, i], [xy[i]]]), assume_a="pos")
+                self.w[i], d[i] = sol[:n], sol[n]
+            self.lin = np.diag(d)
+        self.c = ym - self.lin @ xm - self.w @ pm
+        return self
+
+    def step(self, x: np.ndarray) -> np.ndarray:
+        """``x [N, M] -> x(t+1) [N, M]``."""
+        return self.c[:, None] + self.lin @ x + self.w @ np.tanh(self.b[:, None] * x)
+
+
+def select_transfer(train_series, val_series, full_linear: bool = False, slopes=TRANSFER_SLOPES,
+                    alphas=DEFAULT_ALPHAS) -> tuple[TransferMap, dict]:
+    """:class:`TransferMap` with one shared slope ``b`` and ridge ``alpha`` chosen by one-step MSE on every
+    validation pair; fitted on the training pairs. Returns ``(model, {'b', 'alpha', 'val_mse'})``."""
+    xt, yt = step_pairs(train_series)
+    xv, yv = step_pairs(val_series)
+    best = None
+    for b in slopes:
+        for al in alphas:
+            mod = TransferMap(np.full(xt.shape[0], float(b)), full_linear).fit(xt, yt, al)
+            e = float(((yv - mod.step(xv)) ** 2).mean())
+            if best is None or e < best[0]:
+                best = (e, float(b), float(al), mod)
+    return best[3], {"b": best[1], "alpha": best[2], "val_mse": best[0]}
+
+
+class TransferFlow:
+    """Continuous-time MINDy: ``x(t+1)`` = the flow over one step (RK4, ``substeps`` steps of 1/substeps)
+    of ``dx/dt = c - D x + W tanh(b ⊙ x)``, ``D`` diagonal; EC = ``w [N, N]`` (row = target).
+
+    :meth:`fit` starts from a diagonal :class:`TransferMap` (``W``, ``D = 1 - L_ii``, ``c``; ``b`` is kept)
+    and minimises the training one-step MSE by full-batch L-BFGS (torch float64, strong Wolfe line
+    search): deterministic for given data and thread count. ``w``, ``d``, ``c``, ``b`` are numpy ``[N, N]`` /
+    ``[N]`` after it; :class:`twinbrain.model.coupling.LinearCore` integrates the same flow in fp32.
+    """
+
+    def __init__(self, init: TransferMap, substeps: int = 4):
+        self.substeps, self.b = int(substeps), np.asarray(init.b, float)
+        self.w, self.d, self.c = init.w.copy(), 1.0 - np.diag(init.lin), init.c.copy()
+
+    def _flow(self, x: torch.Tensor, w, d, c) -> torch.Tensor:
+        """``x [M, N]`` (rows = samples) -> ``[M, N]`` one step later."""
+        h, b = 1.0 / self.substeps, torch.as_tensor(self.b, dtype=x.dtype)
+
+        def f(v):
+            return c - d * v + torch.tanh(b * v) @ w.T
+
+        for _ in range(self.substeps):
+            k1 = f(x)
+            k2 = f(x + h / 2 * k1)
+            k3 = f(x + h / 2 * k2)
+            k4 = f(x + h * k3)
+            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return x
+
+    def fit(self, x: np.ndarray, y: np.ndarray, iters: int = 150) -> "TransferFlow":
+        """``x, y [N, M]`` (:func:`step_pairs` of the training series); ``iters`` L-BFGS iterations."""
+        params = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (self.w, self.d, self.c)]
+        xt, yt = torch.as_tensor(x.T, dtype=torch.float64), torch.as_tensor(y.T, dtype=torch.float64)
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=int(iters), line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = ((self._flow(xt, *params) - yt) ** 2).mean()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        self.w, self.d, self.c = (p.detach().numpy().copy() for p in params)
+        return self
+
+    def step(self, x: np.ndarray) -> np.ndarray:
+        """``x [N, M] -> x(t+1) [N, M]``."""
+        with torch.no_grad():
+            t = [torch.as_tensor(v, dtype=torch.float64) for v in (self.w, self.d, self.c)]
+            return self._flow(torch.as_tensor(np.asarray(x, float).T), *t).numpy().T
+
+
+def select_transfer_flow(train_series, val_series, alphas=DEFAULT_ALPHAS, slopes=TRANSFER_SLOPES,
+                         substeps: int = 4, iters: int = 150, start: int = 1) -> tuple[TransferFlow, dict]:
+    """The ``ct`` model of ``bench/ec_transfer_core.py``: slope and alpha of :func:`select_transfer` (on
+    validation), then :meth:`TransferFlow.fit` on the training pairs. ``info['val_mse']`` is scored on the
+    validation targets ``t >= start`` (pass ``max(orders)`` to compare with :func:`select_linear_model`).
+    Returns ``(flow, {'b', 'alpha', 'val_mse', 'map_val_mse', 'fit_s'})``."""
+    t0 = time.perf_counter()
+    train = _finite_series(train_series, 2, "training")
+    val = _finite_series(val_series, start + 1, "validation")
+    init, info = select_transfer(train, val, False, slopes, alphas)
+    flow = TransferFlow(init, substeps).fit(*step_pairs(train), iters)
+    val_mse = _one_step_mse(lambda lags: flow.step(lags[..., 0].T).T, val, 1, start)
+    return flow, {"b": info["b"], "alpha": info["alpha"], "val_mse": val_mse, "map_val_mse": info["val_mse"],
+                  "fit_s": time.perf_counter() - t0}
+
+
+CORES = ("var", "transfer", "auto")
+
+
+def select_core_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS, core: str = "var",
+                      substeps: int = 4, iters: int = 150) -> tuple[RidgeVAR | TransferFlow, dict]:
+    """The twin's linear core at step 0 and the ``svar`` baseline: ``var`` = :func:`select_linear_model`;
+    ``transfer`` = :func:`select_transfer_flow`; ``auto`` = whichever of the two has the lower one-step MSE
+    on the same validation targets (``t >= max(orders)``). Never pass test subjects.
+
+    Returns ``(fit, info)``: ``info`` has ``core`` (the one kept), ``val_mse`` (its validation MSE),
+    ``order``, ``alpha``, ``alpha_cross`` (of the kept model; a flow has order 1 and no cross penalty),
+    and with ``core != 'var'`` also ``var_val_mse``, ``transfer_val_mse``, ``slope`` and ``transfer_fit_s``.
+    """
+    if core not in CORES:
+        raise ValueError(f"core '{core}' is not one of {', '.join(CORES)} (model.core)")
+    var, info = select_linear_model(train_series, val_series, orders, alphas)
+    info = {**info, "core": "var"}
+    if core == "var":
+        return var, info
+    flow, f = select_transfer_flow(train_series, val_series, alphas, substeps=substeps, iters=iters,
+                                   start=max(int(p) for p in orders))
+    info.update(var_val_mse=info["val_mse"], transfer_val_mse=f["val_mse"], slope=f["b"], transfer_fit_s=f["fit_s"])
+    if core == "transfer" or f["val_mse"] < info["val_mse"]:
+        info.update(core="transfer", val_mse=f["val_mse"], order=1, alpha=f["alpha"], alpha_cross=None)
+        return flow, info
+    return var, info
+
+
+class FlowBaseline(_Iterated):
+    """A fitted :class:`TransferFlow` as a baseline (order 1, iterated on its own predictions)."""
+
+    def __init__(self, flow: TransferFlow, name: str = "svar"):
+        self.flow, self.name, self.order, self.fitted = flow, name, 1, True
+
+    def fit(self, series_list) -> "FlowBaseline":
+        raise RuntimeError(f"{self.name}: a FlowBaseline wraps a fitted flow (select_core_model)")
+
+    def _step(self, lags: np.ndarray) -> np.ndarray:
+        return self.flow.step(lags[..., 0].T).T              # lags [W, N, p] -> [W, N]
+
+
 def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS,
-                    mlp: bool = False, mlp_steps: int = 300) -> tuple[dict[str, Baseline], dict]:
+                    mlp: bool = False, mlp_steps: int = 300, core: str = "var") -> tuple[dict[str, Baseline], dict]:
     """The baselines as strong as they can honestly be, every hyper-parameter chosen on validation.
 
     ``persistence``; ``ar1`` (per-node AR(1), alpha tuned); ``ar`` (per-node AR, order and alpha tuned);
     ``var`` (ridge VAR, order and alpha tuned: :func:`select_ridge_var`); ``svar`` (ridge VAR with separate
-    own-lag and cross-node penalties, :func:`select_linear_model` — what the twin's linear core starts from); ``mlp`` (order of the tuned VAR,
+    own-lag and cross-node penalties, :func:`select_linear_model` — what the twin's linear core starts from;
+    with ``core`` = ``transfer`` / ``auto`` (``model.core``) the same selection as the twin's,
+    :func:`select_core_model`); ``mlp`` (order of the tuned VAR,
     early-stopped on validation, clipped roll-out). All are fitted on ``train_series`` only. Without
     ``val_series`` (a run with no validation split) the last 20 % of every training series is held out
     to choose, and the winners are refitted on the whole training series.
@@ -619,18 +798,25 @@ def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alp
     ar1, s1 = select_ar(fit_on, val, orders=(1,), alphas=alphas)
     ar, s_ar = select_ar(fit_on, val, orders=orders, alphas=alphas)
     var, s_var = select_ridge_var(fit_on, val, orders=orders, alphas=alphas)
-    svar, s_svar = select_linear_model(fit_on, val, orders=orders, alphas=alphas)
+    svar, s_svar = select_core_model(fit_on, val, orders=orders, alphas=alphas, core=core)
     tuning = {"ar1": {"order": 1, "alpha": ar1.alpha, "val_mse": s1[(1, ar1.alpha)]},
               "ar": {"order": ar.order, "alpha": ar.alpha, "val_mse": s_ar[(ar.order, ar.alpha)]},
               "var": {"order": var.order, "alpha": var.alpha, "val_mse": s_var[(var.order, var.alpha)]},
-              "svar": {k: s_svar[k] for k in ("order", "alpha", "alpha_cross", "val_mse")}}
+              "svar": {k: s_svar[k] for k in ("order", "alpha", "alpha_cross", "val_mse", "core")}}
+    if s_svar["core"] == "transfer":
+        tuning["svar"].update(slope=s_svar["slope"], var_val_mse=s_svar["var_val_mse"])
     if refit:
         ar1, ar = ARBaseline(1, ar1.alpha).fit(train), ARBaseline(ar.order, ar.alpha).fit(train)
         var = fit_ridge_var(train, var.order, var.alpha)
-        svar = fit_linear_model(train, svar.order, s_svar["alpha"], s_svar["alpha_cross"])
+        if s_svar["core"] == "transfer":     # the chosen slope and alpha, flow refitted on all training data
+            init = TransferMap(np.full(train[0].shape[0], s_svar["slope"])).fit(*step_pairs(train), s_svar["alpha"])
+            svar = TransferFlow(init, svar.substeps).fit(*step_pairs(train))
+        else:
+            svar = fit_linear_model(train, svar.order, s_svar["alpha"], s_svar["alpha_cross"])
     out: dict[str, Baseline] = {"persistence": Persistence()}
     ar1.name, ar.name = "ar1", "ar"
-    out.update(ar1=ar1, ar=ar, var=VARBaseline.from_fit(var, "var"), svar=VARBaseline.from_fit(svar, "svar"))
+    out.update(ar1=ar1, ar=ar, var=VARBaseline.from_fit(var, "var"),
+               svar=FlowBaseline(svar) if isinstance(svar, TransferFlow) else VARBaseline.from_fit(svar, "svar"))
     if mlp:
         m = MLPBaseline(var.order, steps=mlp_steps).fit(fit_on, val)
         tuning["mlp"] = {"order": m.order, "best_step": m.best_step, "max_steps": m.steps, "val_mse": m.val_mse}

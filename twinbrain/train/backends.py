@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import Config
 from ..schema import MODALITIES
+from ..model.coupling import LinearCore
 from .distributed import Backend, all_reduce_
 from .extensions import watch_build_locks
 from .parallel import deepspeed_config, wrap_ddp, wrap_deepspeed, wrap_fsdp2
@@ -122,8 +123,10 @@ class DDP(Single):
     name = "ddp"
 
     def wrap_module(self, module: nn.Module) -> nn.Module:
-        # A cohort without one modality leaves that modality's heads out of the loss.
-        return wrap_ddp(module, self.accelerator, find_unused=len(self.modalities) < 2)
+        # A cohort without one modality leaves that modality's heads out of the loss; a transfer / auto
+        # linear core (model.core) holds the VAR's and the flow's coefficients and uses one of them.
+        two_cores = any(isinstance(c, LinearCore) and c.core != "var" for c in module.modules())
+        return wrap_ddp(module, self.accelerator, find_unused=len(self.modalities) < 2 or two_cores)
 
     def no_sync(self, module: nn.Module, last: bool):
         return contextlib.nullcontext() if last else module.no_sync()

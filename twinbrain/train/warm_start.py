@@ -5,7 +5,9 @@ The VAR order (``eval.baseline_orders`` up to ``model.linear_order``) and the ri
 lags (both from ``eval.baseline_alphas``, the baselines' grid; equal = plain ridge VAR, a much larger cross penalty
 approaches per-node AR) are chosen by one-step mean squared error on the validation split's spans — never
 on test subjects — so at step 0 the twin forecasts exactly like the ``svar`` baseline and training only
-adds nonlinear corrections.
+adds nonlinear corrections. ``model.core`` = ``transfer`` fits the one-TR flow of
+``dx/dt = c - D x + W tanh(b x)`` instead (slope and alpha on validation, then L-BFGS on the training
+one-step MSE: :func:`select_core_model`); ``auto`` fits both and keeps the lower validation one-step MSE.
 """
 from __future__ import annotations
 
@@ -16,28 +18,35 @@ import numpy as np
 from ..data.graph import load_structural
 from ..data.series import mean_abs_correlation, span_series
 from ..schema import relation_key
-from ..scoring.baselines import fit_ridge_var, select_linear_model
+from ..scoring.baselines import TransferFlow, fit_ridge_var, select_core_model
 
 log = logging.getLogger(__name__)
 
 
-def select_core(train: list[np.ndarray], val: list[np.ndarray], orders, alphas):
-    """The validation-tuned linear model (the ``svar`` baseline's own selection, :func:`select_linear_model`)
-    and what was chosen. Without validation series long enough: the largest order, the middle alpha, plain
-    ridge (reported so)."""
+def select_core(train: list[np.ndarray], val: list[np.ndarray], orders, alphas, core: str = "var"):
+    """The validation-tuned core (the ``svar`` baseline's own selection, :func:`select_core_model`: a
+    :class:`RidgeVAR` or a :class:`TransferFlow`) and what was chosen. Without validation series long
+    enough: ridge VAR with the largest order and the middle alpha, whatever ``core`` (reported so)."""
     orders = sorted(orders)
     long_enough = [v for v in val if v.shape[1] > orders[-1]]
     if not long_enough:
         p, a = orders[-1], sorted(alphas)[len(alphas) // 2]
-        return fit_ridge_var(train, p, a), {"order": p, "alpha": a, "alpha_cross": a, "val_mse": None,
-                                            "chosen_on": "default"}
-    fit, info = select_linear_model(train, long_enough, orders, alphas)
-    return fit, {**{k: info[k] for k in ("order", "alpha", "alpha_cross", "val_mse")}, "chosen_on": "val"}
+        if core == "transfer":
+            raise ValueError("model.core = transfer needs validation spans longer than the largest order to "
+                             "choose its slope and alpha; use model.core: var or auto, or add data.val_subjects")
+        return fit_ridge_var(train, p, a), {"core": "var", "order": p, "alpha": a, "alpha_cross": a,
+                                            "val_mse": None, "chosen_on": "default"}
+    fit, info = select_core_model(train, long_enough, orders, alphas, core=core)
+    keep = ("core", "order", "alpha", "alpha_cross", "val_mse", "var_val_mse", "transfer_val_mse", "slope",
+            "transfer_fit_s")
+    return fit, {**{k: info[k] for k in keep if k in info}, "chosen_on": "val"}
 
 
 def warm_start(model, dm, cfg) -> dict:
     """Fit the linear core of every present modality and set the coupling priors; returns what was chosen
-    (``{modality: {order, alpha, val_mse, chosen_on}}``) for the log and the run record."""
+    (``{modality: {core, order, alpha, alpha_cross, val_mse, chosen_on}}``, with ``model.core`` transfer /
+    auto also ``var_val_mse``, ``transfer_val_mse``, ``slope`` and ``transfer_fit_s`` seconds) for the log and
+    the run record."""
     report: dict = {}
     train = {m: span_series(dm.cohort, dm.stats, dm.split.train, m) for m in dm.modalities}
     for m in dm.modalities:
@@ -45,12 +54,19 @@ def warm_start(model, dm, cfg) -> dict:
             continue
         val = span_series(dm.cohort, dm.stats, dm.split.val, m)
         orders = [p for p in cfg.eval.baseline_orders if p <= cfg.model.linear_order] or [cfg.model.linear_order]
-        var, info = select_core(train[m], val, orders, cfg.eval.baseline_alphas)
-        model.linear[m].load_var(var.coef, var.intercept)
+        fit, info = select_core(train[m], val, orders, cfg.eval.baseline_alphas, cfg.model.core)
+        mse = "n/a" if info["val_mse"] is None else f"{info['val_mse']:.4f}"
+        if isinstance(fit, TransferFlow):
+            model.linear[m].load_transfer(fit.w, fit.d, fit.c, fit.b)
+            log.info("linear core (%s): transfer flow, slope %g, alpha %g, chosen on %s (one-step MSE %s; ridge "
+                     "VAR %.4f; fit %.1f s)", m, info["slope"], info["alpha"], info["chosen_on"], mse,
+                     info["var_val_mse"], info["transfer_fit_s"])
+        else:
+            model.linear[m].load_var(fit.coef, fit.intercept)
+            log.info("linear core (%s): ridge VAR(%d), alpha own %g / cross %g, chosen on %s (one-step MSE %s%s)",
+                     m, info["order"], info["alpha"], info["alpha_cross"], info["chosen_on"], mse,
+                     "" if "transfer_val_mse" not in info else f"; transfer flow {info['transfer_val_mse']:.4f}")
         report[m] = info
-        log.info("linear core (%s): ridge VAR(%d), alpha own %g / cross %g, chosen on %s (one-step MSE %s)", m,
-                 info["order"], info["alpha"], info["alpha_cross"], info["chosen_on"],
-                 "n/a" if info["val_mse"] is None else f"{info['val_mse']:.4f}")
     prior = cfg.model.coupling_prior
     if prior != "none":
         for m in dm.modalities:

@@ -303,7 +303,9 @@ class Twin:
           — equal to ``perturbation`` at small amplitude (:func:`twinbrain.twin.perturb.jacobian_ec`);
         * ``coupling``: the learned latent coupling ``C`` of the ``(modality, fc, modality)`` relation
           (population, or ``subject``'s own with its low-rank delta; no windows needed; latent units);
-        * ``linear``: lag-1 matrix of the linear core (signal z-units per step; fMRI only).
+        * ``linear``: the linear core's matrix (fMRI only; signal z-units): the lag-1 matrix of the VAR core
+          (gain per TR), or ``W`` of the transfer-flow core (``model.core`` transfer / auto when it chose
+          the flow: ``dx/dt = c - D x + W tanh(b x)``, per TR per unit of ``tanh(b x_j)``; no indirect paths).
         ``|ec|`` if ``signed=False``."""
         modality = _check_modality(modality)
         if method in ("coupling", "linear"):
@@ -329,7 +331,7 @@ class Twin:
             if modality not in model.linear:
                 raise ValueError(f"the model has no linear core for {modality} (model.linear_order = "
                                  f"{model.cfg.linear_order}); use method perturbation or jacobian")
-        part = model.linear[modality].lag1 if method == "linear" else \
+        part = model.linear[modality].matrix if method == "linear" else \
             model.coupling[relation_key((modality, "fc", modality))].matrix
         if subject is None:
             return _np(part())
