@@ -386,12 +386,13 @@ def test_optimizer_groups_come_from_the_model():
     for n in ("node_emb.fmri.weight", "predictor.fmri.step_emb", "coupling.fmri__fc__fmri.weight"):
         assert n in spec["no_decay"], n
     assert spec["core"] == ["linear.fmri.coef", "linear.fmri.intercept"]
-    tc = TrainConfig(weight_decay=0.01, lr=1e-3, emb_lr=3e-3, core_lr_scale=0.1)
+    assert spec["gate"] == ["gate.fmri.weight"]
+    tc = TrainConfig(weight_decay=0.01, lr=1e-3, emb_lr=3e-3, core_lr_scale=0.1, gate_lr_scale=0.5)
     apply_activation_checkpointing(model.blocks, "full", 1)
     groups = {g["name"]: g for g in param_groups(model, tc)}
     named = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in model.named_parameters()}
     want = {"default": ("decay", 0.01, 1e-3), "no_decay": ("no_decay", 0.0, 1e-3), "embedding": ("embeddings", 0.0, 3e-3),
-            "core": ("core", 0.0, 1e-4)}
+            "core": ("core", 0.0, 1e-4), "gate": ("gate", 0.0, 5e-4)}
     for spec_name, members in spec.items():
         group, decay, lr = want[spec_name]
         ids = {id(p) for p in groups[group]["params"]}

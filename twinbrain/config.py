@@ -153,6 +153,7 @@ class TrainConfig:
     keep_checkpoints: int = 2        # newest checkpoints kept on disk
     warm_start: bool = True          # fit the linear core as the validation-tuned svar baseline before step 0
     core_lr_scale: float = 0.0       # lr of the linear core's population coefficients / train.lr (0 = keep the warm start)
+    gate_lr_scale: float = 0.0       # lr of the fMRI forecast gate (weight of the nonlinear correction, starts at 0) / train.lr; 0 = fMRI forecasts stay the warm-started core
 
 
 @dataclass
@@ -395,7 +396,8 @@ RETIRED_KEYS = ("parallel.compile",)
 
 # Keys added after run directories were saved, with the value that reproduces those runs: a saved
 # config without the key reads as that value when a resume compares it with the new one.
-ADDED_KEYS: dict[str, Any] = {"model.spatial_layer": "coupling", "model.core": "var"}
+# train.gate_lr_scale: runs saved before it trained the gate at train.lr.
+ADDED_KEYS: dict[str, Any] = {"model.spatial_layer": "coupling", "model.core": "var", "train.gate_lr_scale": 1.0}
 
 
 def drop_retired(values: dict[str, Any]) -> dict[str, Any]:
@@ -502,6 +504,7 @@ def _check_ranges(flat: dict[str, Any]) -> None:
     for key in positive:
         require(flat[key] > 0, key, f"must be > 0, got {flat[key]}")
     for key in ["train.emb_lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.core_lr_scale",
+                "train.gate_lr_scale",
                 "sim.noise", "sim.eeg_noise", "sim.subject_variability", "data.calib_s",
                 "data.augment_noise", "data.augment_offset", "data.augment_smooth", "model.lap_pe_dim",
                 "model.coupling_rank", "model.coupling_l1", "model.linear_order", "train.early_stop_patience",

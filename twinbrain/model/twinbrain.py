@@ -145,11 +145,12 @@ class TwinBrain(nn.Module):
 
         Every parameter name in exactly one group: ``embedding`` (subject/session embeddings, the session
         affine and the personal coupling deltas: ``train.emb_lr``, no weight decay), ``core`` (the linear
-        core's population coefficients, VAR or transfer flow: ``train.core_lr_scale`` x ``train.lr``, no decay), ``no_decay`` (biases,
+        core's population coefficients, VAR or transfer flow: ``train.core_lr_scale`` x ``train.lr``, no decay), ``gate``
+        (the fMRI forecast gate: ``train.gate_lr_scale`` x ``train.lr``, no decay), ``no_decay`` (biases,
         norms, node-identity and step embeddings, the couplings — held sparse by their own penalty) and ``default`` (weights, with weight decay). Names are
         relative to the unwrapped model; checkpoint wrappers' ``_checkpoint_wrapped_module.`` is removed.
         """
-        groups: dict[str, list[str]] = {"embedding": [], "core": [], "no_decay": [], "default": []}
+        groups: dict[str, list[str]] = {"embedding": [], "core": [], "gate": [], "no_decay": [], "default": []}
         for raw, p in self.named_parameters():
             name = raw.replace("_checkpoint_wrapped_module.", "")
             if name.startswith(EMBEDDING_PREFIXES) or (name.startswith(("coupling.", "linear."))
@@ -157,8 +158,10 @@ class TwinBrain(nn.Module):
                 groups["embedding"].append(name)
             elif name.startswith("linear.") and name.endswith(CORE_SUFFIXES):
                 groups["core"].append(name)
+            elif name.startswith("gate."):
+                groups["gate"].append(name)
             elif (p.dim() < 2 or "norm" in name or "step_emb" in name
-                  or name.startswith(("node_emb.", "coupling.", "linear.", "gate.", "anchor."))):
+                  or name.startswith(("node_emb.", "coupling.", "linear.", "anchor."))):
                 groups["no_decay"].append(name)
             else:
                 groups["default"].append(name)
