@@ -400,6 +400,10 @@ def test_optimizer_groups_come_from_the_model():
         assert groups[group]["weight_decay"] == decay and groups[group]["lr"] == pytest.approx(lr)
     assert sum(len(g["params"]) for g in groups.values()) == len(names)
     assert len(model.embedding_parameters()) == len(spec["embedding"])
+    # At scale 1 the gate joins no_decay (same lr and decay), the layout of runs saved before the gate group,
+    # so their optimizer state loads into the same groups on resume.
+    legacy = {g["name"]: g for g in param_groups(model, dataclasses.replace(tc, gate_lr_scale=1.0))}
+    assert "gate" not in legacy and any(p is named["gate.fmri.weight"] for p in legacy["no_decay"]["params"])
     assert any(p is model.shared_parameter() for p in model.parameters())
     assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == 2
 

@@ -24,7 +24,12 @@ def param_groups(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = N
     by_group: dict[str, list] = {"default": [], "no_decay": [], "embedding": [], "core": [], "gate": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            by_group[group_of[name.replace("_checkpoint_wrapped_module.", "")]].append(p)
+            group = group_of[name.replace("_checkpoint_wrapped_module.", "")]
+            if group == "gate" and cfg.gate_lr_scale == 1:
+                # The same lr and decay as no_decay, where runs saved before the gate group kept it: their
+                # optimizer state then loads into the same groups (a resume of such a run sets the scale to 1).
+                group = "no_decay"
+            by_group[group].append(p)
     if extra is not None:
         by_group["no_decay"].extend(p for p in extra.parameters() if p.requires_grad)
     groups = [
