@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from twinbrain.model.layers import fp32_region
+from twinbrain.scoring.flow import transfer_flow
 
 
 def to_dense(h: Tensor, idx: Tensor, n_windows: int, n_slots: int) -> Tensor:
@@ -200,22 +201,6 @@ class LinearCore(nn.Module):
             self.flow.fill_(on)
             self._sync_flow()
 
-    def _flow_step(self, x: Tensor, w: Tensor, d: Tensor, c: Tensor, b: Tensor) -> Tensor:
-        """One TR of ``dx/dt = c - D x + W tanh(b x)`` by RK4: ``x [B, M, T]``, ``w [M, M]`` or ``[B, M, M]``,
-        ``d, c, b [M, 1]`` -> ``[B, M, T]`` (fp32)."""
-        h = 1.0 / self.substeps
-
-        def f(v):
-            return c - d * v + torch.matmul(w, torch.tanh(b * v))
-
-        for _ in range(self.substeps):
-            k1 = f(x)
-            k2 = f(x + h / 2 * k1)
-            k3 = f(x + h / 2 * k2)
-            k4 = f(x + h * k3)
-            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        return x
-
     def forward(self, x: Tensor, subject: Tensor | None = None) -> Tensor:
         """``x [B, M, T]`` (window ``b`` of subject ``subject[b]``) -> ``[B, M, T, steps]``; entry
         ``[b, i, t, s]`` forecasts step ``t + 1 + s`` from inputs at steps ``<= t`` only (iterated on its
@@ -227,7 +212,7 @@ class LinearCore(nn.Module):
                 d, c, b = (p.float()[:m].view(m, 1) for p in (self.decay, self.drive, self.slope))
                 y, outs = x.float(), []
                 for _ in range(self.steps):
-                    y = self._flow_step(y, w, d, c, b)
+                    y = transfer_flow(y, w, d, c, b, self.substeps)
                     outs.append(y)
             return torch.stack(outs, dim=-1)
         with fp32_region(x):

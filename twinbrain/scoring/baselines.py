@@ -25,6 +25,8 @@ import scipy.linalg
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .flow import transfer_flow
+
 
 def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -684,18 +686,8 @@ class TransferFlow:
 
     def _flow(self, x: torch.Tensor, w, d, c) -> torch.Tensor:
         """``x [M, N]`` (rows = samples) -> ``[M, N]`` one step later."""
-        h, b = 1.0 / self.substeps, torch.as_tensor(self.b, dtype=x.dtype)
-
-        def f(v):
-            return c - d * v + torch.tanh(b * v) @ w.T
-
-        for _ in range(self.substeps):
-            k1 = f(x)
-            k2 = f(x + h / 2 * k1)
-            k3 = f(x + h / 2 * k2)
-            k4 = f(x + h * k3)
-            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        return x
+        b = torch.as_tensor(self.b, dtype=x.dtype)
+        return transfer_flow(x.T, w, d[:, None], c[:, None], b[:, None], self.substeps).T
 
     def fit(self, x: np.ndarray, y: np.ndarray, iters: int = 150) -> "TransferFlow":
         """``x, y [N, M]`` (:func:`step_pairs` of the training series); ``iters`` L-BFGS iterations."""
