@@ -42,7 +42,8 @@ from twinbrain.data.module import DataModule
 from twinbrain.data.series import mean_abs_correlation, span_series
 from twinbrain.data.simulate.systems import (offdiag_pearson, series_cohort, simulate_rate_network, simulate_var,
                                              sparse_signed_matrix)
-from twinbrain.scoring.baselines import DEFAULT_ALPHAS, MLPBaseline, select_ridge_var
+from twinbrain.scoring.baselines import MLPBaseline
+from twinbrain.scoring.linear import DEFAULT_ALPHAS, select_ridge_var
 from twinbrain.eval.forecast_eval import evaluate_forecasts
 from twinbrain.train.trainer import Trainer
 from twinbrain.twin.loader import load_export

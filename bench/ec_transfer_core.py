@@ -53,9 +53,9 @@ import scipy.linalg
 from scipy.optimize import minimize
 
 from twinbrain.data.simulate.systems import offdiag_pearson
-from twinbrain.scoring.baselines import (DEFAULT_ALPHAS, TransferFlow,
-                                         TransferMap as Transfer, select_ridge_var, select_transfer,
-                                         step_pairs as pairs)
+from twinbrain.scoring.linear import DEFAULT_ALPHAS, select_ridge_var
+from twinbrain.scoring.series import step_pairs as pairs
+from twinbrain.scoring.transfer import TransferFlow, TransferMap as Transfer, select_transfer
 
 HERE = Path(__file__).resolve().parent
 HORIZONS = (1, 2, 3, 4, 5)

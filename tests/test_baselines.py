@@ -7,9 +7,9 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import lfilter
 
-from twinbrain.scoring.baselines import (ARBaseline, MLPBaseline, Persistence, RidgeVAR, VARBaseline,
-                                      build_baselines, fit_ridge_var, persistence, select_ridge_var,
-                                      tuned_baselines)
+from twinbrain.scoring.baselines import (ARBaseline, MLPBaseline, Persistence, VARBaseline, build_baselines,
+                                      persistence, tuned_baselines)
+from twinbrain.scoring.linear import RidgeVAR, fit_ridge_var, select_ridge_var
 from twinbrain.eval.forecast_eval import strongest_baseline
 from twinbrain.scoring.metrics import R2Accumulator, skill
 
@@ -242,7 +242,7 @@ def test_strongest_baseline_per_horizon():
 def test_structured_ridge_matches_per_target_solves_and_nests_var_and_ar():
     """Own-lag penalty ``alpha`` and cross-node penalty ``alpha_cross`` (Woodbury from one inverse) equal
     a direct per-target ridge; equal penalties are the plain ridge VAR; a huge cross penalty is per-node AR."""
-    from twinbrain.scoring.baselines import fit_linear_model
+    from twinbrain.scoring.linear import fit_linear_model
     rng = np.random.default_rng(1)
     series = [rng.standard_normal((5, 300)).cumsum(1) * 0.1 for _ in range(2)]
     p, n = 2, 5

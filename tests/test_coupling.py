@@ -20,8 +20,8 @@ from twinbrain.data.simulate.systems import (offdiag_pearson, series_cohort, sim
 from twinbrain.eval.forecast_eval import evaluate_forecasts
 from twinbrain.model import build_model
 from twinbrain.model.coupling import LinearCore
-from twinbrain.scoring.baselines import (DEFAULT_ALPHAS, TransferFlow, TransferMap, select_core_model,
-                                         select_ridge_var)
+from twinbrain.scoring.linear import DEFAULT_ALPHAS, select_ridge_var
+from twinbrain.scoring.transfer import TransferFlow, TransferMap, select_core_model
 from twinbrain.train.warm_start import warm_start
 from twinbrain.twin.twin import Twin
 

@@ -182,7 +182,7 @@ class LinearCore(nn.Module):
     @torch.no_grad()
     def load_transfer(self, w, decay, drive, slope) -> None:
         """Copy a fitted flow (``w [M, M]``, ``decay [M]``, ``drive [M]``, ``slope [M]``:
-        :class:`twinbrain.scoring.baselines.TransferFlow`'s ``w, d, c, b``) and use it."""
+        :class:`twinbrain.scoring.transfer.TransferFlow`'s ``w, d, c, b``) and use it."""
         if self.core == "var":
             raise ValueError("linear core: model.core is 'var'; set model.core: transfer or auto for a flow core")
         m = self.n_slots

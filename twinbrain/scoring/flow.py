@@ -1,5 +1,5 @@
 """The one-step map of continuous-time MINDy, ``dx/dt = c - D x + W tanh(b ⊙ x)`` integrated over one
-step by RK4 — shared by its fit (:class:`twinbrain.scoring.baselines.TransferFlow`) and the twin's core
+step by RK4 — shared by its fit (:class:`twinbrain.scoring.transfer.TransferFlow`) and the twin's core
 (:class:`twinbrain.model.coupling.LinearCore`), so both iterate exactly the same map."""
 from __future__ import annotations
 

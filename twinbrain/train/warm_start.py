@@ -18,7 +18,8 @@ import numpy as np
 from ..data.graph import load_structural
 from ..data.series import mean_abs_correlation, span_series
 from ..schema import relation_key
-from ..scoring.baselines import TransferFlow, fit_ridge_var, select_core_model
+from ..scoring.linear import fit_ridge_var
+from ..scoring.transfer import TransferFlow, select_core_model
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,216 @@
+"""Ridge VAR models in closed form: the plain ridge VAR (one penalty), the structured one (own lags,
+other nodes' lags and, with a prior, prior-weighted sources penalised apart) and their selection on
+validation — the ``var`` / ``svar`` baselines and the twin's linear core at step 0."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from .series import finite_series, one_step_mse, var_design
+
+DEFAULT_ORDERS = (1, 2, 3, 4, 5)
+DEFAULT_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+
+
+@dataclass(frozen=True)
+class RidgeVAR:
+    """A fitted ridge VAR(p): ``x(t) = intercept + Σ_k coef[k] @ x(t - 1 - k)``.
+
+    ``coef [p, N, N]`` with ``coef[k, i, j]`` = effect of source node j at lag k + 1 on target node i
+    (row = target, column = source, the project's EC convention); ``intercept [N]``; ``order`` = p;
+    ``alpha`` = the ridge penalty it was fitted with on a node's own lags, ``alpha_cross`` the one on other
+    nodes' lags (None = ``alpha``: plain ridge). Units are those of the series (z-units in TwinBrain).
+    """
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    order: int
+    alpha: float
+    alpha_cross: float | None = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """``[p·N, N]`` lag-major design weights: ``x(t) = intercept + z @ weights`` with
+        ``z = [x(t-1); …; x(t-p)]`` flattened lag-major (``z[k·N + j] = x_j(t - 1 - k)``)."""
+        p, n, _ = self.coef.shape
+        return self.coef.transpose(0, 2, 1).reshape(p * n, n)
+
+    def step(self, lags: np.ndarray) -> np.ndarray:
+        """One step: ``lags [W, N, p]`` (``lags[..., k]`` = k + 1 steps back) -> ``[W, N]``."""
+        w, n, p = lags.shape
+        return self.intercept + lags.transpose(0, 2, 1).reshape(w, p * n) @ self.weights
+
+
+class _VarMoments:
+    """Centred sufficient statistics of the ridge VAR(p) problem on some series, reusable over alphas.
+
+    ``primal``: Gram ``Zcᵀ Zc [D, D]`` and ``Zcᵀ Yc [D, N]``; ``dual``: centred ``Zc [M, D]``, ``Yc [M, N]``
+    and kernel ``Zc Zcᵀ [M, M]`` (cheaper when M < D = p·N).
+    """
+
+    def __init__(self, series: list[np.ndarray], p: int, solver: str):
+        series = [s for s in series if s.shape[1] > p]
+        self.p, self.n = p, series[0].shape[0]
+        d, m = p * self.n, sum(s.shape[1] - p for s in series)
+        self.solver = solver if solver != "auto" else ("dual" if m < d else "primal")
+        if self.solver == "primal":
+            sz, sy = np.zeros(d), np.zeros(self.n)
+            szz, szy = np.zeros((d, d)), np.zeros((d, self.n))
+            for s in series:
+                z, y = var_design(s, p)
+                sz += z.sum(0)
+                sy += y.sum(0)
+                szz += z.T @ z
+                szy += z.T @ y
+            self.zbar, self.ybar = sz / m, sy / m
+            self.gram = szz - m * np.outer(self.zbar, self.zbar)
+            self.rhs = szy - m * np.outer(self.zbar, self.ybar)
+        else:
+            zs, ys = zip(*(var_design(s, p) for s in series))
+            z, y = np.concatenate(zs), np.concatenate(ys)
+            self.zbar, self.ybar = z.mean(0), y.mean(0)
+            self.z, self.y = z - self.zbar, y - self.ybar
+            self.kernel = self.z @ self.z.T
+
+    def solve(self, alpha: float) -> RidgeVAR:
+        if self.solver == "primal":
+            a = self.gram.copy()
+            a[np.diag_indices_from(a)] += alpha
+            try:
+                w = scipy.linalg.solve(a, self.rhs, assume_a="pos")
+            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+                w = np.linalg.lstsq(a, self.rhs, rcond=None)[0]
+        else:
+            k = self.kernel.copy()
+            k[np.diag_indices_from(k)] += alpha
+            try:
+                w = self.z.T @ scipy.linalg.solve(k, self.y, assume_a="pos")
+            except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+                w = self.z.T @ np.linalg.lstsq(k, self.y, rcond=None)[0]
+        p, n = self.p, self.n                                      # w [p·N, N], lag-major rows
+        return RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
+                        intercept=self.ybar - w.T @ self.zbar, order=p, alpha=float(alpha))
+
+
+def fit_ridge_var(train_series, order: int, alpha: float, solver: str = "auto") -> RidgeVAR:
+    """Closed-form ridge VAR(``order``) on a list of finite ``[N, T]`` float arrays (one per recording span).
+
+    Lags never cross series boundaries; the intercept is not penalised (features and targets are
+    centred by their training means); ``alpha`` is added to the summed squared error. ``solver``:
+    'primal' (D x D Gram, D = order·N), 'dual' (M x M kernel, M = training steps) or 'auto' (dual when
+    M < D). Returns :class:`RidgeVAR` (``coef [p, N, N]`` row = target, column = source; ``intercept [N]``).
+    """
+    if order < 1 or alpha < 0 or solver not in ("auto", "primal", "dual"):
+        raise ValueError(f"fit_ridge_var needs order >= 1, alpha >= 0, solver in auto|primal|dual; "
+                         f"got order={order}, alpha={alpha}, solver={solver!r}")
+    return _VarMoments(finite_series(train_series, order + 1, "training"), int(order), solver).solve(alpha)
+
+
+def _structured_solutions(mom: _VarMoments, alpha_cross: float, alpha_selfs) -> list[RidgeVAR]:
+    """Ridge VAR fits with penalty ``alpha_self`` on each target's own lags and ``alpha_cross`` on every
+    other node's lags, one per ``alpha_self`` (all < ``alpha_cross``), from one inverse per ``alpha_cross``.
+
+    Per target i the penalty is ``A + δ S_i S_iᵀ`` with ``A = G + alpha_cross I``, ``δ = alpha_self -
+    alpha_cross`` and ``S_i`` the p own-lag features of i, so Woodbury gives its solution from ``A⁻¹`` and a
+    p x p solve: ``w_i = x_i - A⁻¹ S_i (I/δ + S_iᵀ A⁻¹ S_i)⁻¹ S_iᵀ x_i`` with ``x_i = A⁻¹ r_i``.
+    """
+    p, n = mom.p, mom.n
+    a = mom.gram.copy()
+    a[np.diag_indices_from(a)] += alpha_cross
+    a_inv = scipy.linalg.inv(a, check_finite=False)
+    a_inv = (a_inv + a_inv.T) / 2
+    x = a_inv @ mom.rhs                                               # [D, N]
+    own = np.arange(p)[None, :] * n + np.arange(n)[:, None]           # [N, p] own-lag features per target
+    cols = a_inv[:, own].transpose(1, 0, 2)                           # [N, D, p]
+    block = a_inv[own[:, :, None], own[:, None, :]]                   # [N, p, p]
+    x_own = x[own, np.arange(n)[:, None]]                             # [N, p]
+    out = []
+    for alpha_self in alpha_selfs:
+        delta = alpha_self - alpha_cross
+        sol = np.linalg.solve(block + np.eye(p) / delta, x_own[..., None])[..., 0]     # [N, p]
+        w = x - np.einsum("ndp,np->dn", cols, sol)                                      # [D, N]
+        out.append(RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
+                            intercept=mom.ybar - w.T @ mom.zbar, order=p, alpha=float(alpha_self),
+                            alpha_cross=float(alpha_cross)))
+    return out
+
+
+def fit_linear_model(train_series, order: int, alpha: float, alpha_cross: float) -> RidgeVAR:
+    """Ridge VAR(``order``) with penalty ``alpha`` on each node's own lags and ``alpha_cross`` (>= alpha) on
+    other nodes' lags (equal: :func:`fit_ridge_var`'s plain ridge)."""
+    if alpha_cross < alpha:
+        raise ValueError(f"fit_linear_model needs alpha_cross >= alpha, got {alpha_cross} < {alpha}")
+    mom = _VarMoments(finite_series(train_series, order + 1, "training"), int(order), "primal")
+    return mom.solve(alpha) if alpha_cross == alpha else _structured_solutions(mom, alpha_cross, [alpha])[0]
+
+
+def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS
+                        ) -> tuple[RidgeVAR, dict]:
+    """The strongest closed-form linear model on validation: ridge VAR with its own-lag penalty
+    ``alpha`` and cross-node penalty ``alpha_cross >= alpha`` both from ``alphas`` (equal = plain ridge
+    VAR; the largest ``alpha_cross`` approaches per-node AR), order from ``orders``, fitted on
+    ``train_series`` only and scored by one-step MSE on the same validation targets (``t >= max(orders)``).
+
+    Returns ``(best, info)`` with ``info = {'order', 'alpha', 'alpha_cross', 'val_mse', 'n_candidates'}``.
+    This is the twin's linear core at step 0 and the ``svar`` baseline.
+    """
+    orders = sorted({int(p) for p in orders})
+    alphas = sorted({float(a) for a in alphas})
+    if not orders or not alphas or orders[0] < 1 or alphas[0] < 0:
+        raise ValueError(f"select_linear_model needs orders >= 1 and alphas >= 0, got {orders}, {alphas}")
+    p_max = orders[-1]
+    train = finite_series(train_series, p_max + 1, "training")
+    val = finite_series(val_series, p_max + 1, "validation")
+    best, best_mse, count = None, math.inf, 0
+    for p in orders:
+        mom = _VarMoments(train, p, "primal")
+        for i, a_cross in enumerate(alphas):
+            fits = [mom.solve(a_cross)] + _structured_solutions(mom, a_cross, alphas[:i])
+            for fit in fits:
+                mse = one_step_mse(fit.step, val, p, p_max)
+                count += 1
+                if mse < best_mse:
+                    best, best_mse = fit, mse
+    if best is None:
+        raise ValueError("select_linear_model: no candidate gave a finite validation error; check the series")
+    return best, {"order": best.order, "alpha": best.alpha,
+                  "alpha_cross": best.alpha if best.alpha_cross is None else best.alpha_cross,
+                  "val_mse": best_mse, "n_candidates": count}
+
+
+def select_ridge_var(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS,
+                     solver: str = "auto") -> tuple[RidgeVAR, dict[tuple[int, float], float]]:
+    """Choose the ridge VAR order and alpha on validation series; fit on the training series only.
+
+    Args:
+        train_series / val_series: lists of finite ``[N, T]`` float arrays (nodes x steps), e.g. the
+            normalised training and validation spans. Never pass test subjects here.
+        orders / alphas: the candidate grid. Every candidate is scored on the same validation targets
+            (steps ``t >= max(orders)`` of each validation series) by one-step mean squared error.
+    Returns ``(best, scores)``: the :class:`RidgeVAR` with the lowest validation MSE (fitted on
+    ``train_series``; ties go to the smaller order, then the larger alpha) and ``{(order, alpha): val MSE}``.
+    The Gram matrix is built once per order and re-solved per alpha.
+    """
+    orders = sorted({int(p) for p in orders})
+    alphas = sorted({float(a) for a in alphas}, reverse=True)
+    if not orders or not alphas or orders[0] < 1 or alphas[-1] < 0:
+        raise ValueError(f"select_ridge_var needs orders >= 1 and alphas >= 0, got {orders}, {alphas}")
+    p_max = orders[-1]
+    train = finite_series(train_series, p_max + 1, "training")
+    val = finite_series(val_series, p_max + 1, "validation")
+    scores: dict[tuple[int, float], float] = {}
+    best, best_mse = None, math.inf
+    for p in orders:
+        mom = _VarMoments(train, p, solver)
+        for a in alphas:
+            fit = mom.solve(a)
+            mse = one_step_mse(fit.step, val, p, p_max)
+            scores[(p, a)] = mse
+            if mse < best_mse:                      # strict: keeps the smaller order / larger alpha on ties
+                best, best_mse = fit, mse
+    if best is None:
+        raise ValueError("select_ridge_var: no candidate gave a finite validation error; check the series")
+    return best, scores
