@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from twinbrain.data.graph import load_structural
 from twinbrain.data.mapped import release
 from twinbrain.data.timing import channel_mask, eeg_span, span_volumes
 
@@ -59,3 +60,15 @@ def mean_abs_correlation(series: list[np.ndarray]) -> np.ndarray:
     out = acc / max(count, 1)
     np.fill_diagonal(out, 0.0)
     return out
+
+
+def coupling_prior(kind: str, series, modality: str, structural: str = "") -> np.ndarray | None:
+    """The prior ``[N, N]`` in [0, 1] (row = target, column = source) of one modality's couplings that
+    ``model.coupling_prior`` names: ``fc`` = :func:`mean_abs_correlation` of the training ``series``;
+    ``structural`` = the ``graph.structural`` matrix (scaled to max 1) for fMRI, fc for EEG; ``none`` = None.
+    It weights the coupling's sparsity penalty and the linear core's cross-node ridge penalty."""
+    if kind == "none":
+        return None
+    if kind == "structural" and modality == "fmri":
+        return load_structural(structural, series[0].shape[0])
+    return mean_abs_correlation(series)

@@ -160,7 +160,8 @@ def baseline_label(name: str, tuning: dict | None = None) -> str:
     if name == "svar" and tuning.get("core") == "transfer":
         return f"transfer flow dx/dt = c - Dx + W tanh({tuning['slope']:g}x), α={tuning['alpha']:g}, val-tuned"
     if name == "svar":
-        return f"ridge VAR({p}), α own {tuning['alpha']:g} / cross {tuning['alpha_cross']:g}, val-tuned"
+        prior = "" if tuning.get("alpha_prior") is None else f" / prior sources {tuning['alpha_prior']:g}"
+        return f"ridge VAR({p}), α own {tuning['alpha']:g}{prior} / cross {tuning['alpha_cross']:g}, val-tuned"
     base = {"ar1": "AR(1) per node", "ar": f"AR({p}) per node", "var": f"ridge VAR({p})"}.get(name, name)
     return f"{base}, α={tuning['alpha']:g}, val-tuned"
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch
 
-from twinbrain.data.series import span_series
+from twinbrain.data.series import coupling_prior, span_series
 from twinbrain.data.timing import volumes
 from twinbrain.model.twinbrain import LINEAR_MODALITIES
 from twinbrain.schema import samples_per_step
@@ -102,6 +102,15 @@ def svar_core(mc, modality: str) -> str:
     return mc.core if modality in LINEAR_MODALITIES and mc.linear_order > 0 else "var"
 
 
+def svar_prior(cfg, modality: str, train) -> np.ndarray | None:
+    """The prior the twin's core was selected with (``model.coupling_prior``) where ``modality`` has a linear
+    core, else None: the ``svar`` baseline stays the twin's step-0 core."""
+    mc = cfg.model
+    if modality not in LINEAR_MODALITIES or mc.linear_order <= 0:
+        return None
+    return coupling_prior(mc.coupling_prior, train, modality, cfg.graph.structural)
+
+
 def strongest_baseline(r2: dict[str, np.ndarray]) -> list[str]:
     """Per horizon, the name of the baseline with the highest R² (``r2[name]`` is ``[H]``, NaN = missing;
     ties keep the first name in ``r2``'s order)."""
@@ -146,16 +155,18 @@ def _geometry(cfg, dm) -> _Geometry:
                      hsel=torch.tensor([h - 1 for h in horizons]), prob=mc.probabilistic == "gaussian")
 
 
-def _fit_split_baselines(dm, e, mc, mods, mlp: bool) -> tuple[dict, dict]:
+def _fit_split_baselines(dm, cfg, mods, mlp: bool) -> tuple[dict, dict]:
     """Every baseline of every modality, fitted on the training spans: ``base[m][name]``, and
     ``tuning[m]`` (the hyper-parameters chosen when ``eval.tune_baselines``)."""
+    e, mc = cfg.eval, cfg.model
     base, tuning = {}, {}
     with torch.enable_grad():           # the MLP baseline trains by gradient descent
         for m in mods:
             if e.tune_baselines:        # hyper-parameters chosen on the validation split, never on test
-                base[m], tuning[m] = tuned_baselines(train_series(dm, m), train_series(dm, m, "val"),
+                train = train_series(dm, m)
+                base[m], tuning[m] = tuned_baselines(train, train_series(dm, m, "val"),
                                                      orders=e.baseline_orders, alphas=e.baseline_alphas, mlp=mlp,
-                                                     core=svar_core(mc, m))
+                                                     core=svar_core(mc, m), prior=svar_prior(cfg, m, train))
             else:
                 base[m] = fit_baselines(build_baselines(e.ar_order, e.ridge_alpha, mlp), train_series(dm, m))
     return base, tuning
@@ -264,7 +275,7 @@ def evaluate_forecasts(model, dm, split: str, cfg, *, device, batch_size: int = 
     g = _geometry(cfg, dm)
     horizons, t_ctx, spt = g.horizons, g.t_ctx, g.spt
     mods = dm.modalities                # fMRI-only cohorts score no EEG
-    base, tuning = _fit_split_baselines(dm, e, mc, mods, mlp)
+    base, tuning = _fit_split_baselines(dm, cfg, mods, mlp)
     names = list(base[mods[0]])
     sc = _Scores(mods, horizons, names, g.prob, dm.n_fmri_slots)
 

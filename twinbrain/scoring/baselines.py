@@ -350,14 +350,15 @@ class FlowBaseline(_Iterated):
 
 
 def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS,
-                    mlp: bool = False, mlp_steps: int = 300, core: str = "var") -> tuple[dict[str, Baseline], dict]:
+                    mlp: bool = False, mlp_steps: int = 300, core: str = "var", prior=None) -> tuple[dict[str, Baseline], dict]:
     """The baselines as strong as they can honestly be, every hyper-parameter chosen on validation.
 
     ``persistence``; ``ar1`` (per-node AR(1), alpha tuned); ``ar`` (per-node AR, order and alpha tuned);
     ``var`` (ridge VAR, order and alpha tuned: :func:`select_ridge_var`); ``svar`` (ridge VAR with separate
     own-lag and cross-node penalties, :func:`select_linear_model` — what the twin's linear core starts from;
     with ``core`` = ``transfer`` / ``auto`` (``model.core``) the same selection as the twin's,
-    :func:`select_core_model`); ``mlp`` (order of the tuned VAR,
+    :func:`select_core_model`; with ``prior`` ``[N, N]`` also the prior-weighted candidates of the twin's
+    core); ``mlp`` (order of the tuned VAR,
     early-stopped on validation, clipped roll-out). All are fitted on ``train_series`` only. Without
     ``val_series`` (a run with no validation split) the last 20 % of every training series is held out
     to choose, and the winners are refitted on the whole training series.
@@ -369,11 +370,11 @@ def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alp
     ar1, s1 = select_ar(fit_on, val, orders=(1,), alphas=alphas)
     ar, s_ar = select_ar(fit_on, val, orders=orders, alphas=alphas)
     var, s_var = select_ridge_var(fit_on, val, orders=orders, alphas=alphas)
-    svar, s_svar = select_core_model(fit_on, val, orders=orders, alphas=alphas, core=core)
+    svar, s_svar = select_core_model(fit_on, val, orders=orders, alphas=alphas, core=core, prior=prior)
     tuning = {"ar1": {"order": 1, "alpha": ar1.alpha, "val_mse": s1[(1, ar1.alpha)]},
               "ar": {"order": ar.order, "alpha": ar.alpha, "val_mse": s_ar[(ar.order, ar.alpha)]},
               "var": {"order": var.order, "alpha": var.alpha, "val_mse": s_var[(var.order, var.alpha)]},
-              "svar": {k: s_svar[k] for k in ("order", "alpha", "alpha_cross", "val_mse", "core")}}
+              "svar": {k: s_svar[k] for k in ("order", "alpha", "alpha_cross", "alpha_prior", "val_mse", "core")}}
     if s_svar["core"] == "transfer":
         tuning["svar"].update(slope=s_svar["slope"], var_val_mse=s_svar["var_val_mse"])
     if refit:
@@ -383,7 +384,8 @@ def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alp
             init = TransferMap(np.full(train[0].shape[0], s_svar["slope"])).fit(*step_pairs(train), s_svar["alpha"])
             svar = TransferFlow(init, svar.substeps).fit(*step_pairs(train))
         else:
-            svar = fit_linear_model(train, svar.order, s_svar["alpha"], s_svar["alpha_cross"])
+            svar = fit_linear_model(train, svar.order, s_svar["alpha"], s_svar["alpha_cross"],
+                                    s_svar["alpha_prior"], prior)
     out: dict[str, Baseline] = {"persistence": Persistence()}
     ar1.name, ar.name = "ar1", "ar"
     out.update(ar1=ar1, ar=ar, var=VARBaseline.from_fit(var, "var"),

@@ -13,6 +13,9 @@ from .series import finite_series, one_step_mse, var_design
 
 DEFAULT_ORDERS = (1, 2, 3, 4, 5)
 DEFAULT_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+# Sources per target whose penalty a prior lowers: each target then solves a p·(K + 1) system, so the cost
+# stays linear in the number of nodes; the remaining sources (the weakest prior) keep the cross penalty.
+PRIOR_SOURCES = 16
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,9 @@ class RidgeVAR:
     ``coef [p, N, N]`` with ``coef[k, i, j]`` = effect of source node j at lag k + 1 on target node i
     (row = target, column = source, the project's EC convention); ``intercept [N]``; ``order`` = p;
     ``alpha`` = the ridge penalty it was fitted with on a node's own lags, ``alpha_cross`` the one on other
-    nodes' lags (None = ``alpha``: plain ridge). Units are those of the series (z-units in TwinBrain).
+    nodes' lags (None = ``alpha``: plain ridge), ``alpha_prior`` (None = no prior) the penalty of a source of
+    prior weight 1 (a source of weight w gets ``alpha_cross^(1-w) · alpha_prior^w``, :func:`prior_support`).
+    Units are those of the series (z-units in TwinBrain).
     """
 
     coef: np.ndarray
@@ -30,6 +35,7 @@ class RidgeVAR:
     order: int
     alpha: float
     alpha_cross: float | None = None
+    alpha_prior: float | None = None
 
     @property
     def weights(self) -> np.ndarray:
@@ -118,11 +124,7 @@ def _structured_solutions(mom: _VarMoments, alpha_cross: float, alpha_selfs) -> 
     p x p solve: ``w_i = x_i - A⁻¹ S_i (I/δ + S_iᵀ A⁻¹ S_i)⁻¹ S_iᵀ x_i`` with ``x_i = A⁻¹ r_i``.
     """
     p, n = mom.p, mom.n
-    a = mom.gram.copy()
-    a[np.diag_indices_from(a)] += alpha_cross
-    a_inv = scipy.linalg.inv(a, check_finite=False)
-    a_inv = (a_inv + a_inv.T) / 2
-    x = a_inv @ mom.rhs                                               # [D, N]
+    a_inv, x = _cross_inverse(mom, alpha_cross)
     own = np.arange(p)[None, :] * n + np.arange(n)[:, None]           # [N, p] own-lag features per target
     cols = a_inv[:, own].transpose(1, 0, 2)                           # [N, D, p]
     block = a_inv[own[:, :, None], own[:, None, :]]                   # [N, p, p]
@@ -138,23 +140,98 @@ def _structured_solutions(mom: _VarMoments, alpha_cross: float, alpha_selfs) -> 
     return out
 
 
-def fit_linear_model(train_series, order: int, alpha: float, alpha_cross: float) -> RidgeVAR:
+def _cross_inverse(mom: _VarMoments, alpha_cross: float) -> tuple[np.ndarray, np.ndarray]:
+    """``A⁻¹`` with ``A = G + alpha_cross I`` (symmetrised) and the plain ridge solution ``A⁻¹ Zᵀy [D, N]``."""
+    a = mom.gram.copy()
+    a[np.diag_indices_from(a)] += alpha_cross
+    a_inv = scipy.linalg.inv(a, check_finite=False)
+    a_inv = (a_inv + a_inv.T) / 2
+    return a_inv, a_inv @ mom.rhs
+
+
+def prior_support(prior, k: int = PRIOR_SOURCES) -> tuple[np.ndarray, np.ndarray] | None:
+    """The sources a prior ``[N, N]`` (row = target, column = source; e.g. |FC| or structural connectivity)
+    favours: per target the ``k`` sources of largest ``|prior|`` (own node excluded) ``[N, K]`` and their
+    weight ``[N, K]`` in [0, 1] (``|prior|`` over its off-diagonal maximum). None if the prior is all zero."""
+    w = np.abs(np.nan_to_num(np.asarray(prior, np.float64)))
+    n = w.shape[0]
+    if w.shape != (n, n):
+        raise ValueError(f"prior must be a square [N, N] matrix, got {w.shape}")
+    np.fill_diagonal(w, 0.0)
+    top = w.max() if n > 1 else 0.0
+    if top <= 0:
+        return None
+    w /= top
+    order = np.where(np.eye(n, dtype=bool), -1.0, w)         # the own node ranks last, never chosen
+    src = np.argsort(-order, axis=1, kind="stable")[:, :min(int(k), n - 1)]
+    return src, np.take_along_axis(w, src, 1)
+
+
+def _prior_solutions(mom: _VarMoments, alpha_cross: float, support, pairs) -> list[RidgeVAR]:
+    """Ridge VAR fits with penalty ``alpha_self`` on a target's own lags, ``alpha_cross^(1-w) ·
+    alpha_prior^w`` on the lags of each of its prior sources (weight w, :func:`prior_support`) and
+    ``alpha_cross`` on every other node's lags; one fit per ``(alpha_self, alpha_prior)`` in ``pairs``.
+
+    The penalty of target i is ``A + U_i Δ_i U_iᵀ`` (``A = G + alpha_cross I``; ``U_i`` selects its F =
+    p·(K + 1) own and prior-source lag features, ``Δ_i`` their penalty minus ``alpha_cross``, ≤ 0), so
+    Woodbury gives ``w_i = x_i - A⁻¹ U_i (I + Δ_i U_iᵀ A⁻¹ U_i)⁻¹ Δ_i U_iᵀ x_i`` (``x = A⁻¹ Zᵀy``): one
+    D x D inverse per ``alpha_cross``, an F x F solve per target and candidate.
+    """
+    p, n = mom.p, mom.n
+    a_inv, x = _cross_inverse(mom, alpha_cross)
+    src, weight = support
+    nodes = np.concatenate([np.arange(n)[:, None], src], 1)                    # [N, K + 1]: own node first
+    feats = (np.arange(p)[None, :, None] * n + nodes[:, None, :]).reshape(n, -1)   # [N, F] lag-major
+    block = a_inv[feats[:, :, None], feats[:, None, :]]                        # [N, F, F]
+    x_sel = x[feats, np.arange(n)[:, None]]                                    # [N, F]
+    eye = np.eye(feats.shape[1])
+    out = []
+    for alpha_self, alpha_prior in pairs:
+        pen = np.concatenate([np.full((n, 1), alpha_self), alpha_cross ** (1 - weight) * alpha_prior ** weight], 1)
+        delta = np.tile(pen - alpha_cross, (1, p))                             # [N, F], same order as feats
+        y = np.linalg.solve(eye + delta[:, :, None] * block, (delta * x_sel)[..., None])[..., 0]
+        scatter = np.zeros_like(x)                                             # [D, N]: y_i on target i's features
+        scatter[feats, np.arange(n)[:, None]] = y
+        w = x - a_inv @ scatter
+        out.append(RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
+                            intercept=mom.ybar - w.T @ mom.zbar, order=p, alpha=float(alpha_self),
+                            alpha_cross=float(alpha_cross), alpha_prior=float(alpha_prior)))
+    return out
+
+
+def fit_linear_model(train_series, order: int, alpha: float, alpha_cross: float,
+                     alpha_prior: float | None = None, prior=None) -> RidgeVAR:
     """Ridge VAR(``order``) with penalty ``alpha`` on each node's own lags and ``alpha_cross`` (>= alpha) on
-    other nodes' lags (equal: :func:`fit_ridge_var`'s plain ridge)."""
+    other nodes' lags (equal: :func:`fit_ridge_var`'s plain ridge); with ``prior`` ``[N, N]`` and
+    ``alpha_prior`` (alpha <= alpha_prior < alpha_cross) the prior's sources are penalised as in
+    :func:`select_linear_model`."""
     if alpha_cross < alpha:
         raise ValueError(f"fit_linear_model needs alpha_cross >= alpha, got {alpha_cross} < {alpha}")
     mom = _VarMoments(finite_series(train_series, order + 1, "training"), int(order), "primal")
+    if alpha_prior is not None:
+        support = None if prior is None else prior_support(prior)
+        if support is None or not alpha <= alpha_prior < alpha_cross:
+            raise ValueError(f"fit_linear_model: alpha_prior {alpha_prior} needs a non-zero prior and "
+                             f"alpha <= alpha_prior < alpha_cross ({alpha}, {alpha_cross})")
+        return _prior_solutions(mom, alpha_cross, support, [(alpha, alpha_prior)])[0]
     return mom.solve(alpha) if alpha_cross == alpha else _structured_solutions(mom, alpha_cross, [alpha])[0]
 
 
-def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS
+def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS, prior=None
                         ) -> tuple[RidgeVAR, dict]:
     """The strongest closed-form linear model on validation: ridge VAR with its own-lag penalty
     ``alpha`` and cross-node penalty ``alpha_cross >= alpha`` both from ``alphas`` (equal = plain ridge
     VAR; the largest ``alpha_cross`` approaches per-node AR), order from ``orders``, fitted on
     ``train_series`` only and scored by one-step MSE on the same validation targets (``t >= max(orders)``).
 
-    Returns ``(best, info)`` with ``info = {'order', 'alpha', 'alpha_cross', 'val_mse', 'n_candidates'}``.
+    With ``prior`` ``[N, N]`` (row = target, column = source: |FC| of the training spans or structural
+    connectivity) the candidates also include, for every ``alpha <= alpha_prior < alpha_cross`` from
+    ``alphas``, the fit that lowers the penalty of each target's :data:`PRIOR_SOURCES` strongest prior
+    sources towards ``alpha_prior`` by their weight (:func:`prior_support`, :func:`_prior_solutions`): a
+    prior that weights the penalty, not a mask, and kept only where validation prefers it.
+
+    Returns ``(best, info)`` with ``info = {'order', 'alpha', 'alpha_cross', 'alpha_prior', 'val_mse',
+    'n_candidates'}`` (``alpha_prior`` None: no prior in the chosen fit).
     This is the twin's linear core at step 0 and the ``svar`` baseline.
     """
     orders = sorted({int(p) for p in orders})
@@ -164,11 +241,15 @@ def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=
     p_max = orders[-1]
     train = finite_series(train_series, p_max + 1, "training")
     val = finite_series(val_series, p_max + 1, "validation")
+    support = None if prior is None else prior_support(prior)
     best, best_mse, count = None, math.inf, 0
     for p in orders:
         mom = _VarMoments(train, p, "primal")
         for i, a_cross in enumerate(alphas):
             fits = [mom.solve(a_cross)] + _structured_solutions(mom, a_cross, alphas[:i])
+            if support is not None:
+                pairs = [(a_s, a_p) for j, a_s in enumerate(alphas[:i]) for a_p in alphas[j:i]]
+                fits += _prior_solutions(mom, a_cross, support, pairs)
             for fit in fits:
                 mse = one_step_mse(fit.step, val, p, p_max)
                 count += 1
@@ -178,7 +259,7 @@ def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=
         raise ValueError("select_linear_model: no candidate gave a finite validation error; check the series")
     return best, {"order": best.order, "alpha": best.alpha,
                   "alpha_cross": best.alpha if best.alpha_cross is None else best.alpha_cross,
-                  "val_mse": best_mse, "n_candidates": count}
+                  "alpha_prior": best.alpha_prior, "val_mse": best_mse, "n_candidates": count}
 
 
 def select_ridge_var(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS,

@@ -134,7 +134,7 @@ CORES = ("var", "transfer", "auto")
 
 
 def select_core_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS, core: str = "var",
-                      substeps: int = 4, iters: int = 150) -> tuple[RidgeVAR | TransferFlow, dict]:
+                      substeps: int = 4, iters: int = 150, prior=None) -> tuple[RidgeVAR | TransferFlow, dict]:
     """The twin's linear core at step 0 and the ``svar`` baseline: ``var`` = :func:`select_linear_model`;
     ``transfer`` = :func:`select_transfer_flow`; ``auto`` = whichever of the two has the lower one-step MSE
     on the same validation targets (``t >= max(orders)``). Never pass test subjects.
@@ -145,7 +145,7 @@ def select_core_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DE
     """
     if core not in CORES:
         raise ValueError(f"core '{core}' is not one of {', '.join(CORES)} (model.core)")
-    var, info = select_linear_model(train_series, val_series, orders, alphas)
+    var, info = select_linear_model(train_series, val_series, orders, alphas, prior=prior)
     info = {**info, "core": "var"}
     if core == "var":
         return var, info
@@ -153,6 +153,6 @@ def select_core_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DE
                                    start=max(int(p) for p in orders))
     info.update(var_val_mse=info["val_mse"], transfer_val_mse=f["val_mse"], slope=f["b"], transfer_fit_s=f["fit_s"])
     if core == "transfer" or f["val_mse"] < info["val_mse"]:
-        info.update(core="transfer", val_mse=f["val_mse"], order=1, alpha=f["alpha"], alpha_cross=None)
+        info.update(core="transfer", val_mse=f["val_mse"], order=1, alpha=f["alpha"], alpha_cross=None, alpha_prior=None)
         return flow, info
     return var, info
