@@ -323,3 +323,27 @@ def test_fmri_only_real_data_trains_alike_under_every_backend(tmp_path):
         run([str(ACCELERATE), "launch", "--config_file", "configs/accelerate/cpu.yaml", "--num_processes", "2",
              "launch/train.py", *hcp, "--run.out", str(out), "--parallel.backend", backend, *extra])
         assert_same_weights(weights(out), weights(ddp), rtol=tol[0], atol=tol[1])
+
+
+def test_transfer_core_trains_alike_under_every_backend(tmp_path):
+    """The transfer-flow core (``model.core: transfer``: RK4 flow parameters, slope and choice buffers,
+    DDP's unused-parameter search): 2 DDP ranks equal 1 process accumulating the same batches; FSDP2 and
+    ZeRO-3 reach DDP's weights."""
+    flow = [*COMMON, "--model.core", "transfer", "--model.hidden", "16", "--model.blocks", "1",
+            "--train.max_steps", "3", "--train.eval_every", "3", "--train.checkpoint_every", "3",
+            "--train.gate_lr_scale", "1"]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    launch2(ddp, *flow)
+    run([str(TWINBRAIN), "train", *flow, "--run.out", str(single), "--train.grad_accum", "2"])
+    ld, ls = losses(ddp), losses(single)
+    assert sorted(ld) == sorted(ls) == [1, 2, 3]
+    for step in ld:
+        assert ld[step] == pytest.approx(ls[step], rel=1e-5, abs=1e-7), step
+    w_ddp = weights(ddp)
+    assert_same_weights(w_ddp, weights(single), rtol=1e-4, atol=1e-6)
+    flow_flag = [v for k, v in w_ddp.items() if k.endswith("linear.fmri.flow")]
+    assert flow_flag and bool(flow_flag[0].item()), "the run did not use the transfer-flow core"
+    for backend, extra, tol in (("fsdp2", [], (1e-4, 1e-5)), ("deepspeed", ["--parallel.zero_stage", "3"], (1e-3, 1e-4))):
+        out = tmp_path / backend
+        launch2(out, *flow, "--parallel.backend", backend, *extra)
+        assert_same_weights(weights(out), w_ddp, rtol=tol[0], atol=tol[1])
