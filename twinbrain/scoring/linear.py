@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
 
 from .series import finite_series, one_step_mse, var_design
 
@@ -190,9 +191,10 @@ def _prior_solutions(mom: _VarMoments, alpha_cross: float, support, pairs) -> li
         pen = np.concatenate([np.full((n, 1), alpha_self), alpha_cross ** (1 - weight) * alpha_prior ** weight], 1)
         delta = np.tile(pen - alpha_cross, (1, p))                             # [N, F], same order as feats
         y = np.linalg.solve(eye + delta[:, :, None] * block, (delta * x_sel)[..., None])[..., 0]
-        scatter = np.zeros_like(x)                                             # [D, N]: y_i on target i's features
-        scatter[feats, np.arange(n)[:, None]] = y
-        w = x - a_inv @ scatter
+        # Σ_f A⁻¹[:, feats_i[f]] y_i[f] for every target i, as a sparse [N, D] (N·F entries) times A⁻¹.
+        scatter = scipy.sparse.csr_matrix((y.ravel(), (np.repeat(np.arange(n), feats.shape[1]), feats.ravel())),
+                                          shape=(n, x.shape[0]))
+        w = x - (scatter @ a_inv).T
         out.append(RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
                             intercept=mom.ybar - w.T @ mom.zbar, order=p, alpha=float(alpha_self),
                             alpha_cross=float(alpha_cross), alpha_prior=float(alpha_prior)))
