@@ -74,6 +74,32 @@ def test_fmri_only_cohort_trains_validates_and_evaluates(tmp_path):
         twin.perturb(windows[0], targets=[0], modality="eeg")
 
 
+
+def test_fmri_only_run_resumes_bit_for_bit(tmp_path):
+    """The EEG parameters of an fMRI-only cohort never get a gradient, so its checkpoints hold no optimizer
+    state for them: a relaunch must still load (every model weight required) and continue exactly."""
+    args = ["--train.max_steps", "6", "--train.eval_every", "3", "--train.checkpoint_every", "3",
+            "--logging.log_every", "1", "--train.warmup_steps", "1"]
+    straight = synth_cfg(tmp_path / "straight", *args)
+    tr = Trainer(straight, data=fmri_only_data(straight))
+    tr.train()
+    tr.close()
+    cut = synth_cfg(tmp_path / "cut", *args)
+    tr = Trainer(cut, data=fmri_only_data(cut))
+    tr.train(until=3)
+    tr.close()
+    again = synth_cfg(tmp_path / "cut", *args)
+    resumed = Trainer(again, data=fmri_only_data(again))
+    assert resumed.step == 3
+    resumed.train()
+    resumed.close()
+    a, b = (torch.load(tmp_path / d / "final" / "model.pt", weights_only=False)["model"] for d in ("straight", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r} for d in ("straight", "cut")]
+    assert losses[0] == losses[1] and sorted(losses[0]) == list(range(1, 7))
+
+
 def test_empty_eeg_path_leaves_fmri_outputs_unchanged(make_batch, one_thread):
     """The same weights give the same fMRI outputs whether the window has EEG channels or none, as long as
     the EEG->fMRI coupling is zero (couplings are dense; edges are only priors): the empty EEG path adds nothing."""

@@ -28,6 +28,17 @@ from .extensions import watch_build_locks
 from .parallel import deepspeed_config, wrap_ddp, wrap_deepspeed, wrap_fsdp2
 
 
+
+def drop_unsaved_optimizer_states(optim_sd: dict, saved) -> None:
+    """Remove from the optimizer state ``get_state_dict`` expects the parameters the checkpoint holds no
+    state for: a parameter that never received a gradient (the EEG heads of an fMRI-only cohort, the
+    unused coefficients of a transfer / auto core) has no optimizer state when saved, but a fresh
+    optimizer's expected state lists every parameter. Model weights stay required."""
+    held = {key[len("optim.state."):].rsplit(".", 1)[0] for key in saved if key.startswith("optim.state.")}
+    state = optim_sd.get("state", {})
+    for fqn in [k for k in state if k not in held]:
+        del state[fqn]
+
 class Single:
     """One process, or the base every backend refines: autocast forward, plain backward, clip and step."""
 
@@ -105,12 +116,17 @@ class Single:
     def load(self, module: nn.Module, optimizer, folder: Path) -> None:
         """Restore what :meth:`save` wrote, in place (collective)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(module, optimizer)
+        saved = dcp.FileSystemReader(str(folder / "dcp")).read_metadata().state_dict_metadata
+        drop_unsaved_optimizer_states(optim_sd, saved)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(folder / "dcp"))
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        # Not strict: parameters without saved optimizer state (above) keep a fresh one; the model state is
+        # complete, dcp.load has required every model key.
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))
 
     def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The whole (unsharded) state dict of the train module (collective; rank 0 keeps it)."""
