@@ -15,8 +15,11 @@ reads ``--batches`` training batches of ``train.batch_size`` windows on each of 
 time, RSS after setup, steady RSS (median and max of VmRSS sampled every batch over the second half),
 peak RSS (VmHWM) and windows/s. RSS = anonymous + file-backed pages mapped by the process (from
 ``/proc/self/status``); the page cache outside the process is not in it. ``--graph-fit K`` fits the group
-graph on the first K training runs only (its time grows with N, its memory does not). Figures and the
-way they were taken: docs/PERFORMANCE.md, "Cohort scale".
+graph on the first K training runs only (its time grows with N, its memory does not). ``--shuffle-block B``
+sets ``data.shuffle_block`` (recordings walked B at a time, the cache evicting least recently used runs);
+``--cold`` drops the store's files from the page cache (``posix_fadvise(DONTNEED)``) after setup, so the
+timed reads come from the disk as they do when a store is larger than the node's RAM. Figures and the way
+they were taken: docs/PERFORMANCE.md, "Cohort scale".
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ def bench_config(a):
     d.source, d.store_dir, d.eeg_sfreq = "store", str(a.store), float(a.sfreq)
     d.window_s, d.stride_s = float(a.window_s), float(a.stride_s)
     d.cache_mb = int(a.cache_mb)
+    d.shuffle_block = int(a.shuffle_block)
     cfg.train.batch_size = int(a.batch_size)
     cfg.model.eeg_stride = cfg.model.eeg_patch = 125
     cfg.run.out = str(Path(a.store) / "run")
@@ -151,19 +155,21 @@ def _rank(a, rank: int, world: int, queue) -> None:
     setup_s = time.perf_counter() - t0
     after_setup = status_mib()
     setup_store = mapped_rss_mib(str(Path(a.store).resolve()))
+    if a.cold:
+        drop_page_cache(Path(a.store))
     loader = dm.train_loader(rank, world)
     it = iter(loader)
     rss, store_rss, n_win = [], [], 0
     for _ in range(a.warmup):
         next(it)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for b in range(a.batches):
         batch = next(it)
         n_win += int(batch["subject"].numel()) if hasattr(batch, "__getitem__") else cfg.train.batch_size
         if b >= a.batches // 2:
             rss.append(status_mib()["VmRSS"])
             store_rss.append(mapped_rss_mib(str(Path(a.store).resolve())))
-    dt = time.perf_counter() - t1
+    dt, dc = time.perf_counter() - t1, time.process_time() - c1
     st = status_mib()
     cache = dm.train_dataset.cache
     queue.put({"rank": rank, "recordings": len(dm.cohort.recordings), "train_windows": len(dm.train_dataset),
@@ -172,7 +178,20 @@ def _rank(a, rank: int, world: int, queue) -> None:
                "peak_rss_mib": round(st["VmHWM"], 1), "rss_anon_mib": round(st["RssAnon"], 1),
                "rss_file_mib": round(st["RssFile"], 1), "store_rss_max_mib": round(max(store_rss), 1),
                "rss_after_setup_store_mib": round(setup_store, 1), "windows_per_s": round(n_win / dt, 1),
-               "windows": n_win, "cache_misses": cache.misses, "cache_held_mib": round(cache.total / 2 ** 20, 1), "cache_mb": cfg.data.cache_mb})
+               "windows": n_win, "cache_misses": cache.misses, "cache_held_mib": round(cache.total / 2 ** 20, 1),
+               "cache_mb": cfg.data.cache_mb, "shuffle_block": cfg.data.shuffle_block, "cold": bool(a.cold),
+               "timed_wall_s": round(dt, 1), "timed_cpu_s": round(dc, 1)})
+
+
+def drop_page_cache(store: Path) -> None:
+    """Ask the kernel to drop the store's file pages from the page cache (no root needed; pages other
+    processes map stay)."""
+    for f in store.rglob("*.npz"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def measure(a) -> None:
@@ -209,6 +228,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--cache-mb", type=int, default=512)
+    p.add_argument("--shuffle-block", type=int, default=0, help="data.shuffle_block (0 = one shuffle over all)")
+    p.add_argument("--cold", action="store_true", help="drop the store from the page cache before timing")
     p.add_argument("--graph-fit", type=int, default=100,
                    help="fit the group graph on the first K training runs (0 = all; its cost grows with N)")
     p.add_argument("--in-memory", action="store_true", help="load every signal into every process (old way)")

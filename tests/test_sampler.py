@@ -77,6 +77,42 @@ def test_dummy_padding_flags_repeats():
     assert len(set(counts)) == 1 and sorted(real) == list(range(7))
 
 
+
+def test_blocked_shuffle_reads_few_recordings_at_a_time():
+    """``data.shuffle_block``: an epoch still holds every window once (over ranks, padding aside) with
+    equal batch counts, walks the recordings ``block`` at a time (each block's windows together, in a
+    new random order every epoch), is seeded, resumes exactly, and refuses a state of another block size."""
+    group = np.repeat(np.arange(12), 5)[np.random.default_rng(0).permutation(60)]    # 12 recordings x 5 windows
+    kw = dict(group_keys=group, block=3, bucket_keys=np.zeros(60, int))
+    per_rank = _epoch(60, 4, 2, **kw)
+    assert len({len(x) for x in per_rank}) == 1
+    assert set(i for x in per_rank for b in x for i in b) == set(range(60))          # padding only repeats
+    s = WindowSampler(60, 4, 1, 0, seed=3, **kw)
+    assert sorted(np.concatenate(s.global_batches(0))) == list(range(60))
+    for epoch in (0, 1):
+        order = np.concatenate(s.global_batches(epoch))
+        blocks = [set(group[order[k:k + 15]]) for k in range(0, 60, 15)]      # 3 recordings x 5 windows each
+        assert all(len(b) == 3 for b in blocks) and set().union(*blocks) == set(range(12))
+    assert not np.array_equal(np.concatenate(s.global_batches(0)), np.concatenate(s.global_batches(1)))
+    assert _epoch(60, 4, 2, **kw) == per_rank
+    plain = WindowSampler(60, 4, 1, 0, seed=3)
+    assert len({tuple(sorted(set(group[order[k:k + 15]]))) for k in range(0, 60, 15)}) == 4
+    assert len(set(group[np.concatenate(plain.global_batches(0))[:15]])) > 3      # a plain shuffle mixes them
+    it = iter(s)
+    head = [next(it) for _ in range(5)]
+    state = s.state_dict()
+    again = WindowSampler(60, 4, 1, 0, seed=3, **kw)
+    again.load_state_dict(state)
+    assert list(again) == list(it) and head
+    other = WindowSampler(60, 4, 1, 0, seed=3, group_keys=group, block=4)
+    with pytest.raises(ValueError, match="shuffle_block"):
+        other.load_state_dict(state)
+    legacy = {k: v for k, v in plain.state_dict().items() if k != "block"}     # saved before the key
+    WindowSampler(60, 4, 1, 0, seed=3).load_state_dict(legacy)
+    with pytest.raises(ValueError, match="group key"):
+        WindowSampler(60, 4, 1, 0, block=2)
+
+
 def test_causal_moving_average_matches_loop_and_is_causal():
     x = torch.randn(3, 17, 1)
     y = causal_moving_average(x, 4, dim=1)

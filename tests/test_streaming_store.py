@@ -79,6 +79,21 @@ def test_cache_holds_at_most_its_budget(tmp_path):
     assert cache.get(9, plain)[1] is plain.eeg                          # in-memory recordings pass through
 
 
+
+def test_evicting_cache_follows_the_recordings_being_read(tmp_path):
+    """With ``evict`` (``data.shuffle_block``) the least recently used recording makes room: the cache
+    never exceeds its budget, keeps the recordings read last, and returns their values."""
+    cohort, _ = _mapped_cohort(tmp_path, _cohort())
+    per = cohort.recordings[0].eeg.nbytes + cohort.recordings[0].fmri.nbytes
+    cache = mapped.ResidentCache(int(2.5 * per), evict=True)
+    for r in (0, 1, 0, 2, 3):                     # 0 used again before 2 arrives: 1 is the one evicted
+        held = cache.get(r, cohort.recordings[r])
+        assert held is not None and cache.total <= cache.budget
+        np.testing.assert_array_equal(held[0], cohort.recordings[r].fmri)
+    assert list(cache._held) == [2, 3] and cache.total == 2 * per and cache.misses == 0
+    assert mapped.ResidentCache(per - 1, evict=True).get(0, cohort.recordings[0]) is None   # too big: read per window
+
+
 def test_float16_storage_reads_as_float32_windows(tmp_path):
     cohort, store = _mapped_cohort(tmp_path, _cohort(), dtype=np.float16)
     assert cohort.recordings[0].eeg.dtype == np.float16

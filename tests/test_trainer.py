@@ -78,15 +78,18 @@ def test_resume_refuses_changed_model_config(tmp_path):
         Trainer(changed, data=synth_data(changed))
 
 
-def test_resume_of_a_run_saved_before_an_added_key(tmp_path):
-    """A config.yaml written before model.spatial_layer existed resumes (config.ADDED_KEYS)."""
+@pytest.mark.parametrize("key", ["model.spatial_layer", "model.core", "data.shuffle_block"])
+def test_resume_of_a_run_saved_before_an_added_key(tmp_path, key):
+    """A config.yaml written before a key existed resumes when the key's default is what such runs did
+    (config.ADDED_KEYS)."""
     cfg = synth_cfg(tmp_path / "run", "--train.max_steps", "4", "--train.checkpoint_every", "2")
     tr = Trainer(cfg, data=synth_data(cfg))
     tr.train(until=2)
     tr.tel.close(print_summary=False)
     saved = tmp_path / "run" / "config.yaml"
     values = yaml.safe_load(saved.read_text())
-    del values["model"]["spatial_layer"]
+    section, name = key.split(".")
+    del values[section][name]
     saved.write_text(yaml.safe_dump(values, sort_keys=False))
     again = synth_cfg(tmp_path / "run", "--train.max_steps", "4", "--train.checkpoint_every", "2")
     resumed = Trainer(again, data=synth_data(again))

@@ -83,6 +83,7 @@ class DataConfig:
     augment_smooth: int = 0          # causal moving-average length applied to inputs (0 = off)
     num_workers: int = 0             # background processes reading windows (0 = in the main process)
     cache_mb: int = 512              # MiB of store recordings a process may hold whole in memory (others: window reads)
+    shuffle_block: int = 0           # recordings per shuffle block (0 = all windows shuffled together); > 0 reads few runs at a time
 
 
 @dataclass
@@ -397,7 +398,8 @@ RETIRED_KEYS = ("parallel.compile",)
 # Keys added after run directories were saved, with the value that reproduces those runs: a saved
 # config without the key reads as that value when a resume compares it with the new one.
 # train.gate_lr_scale: runs saved before it trained the gate at train.lr.
-ADDED_KEYS: dict[str, Any] = {"model.spatial_layer": "coupling", "model.core": "var", "train.gate_lr_scale": 1.0}
+ADDED_KEYS: dict[str, Any] = {"model.spatial_layer": "coupling", "model.core": "var", "train.gate_lr_scale": 1.0,
+                              "data.shuffle_block": 0}
 
 
 def drop_retired(values: dict[str, Any]) -> dict[str, Any]:
@@ -509,7 +511,7 @@ def _check_ranges(flat: dict[str, Any]) -> None:
                 "data.augment_noise", "data.augment_offset", "data.augment_smooth", "model.lap_pe_dim",
                 "model.coupling_rank", "model.coupling_l1", "model.linear_order", "train.early_stop_patience",
                 "eval.ridge_alpha", "eval.max_windows", "logging.profile_steps", "data.num_workers", "data.cache_mb",
-                "data.latent_step_s"]:
+                "data.latent_step_s", "data.shuffle_block"]:
         require(flat[key] >= 0, key, f"must be >= 0, got {flat[key]}")
 
 

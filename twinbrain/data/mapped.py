@@ -22,6 +22,7 @@ import mmap
 import os
 import weakref
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -153,11 +154,14 @@ class ResidentCache:
     the held total stays within the budget; once full, nothing is evicted (a shuffled sampler would
     thrash an LRU), so small cohorts end up fully in memory and large ones hold a fixed share.
     In-memory recordings are returned as they are and not counted. ``budget_bytes <= 0``: hold nothing.
+    ``evict=True`` (a sampler that walks the recordings in blocks, ``data.shuffle_block``): the least
+    recently used recordings make room for a new one, so the cache follows the block being read.
     """
 
-    def __init__(self, budget_bytes: int):
-        self.budget = int(budget_bytes)
-        self._held: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    def __init__(self, budget_bytes: int, evict: bool = False):
+        self.budget, self.evict = int(budget_bytes), bool(evict)
+        self._held: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._bytes: dict[int, int] = {}     # what each held recording counts against the budget
         self.total = 0
         self.misses = 0
 
@@ -166,11 +170,15 @@ class ResidentCache:
             return rec.fmri, rec.eeg
         held = self._held.get(r)
         if held is not None:
+            self._held.move_to_end(r)
             return held
         need = int(rec.fmri.nbytes + rec.eeg.nbytes)
+        while self.evict and self._held and self.total + need > self.budget and need <= self.budget:
+            old, _ = self._held.popitem(last=False)
+            self.total -= self._bytes.pop(old)
         if self.budget > 0 and self.total + need <= self.budget:
             held = (read_columns(rec.fmri, 0, rec.fmri.shape[1]), read_columns(rec.eeg, 0, rec.eeg.shape[1]))
-            self._held[r] = held
+            self._held[r], self._bytes[r] = held, need
             self.total += need
             return held
         self.misses += 1
@@ -178,4 +186,5 @@ class ResidentCache:
 
     def clear(self) -> None:
         self._held.clear()
+        self._bytes.clear()
         self.total = 0

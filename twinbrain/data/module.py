@@ -60,7 +60,8 @@ class DataModule:
         for name in ("train", "val", "test"):
             self._datasets[name] = WindowDataset(self.cohort, self.split.spans(name), self.graphs, self.stats,
                                                  self.subject_map, self.session_map,
-                                                 window_s=d.window_s, stride_s=d.stride_s, cache_mb=d.cache_mb)
+                                                 window_s=d.window_s, stride_s=d.stride_s, cache_mb=d.cache_mb,
+                                                 cache_evict=d.shuffle_block > 0)
         self._log_summary()
         return self
 
@@ -245,7 +246,8 @@ class DataModule:
         """Infinite, shuffled, augmented batches of ``train.batch_size`` windows for ``rank``."""
         ds = self.train_dataset
         sampler = WindowSampler(len(ds), self.cfg.train.batch_size, world_size, rank, seed=self.cfg.train.seed,
-                                shuffle=True, bucket_keys=ds.sizes(), pad="wrap")
+                                shuffle=True, bucket_keys=ds.sizes(), pad="wrap", group_keys=ds.index[:, 0],
+                                block=self.cfg.data.shuffle_block)
         return WindowLoader(ds, sampler, augment=self.cfg.data, seed=self.cfg.train.seed,
                             num_workers=self.cfg.data.num_workers, infinite=True, device=device)
 

@@ -29,11 +29,17 @@ class WindowSampler:
         pad: 'wrap' (training) repeats batches from the start of the epoch so every rank gets the same
             count; 'dummy' (evaluation) repeats them too but flags them (:meth:`rank_batches`) so callers
             give them weight 0 and every real window counts exactly once across ranks.
+        group_keys / block: with ``block > 0`` and ``group_keys`` ``[num_windows]`` (the recording of each
+            window), a shuffled epoch permutes the recordings, walks them ``block`` at a time and shuffles
+            windows only inside a block (``data.shuffle_block``): every rank reads from the same few
+            recordings at a time, which a per-process cache and the page cache can hold at any cohort size.
+            Every window still comes exactly once per epoch; batches may straddle two blocks.
     Iterating yields ``list[int]`` from the current position; ``state_dict`` captures (epoch, position).
     """
 
     def __init__(self, num_windows: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True, bucket_keys: Sequence[int] | np.ndarray | None = None, pad: str = "wrap"):
+                 shuffle: bool = True, bucket_keys: Sequence[int] | np.ndarray | None = None, pad: str = "wrap",
+                 group_keys: Sequence[int] | np.ndarray | None = None, block: int = 0):
         if num_windows <= 0:
             raise ValueError("WindowSampler: the dataset has no window; check the split and data.window_s")
         if batch_size <= 0 or num_replicas <= 0 or not 0 <= rank < num_replicas:
@@ -42,26 +48,47 @@ class WindowSampler:
             raise ValueError(f"WindowSampler: pad must be 'wrap' or 'dummy', got '{pad}'")
         if bucket_keys is not None and len(bucket_keys) != num_windows:
             raise ValueError(f"WindowSampler: {len(bucket_keys)} bucket keys for {num_windows} windows")
+        if block < 0 or (block > 0 and (group_keys is None or len(group_keys) != num_windows)):
+            raise ValueError(f"WindowSampler: block={block} needs >= 0 and, when > 0, one group key per window")
         self.num_windows, self.batch_size = int(num_windows), int(batch_size)
         self.num_replicas, self.rank, self.seed = int(num_replicas), int(rank), int(seed)
         self.shuffle, self.pad = shuffle, pad
         self.bucket_keys = None if bucket_keys is None else np.asarray(bucket_keys)
+        self.block = int(block)
+        self.group_keys = None if self.block == 0 else np.asarray(group_keys)
         self.epoch, self.position = 0, 0
         self._cache: dict[int, list] = {}
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """All batches of ``epoch`` (identical on every rank), before padding."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.num_windows) if self.shuffle else np.arange(self.num_windows)
+        blocked = self.shuffle and self.block > 0
+        if blocked:
+            order = self._block_order(rng)
+        else:
+            order = rng.permutation(self.num_windows) if self.shuffle else np.arange(self.num_windows)
         if self.bucket_keys is None:
             groups = [order]
         else:
             keys = self.bucket_keys[order]
             groups = [order[keys == k] for k in np.unique(keys)]      # permuted order kept inside a bucket
         batches = [g[i:i + self.batch_size] for g in groups for i in range(0, len(g), self.batch_size)]
-        if self.shuffle and self.bucket_keys is not None:
+        if blocked and self.bucket_keys is not None:                  # buckets interleaved, blocks kept in turn
+            where = np.empty(self.num_windows, np.int64)
+            where[order] = np.arange(self.num_windows)
+            batches = [batches[j] for j in np.argsort([where[b[0]] for b in batches], kind="stable")]
+        elif self.shuffle and self.bucket_keys is not None:
             batches = [batches[j] for j in rng.permutation(len(batches))]  # mix buckets over the epoch
         return batches
+
+    def _block_order(self, rng: np.random.Generator) -> np.ndarray:
+        """Window order of one blocked epoch: recordings permuted and cut into blocks of ``block``, windows
+        permuted inside each block."""
+        groups, inverse = np.unique(self.group_keys, return_inverse=True)
+        rank_of_group = np.empty(len(groups), np.int64)
+        rank_of_group[rng.permutation(len(groups))] = np.arange(len(groups))
+        block_of_window = rank_of_group[inverse] // self.block
+        return np.lexsort((rng.random(self.num_windows), block_of_window))
 
     def rank_batches(self, epoch: int | None = None) -> list[tuple[list[int], bool]]:
         """This rank's ``[(indices, is_padding)]`` for ``epoch`` (default: the current one)."""
@@ -95,17 +122,20 @@ class WindowSampler:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_windows": self.num_windows,
-                "batch_size": self.batch_size, "num_replicas": self.num_replicas, "rank": self.rank}
+                "batch_size": self.batch_size, "num_replicas": self.num_replicas, "rank": self.rank,
+                "block": self.block}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Resume at ``(epoch, position)``. With a different dataset size, batch size or world size the
         exact position cannot be recovered: ``strict`` raises; otherwise the saved epoch restarts."""
-        same = all(state[k] == getattr(self, k) for k in ("seed", "num_windows", "batch_size", "num_replicas"))
-        if not same:
-            msg = {k: (state[k], getattr(self, k)) for k in ("seed", "num_windows", "batch_size", "num_replicas")}
+        state = {"block": 0, **state}            # states saved before data.shuffle_block walked all windows
+        keys = ("seed", "num_windows", "batch_size", "num_replicas", "block")
+        if not all(state[k] == getattr(self, k) for k in keys):
+            msg = {k: (state[k], getattr(self, k)) for k in keys}
             if strict:
                 raise ValueError(f"sampler state does not match (saved, now): {msg}; resume with the same data, "
-                                 f"batch size and world size, or load with strict=False to restart the epoch")
+                                 f"batch size, world size and data.shuffle_block, or load with strict=False to "
+                                 f"restart the epoch")
             self.set_epoch(state["epoch"])
             return
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -241,13 +241,14 @@ class WindowDataset:
         window_s / stride_s: window span and step (s; whole numbers of TRs).
         cache_mb: MiB of memory-mapped recordings this dataset may hold whole in memory per process
             (:class:`~twinbrain.data.mapped.ResidentCache`; other windows are read alone from the store;
-            in-memory cohorts ignore it).
+            in-memory cohorts ignore it). cache_evict: the cache drops its least recently used recording
+            for a new one (with ``data.shuffle_block``, whose sampler reads few recordings at a time).
     Windows are z-scored on the fly (x == y, clean; augmentation happens in collate).
     """
 
     def __init__(self, cohort: Cohort, spans: list[Span], graphs, stats: NormStats,
                  subject_map: dict[str, int], session_map: dict[str, int], *, window_s: float, stride_s: float,
-                 cache_mb: float = 0):
+                 cache_mb: float = 0, cache_evict: bool = False):
         self.cohort, self.spans, self.graphs, self.stats = cohort, list(spans), graphs, stats
         self.subject_map, self.session_map = subject_map, session_map
         self.window_s, self.stride_s = window_s, stride_s
@@ -275,7 +276,7 @@ class WindowDataset:
         self.index = np.concatenate(rows) if rows else np.zeros((0, 2), np.int64)   # [W, 2] (rec, start volume)
         self._torch_cache: dict = {}
         self._affine_cache: dict = {}
-        self.cache = ResidentCache(int(cache_mb * 2 ** 20))
+        self.cache = ResidentCache(int(cache_mb * 2 ** 20), evict=cache_evict)
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
