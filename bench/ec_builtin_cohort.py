@@ -3,8 +3,7 @@
 With the fMRI correction's gate closed (``train.gate_lr_scale`` 0, the default) the twin's fMRI forecast is
 its warm-started linear core, so its perturbation EC (a unit pulse on region j at the last context step,
 the forecast change averaged over h = 1..``--horizon``, :meth:`twinbrain.twin.Twin.effective_connectivity`)
-is the core's in closed form: the first block of ``(A^1 + … + A^H) / H`` of the VAR's companion matrix
-``A``. This bench computes it for the core selected on validation with and without the coupling prior
+is the core's in closed form (:func:`twinbrain.scoring.validity.linear_twin_ec` of the VAR(p)). This bench computes it for the core selected on validation with and without the coupling prior
 (``model.coupling_prior: fc``, |r| of the training spans weighting the cross-node ridge penalty), next to
 the references ``twinbrain evaluate`` reports: the model's input FC graph (k-NN |r|) and the linear twin
 (ridge VAR(1), ``eval.ridge_alpha``). Scores (``eval/twin_validity.ec_scores``) are against the test
@@ -26,32 +25,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from twinbrain.config import load_config
 from twinbrain.data.module import DataModule
 from twinbrain.data.series import coupling_prior
 from twinbrain.eval.forecast_eval import train_series
-from twinbrain.eval.twin_validity import _dense, ec_scores
+from twinbrain.eval.twin_validity import ec_scores, input_fc_graph
 from twinbrain.scoring.linear import select_linear_model
 from twinbrain.scoring.validity import fit_linear_twin, linear_twin_ec
+from twinbrain.train.warm_start import core_orders
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("core_prior", "core_no_prior", "input_fc_graph", "linear_twin_var1")
 SCORES = ("coupling_r", "coupling_auroc", "perturb_r")
-
-
-def perturbation_ec(coef: np.ndarray, horizon: int) -> np.ndarray:
-    """``[N, N]`` forecast change of a VAR(p) (``coef [p, N, N]``) per unit pulse, mean over h = 1..horizon."""
-    p, n, _ = coef.shape
-    comp = np.zeros((p * n, p * n))
-    comp[:n] = np.concatenate(list(coef), 1)
-    comp[n:, :-n] = np.eye((p - 1) * n)
-    power, total = np.eye(p * n), np.zeros((n, n))
-    for _ in range(horizon):
-        power = comp @ power
-        total += power[:n, :n]
-    return total / horizon
 
 
 def one_case(regions: int, minutes: float, seed: int, horizon: int, scratch: Path) -> dict:
@@ -61,16 +47,15 @@ def one_case(regions: int, minutes: float, seed: int, horizon: int, scratch: Pat
     dm = DataModule(cfg).setup()
     train, val = train_series(dm, "fmri"), train_series(dm, "fmri", "val")
     subjects = list(dm.split.subjects["test"])
-    orders = [p for p in cfg.eval.baseline_orders if p <= cfg.model.linear_order]
+    orders = core_orders(cfg)
     prior = coupling_prior(cfg.model.coupling_prior, train, "fmri", cfg.graph.structural)
     t0 = time.process_time()
     with_prior, info_p = select_linear_model(train, val, orders, cfg.eval.baseline_alphas, prior=prior)
     cpu_prior = time.process_time() - t0
     no_prior, info_n = select_linear_model(train, val, orders, cfg.eval.baseline_alphas)
-    key, g = ("fmri", "fc", "fmri"), dm.group_graph
-    ecs = {"core_prior": perturbation_ec(with_prior.coef, horizon),
-           "core_no_prior": perturbation_ec(no_prior.coef, horizon),
-           "input_fc_graph": _dense(g.edge_index[key], g.edge_weight[key], dm.n_fmri_slots),
+    ecs = {"core_prior": linear_twin_ec(with_prior.coef, horizon),
+           "core_no_prior": linear_twin_ec(no_prior.coef, horizon),
+           "input_fc_graph": input_fc_graph(dm),
            "linear_twin_var1": linear_twin_ec(fit_linear_twin(train, alpha=cfg.eval.ridge_alpha), horizon)}
     return {"regions": regions, "minutes": minutes, "seed": seed, "test_subjects": subjects,
             "train_trs": int(sum(s.shape[1] for s in train)),

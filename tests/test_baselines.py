@@ -239,6 +239,18 @@ def test_strongest_baseline_per_horizon():
     assert strongest_baseline(r2) == ["var", "ar1", "ar1"]
 
 
+def _centred_design(series, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lag-major VAR(p) design ``[M, p·N]`` and targets ``[M, N]`` over every series, centred: the direct
+    per-target ridge the closed forms are checked against."""
+    zs, ys = [], []
+    for s_ in series:
+        t = np.arange(p, s_.shape[1])
+        zs.append(np.concatenate([s_[:, t - 1 - k].T for k in range(p)], axis=1))
+        ys.append(s_[:, t].T)
+    z, y = np.concatenate(zs), np.concatenate(ys)
+    return z - z.mean(0), y - y.mean(0)
+
+
 def test_structured_ridge_matches_per_target_solves_and_nests_var_and_ar():
     """Own-lag penalty ``alpha`` and cross-node penalty ``alpha_cross`` (Woodbury from one inverse) equal
     a direct per-target ridge; equal penalties are the plain ridge VAR; a huge cross penalty is per-node AR."""
@@ -247,13 +259,7 @@ def test_structured_ridge_matches_per_target_solves_and_nests_var_and_ar():
     series = [rng.standard_normal((5, 300)).cumsum(1) * 0.1 for _ in range(2)]
     p, n = 2, 5
     fit = fit_linear_model(series, p, 0.5, 20.0)
-    zs, ys = [], []
-    for s_ in series:
-        t = np.arange(p, s_.shape[1])
-        zs.append(np.concatenate([s_[:, t - 1 - k].T for k in range(p)], axis=1))
-        ys.append(s_[:, t].T)
-    z, y = np.concatenate(zs), np.concatenate(ys)
-    zc, yc = z - z.mean(0), y - y.mean(0)
+    zc, yc = _centred_design(series, p)
     for i in range(n):
         d = np.full(p * n, 20.0)
         d[np.arange(p) * n + i] = 0.5
@@ -283,13 +289,7 @@ def test_prior_weighted_ridge_matches_per_target_solves():
     np.fill_diagonal(w, 0)
     w /= w.max()
     np.testing.assert_allclose(np.take_along_axis(w, src, 1), weight)
-    zs, ys = [], []
-    for s_ in series:
-        t = np.arange(p, s_.shape[1])
-        zs.append(np.concatenate([s_[:, t - 1 - k].T for k in range(p)], axis=1))
-        ys.append(s_[:, t].T)
-    z, y = np.concatenate(zs), np.concatenate(ys)
-    zc, yc = z - z.mean(0), y - y.mean(0)
+    zc, yc = _centred_design(series, p)
     for i in range(n):
         pen = 50.0 ** (1 - w[i]) * 2.0 ** w[i]
         pen[i] = 0.5

@@ -132,3 +132,12 @@ def test_linear_twin_recovers_effective_connectivity():
         pert[:, j] = (var.predict(bumped, 3) - base).mean(axis=(0, 2))
     assert np.allclose(pert, linear_twin_ec(a_hat, horizon=3), atol=1e-10)
     assert np.allclose(linear_twin_ec(a_hat, 1), a_hat)
+    # A VAR(p): the closed form through its companion matrix equals the perturbed iterated forecasts too.
+    var3 = VARBaseline(p=3, alpha=1.0).fit(series)
+    base = var3.predict(ctx, 4)
+    for j in (0, 7):
+        bumped = ctx.copy()
+        bumped[:, j, -1] += 1.0
+        np.testing.assert_allclose((var3.predict(bumped, 4) - base).mean(axis=(0, 2)),
+                                   linear_twin_ec(var3.coef, horizon=4)[:, j], atol=1e-10)
+    assert np.allclose(linear_twin_ec(a_hat[None], 3), linear_twin_ec(a_hat, 3))

@@ -96,19 +96,23 @@ def _series(ms: MetricSet, m: str, horizons: list[int], names: tuple[str, ...]) 
     return {k: [_finite(res[(m, k, h)]) for h in horizons] for k in names if (m, k, horizons[0]) in res}
 
 
+def has_core(mc, modality: str) -> bool:
+    """Whether the twin forecasts ``modality`` with a linear core (fMRI with ``model.linear_order`` > 0)."""
+    return modality in LINEAR_MODALITIES and mc.linear_order > 0
+
+
 def svar_core(mc, modality: str) -> str:
     """``model.core`` where ``modality`` has a linear core (fMRI with ``model.linear_order`` > 0), else
     ``var``: the ``svar`` baseline is fitted with the twin's own core selection."""
-    return mc.core if modality in LINEAR_MODALITIES and mc.linear_order > 0 else "var"
+    return mc.core if has_core(mc, modality) else "var"
 
 
 def svar_prior(cfg, modality: str, train) -> np.ndarray | None:
     """The prior the twin's core was selected with (``model.coupling_prior``) where ``modality`` has a linear
     core, else None: the ``svar`` baseline stays the twin's step-0 core."""
-    mc = cfg.model
-    if modality not in LINEAR_MODALITIES or mc.linear_order <= 0:
+    if not has_core(cfg.model, modality):
         return None
-    return coupling_prior(mc.coupling_prior, train, modality, cfg.graph.structural)
+    return coupling_prior(cfg.model.coupling_prior, train, modality, cfg.graph.structural)
 
 
 def strongest_baseline(r2: dict[str, np.ndarray]) -> list[str]:

@@ -82,6 +82,12 @@ def _dense(edge_index: np.ndarray, edge_weight: np.ndarray, n: int) -> np.ndarra
     return a
 
 
+def input_fc_graph(dm) -> np.ndarray:
+    """The model's input fMRI graph of ``dm`` (group scope) as a dense ``[R, R]`` |weight| matrix, row = target."""
+    key, g = ("fmri", "fc", "fmri"), dm.group_graph
+    return _dense(g.edge_index[key], g.edge_weight[key], dm.n_fmri_slots)
+
+
 def _learned_adjacency(model, n: int) -> np.ndarray | None:
     """``[N, N]`` learned population coupling of the fMRI slots (row = target), or None without one."""
     coupling = getattr(model, "coupling", None)
@@ -121,8 +127,7 @@ def twin_validity(model, cfg, meta: dict, dm, split: str, window_index, fc: dict
 
     a_lin = fit_linear_twin(train_series(dm, "fmri"), alpha=cfg.eval.ridge_alpha)
     refs = {"linear_twin": ec_scores(linear_twin_ec(a_lin, horizon), truth, subjects)}
-    key, n, g = ("fmri", "fc", "fmri"), dm.n_fmri_slots, dm.group_graph
-    graph = _dense(g.edge_index[key], g.edge_weight[key], n)          # the model's input fMRI graph
+    n, graph = dm.n_fmri_slots, input_fc_graph(dm)
     refs["input_fc_graph"] = ec_scores(graph, truth, subjects)
     ec = None
     try:

@@ -116,31 +116,6 @@ def fit_ridge_var(train_series, order: int, alpha: float, solver: str = "auto") 
     return _VarMoments(finite_series(train_series, order + 1, "training"), int(order), solver).solve(alpha)
 
 
-def _structured_solutions(mom: _VarMoments, alpha_cross: float, alpha_selfs) -> list[RidgeVAR]:
-    """Ridge VAR fits with penalty ``alpha_self`` on each target's own lags and ``alpha_cross`` on every
-    other node's lags, one per ``alpha_self`` (all < ``alpha_cross``), from one inverse per ``alpha_cross``.
-
-    Per target i the penalty is ``A + δ S_i S_iᵀ`` with ``A = G + alpha_cross I``, ``δ = alpha_self -
-    alpha_cross`` and ``S_i`` the p own-lag features of i, so Woodbury gives its solution from ``A⁻¹`` and a
-    p x p solve: ``w_i = x_i - A⁻¹ S_i (I/δ + S_iᵀ A⁻¹ S_i)⁻¹ S_iᵀ x_i`` with ``x_i = A⁻¹ r_i``.
-    """
-    p, n = mom.p, mom.n
-    a_inv, x = _cross_inverse(mom, alpha_cross)
-    own = np.arange(p)[None, :] * n + np.arange(n)[:, None]           # [N, p] own-lag features per target
-    cols = a_inv[:, own].transpose(1, 0, 2)                           # [N, D, p]
-    block = a_inv[own[:, :, None], own[:, None, :]]                   # [N, p, p]
-    x_own = x[own, np.arange(n)[:, None]]                             # [N, p]
-    out = []
-    for alpha_self in alpha_selfs:
-        delta = alpha_self - alpha_cross
-        sol = np.linalg.solve(block + np.eye(p) / delta, x_own[..., None])[..., 0]     # [N, p]
-        w = x - np.einsum("ndp,np->dn", cols, sol)                                      # [D, N]
-        out.append(RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
-                            intercept=mom.ybar - w.T @ mom.zbar, order=p, alpha=float(alpha_self),
-                            alpha_cross=float(alpha_cross)))
-    return out
-
-
 def _cross_inverse(mom: _VarMoments, alpha_cross: float) -> tuple[np.ndarray, np.ndarray]:
     """``A⁻¹`` with ``A = G + alpha_cross I`` (symmetrised) and the plain ridge solution ``A⁻¹ Zᵀy [D, N]``."""
     a = mom.gram.copy()
@@ -168,19 +143,20 @@ def prior_support(prior, k: int = PRIOR_SOURCES) -> tuple[np.ndarray, np.ndarray
     return src, np.take_along_axis(w, src, 1)
 
 
-def _prior_solutions(mom: _VarMoments, alpha_cross: float, support, pairs) -> list[RidgeVAR]:
+def _structured_solutions(mom: _VarMoments, alpha_cross: float, pairs, support=None) -> list[RidgeVAR]:
     """Ridge VAR fits with penalty ``alpha_self`` on a target's own lags, ``alpha_cross^(1-w) ·
-    alpha_prior^w`` on the lags of each of its prior sources (weight w, :func:`prior_support`) and
-    ``alpha_cross`` on every other node's lags; one fit per ``(alpha_self, alpha_prior)`` in ``pairs``.
+    alpha_prior^w`` on the lags of each of its prior sources (weight w, :func:`prior_support`; none without
+    ``support``) and ``alpha_cross`` on every other node's lags; one fit per ``(alpha_self, alpha_prior)``
+    in ``pairs`` (``alpha_prior`` None without ``support``), all from one inverse per ``alpha_cross``.
 
     The penalty of target i is ``A + U_i Δ_i U_iᵀ`` (``A = G + alpha_cross I``; ``U_i`` selects its F =
     p·(K + 1) own and prior-source lag features, ``Δ_i`` their penalty minus ``alpha_cross``, ≤ 0), so
-    Woodbury gives ``w_i = x_i - A⁻¹ U_i (I + Δ_i U_iᵀ A⁻¹ U_i)⁻¹ Δ_i U_iᵀ x_i`` (``x = A⁻¹ Zᵀy``): one
-    D x D inverse per ``alpha_cross``, an F x F solve per target and candidate.
+    Woodbury gives ``w_i = x_i - A⁻¹ U_i (I + Δ_i U_iᵀ A⁻¹ U_i)⁻¹ Δ_i U_iᵀ x_i`` (``x = A⁻¹ Zᵀy``): an F x F
+    solve per target and candidate.
     """
     p, n = mom.p, mom.n
     a_inv, x = _cross_inverse(mom, alpha_cross)
-    src, weight = support
+    src, weight = support if support is not None else (np.zeros((n, 0), np.int64), np.zeros((n, 0)))
     nodes = np.concatenate([np.arange(n)[:, None], src], 1)                    # [N, K + 1]: own node first
     feats = (np.arange(p)[None, :, None] * n + nodes[:, None, :]).reshape(n, -1)   # [N, F] lag-major
     block = a_inv[feats[:, :, None], feats[:, None, :]]                        # [N, F, F]
@@ -188,7 +164,9 @@ def _prior_solutions(mom: _VarMoments, alpha_cross: float, support, pairs) -> li
     eye = np.eye(feats.shape[1])
     out = []
     for alpha_self, alpha_prior in pairs:
-        pen = np.concatenate([np.full((n, 1), alpha_self), alpha_cross ** (1 - weight) * alpha_prior ** weight], 1)
+        pen = np.full((n, 1), alpha_self)
+        if src.shape[1]:
+            pen = np.concatenate([pen, alpha_cross ** (1 - weight) * alpha_prior ** weight], 1)
         delta = np.tile(pen - alpha_cross, (1, p))                             # [N, F], same order as feats
         y = np.linalg.solve(eye + delta[:, :, None] * block, (delta * x_sel)[..., None])[..., 0]
         # Σ_f A⁻¹[:, feats_i[f]] y_i[f] for every target i, as a sparse [N, D] (N·F entries) times A⁻¹.
@@ -197,7 +175,8 @@ def _prior_solutions(mom: _VarMoments, alpha_cross: float, support, pairs) -> li
         w = x - (scatter @ a_inv).T
         out.append(RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
                             intercept=mom.ybar - w.T @ mom.zbar, order=p, alpha=float(alpha_self),
-                            alpha_cross=float(alpha_cross), alpha_prior=float(alpha_prior)))
+                            alpha_cross=float(alpha_cross),
+                            alpha_prior=None if alpha_prior is None else float(alpha_prior)))
     return out
 
 
@@ -215,8 +194,8 @@ def fit_linear_model(train_series, order: int, alpha: float, alpha_cross: float,
         if support is None or not alpha <= alpha_prior < alpha_cross:
             raise ValueError(f"fit_linear_model: alpha_prior {alpha_prior} needs a non-zero prior and "
                              f"alpha <= alpha_prior < alpha_cross ({alpha}, {alpha_cross})")
-        return _prior_solutions(mom, alpha_cross, support, [(alpha, alpha_prior)])[0]
-    return mom.solve(alpha) if alpha_cross == alpha else _structured_solutions(mom, alpha_cross, [alpha])[0]
+        return _structured_solutions(mom, alpha_cross, [(alpha, alpha_prior)], support)[0]
+    return mom.solve(alpha) if alpha_cross == alpha else _structured_solutions(mom, alpha_cross, [(alpha, None)])[0]
 
 
 def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS, prior=None
@@ -229,7 +208,7 @@ def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=
     With ``prior`` ``[N, N]`` (row = target, column = source: |FC| of the training spans or structural
     connectivity) the candidates also include, for every ``alpha <= alpha_prior < alpha_cross`` from
     ``alphas``, the fit that lowers the penalty of each target's :data:`PRIOR_SOURCES` strongest prior
-    sources towards ``alpha_prior`` by their weight (:func:`prior_support`, :func:`_prior_solutions`): a
+    sources towards ``alpha_prior`` by their weight (:func:`prior_support`, :func:`_structured_solutions`): a
     prior that weights the penalty, not a mask, and kept only where validation prefers it.
 
     Returns ``(best, info)`` with ``info = {'order', 'alpha', 'alpha_cross', 'alpha_prior', 'val_mse',
@@ -248,10 +227,10 @@ def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=
     for p in orders:
         mom = _VarMoments(train, p, "primal")
         for i, a_cross in enumerate(alphas):
-            fits = [mom.solve(a_cross)] + _structured_solutions(mom, a_cross, alphas[:i])
+            fits = [mom.solve(a_cross)] + _structured_solutions(mom, a_cross, [(a_s, None) for a_s in alphas[:i]])
             if support is not None:
                 pairs = [(a_s, a_p) for j, a_s in enumerate(alphas[:i]) for a_p in alphas[j:i]]
-                fits += _prior_solutions(mom, a_cross, support, pairs)
+                fits += _structured_solutions(mom, a_cross, pairs, support)
             for fit in fits:
                 mse = one_step_mse(fit.step, val, p, p_max)
                 count += 1

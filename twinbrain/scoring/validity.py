@@ -216,13 +216,20 @@ def linear_twin_ec(a, horizon: int = 1) -> np.ndarray:
 
     A unit impulse at node j on the last context step changes the VAR(1) forecast ``h`` steps later by
     ``(A^h)[:, j]``; averaged over h = 1..``horizon`` as the twin's perturbation EC averages the forecast
-    change over the horizon. ``horizon = 1`` returns ``A`` itself. ``[N, N] -> [N, N]``.
+    change over the horizon. ``horizon = 1`` returns ``A`` itself. ``[N, N] -> [N, N]``. A VAR(p)
+    ``[p, N, N]`` (``a[k]`` = lag k + 1, :class:`~twinbrain.scoring.linear.RidgeVAR.coef`) iterates its
+    companion matrix: the first ``N x N`` block of its powers.
     """
-    a = _square(a, "A")
+    a = np.asarray(a, dtype=np.float64)
+    lags = a if a.ndim == 3 else _square(a, "A")[None]
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
-    power, total = np.eye(a.shape[0]), np.zeros_like(a)
+    p, n = lags.shape[0], lags.shape[-1]
+    companion = np.zeros((p * n, p * n))
+    companion[:n] = np.concatenate(list(_square(m, "A[k]") for m in lags), 1)
+    companion[n:, :-n] = np.eye((p - 1) * n)
+    power, total = np.eye(p * n), np.zeros((n, n))
     for _ in range(horizon):
-        power = a @ power
-        total += power
+        power = companion @ power
+        total += power[:n, :n]
     return total / horizon

@@ -1,14 +1,15 @@
 """Closed-form start of the model before step 0: the linear core becomes the validation-tuned linear
 model and the coupling penalties get their priors.
 
-The VAR order (``eval.baseline_orders`` up to ``model.linear_order``) and the ridge penalties on a node's own lags and on other nodes'
-lags (both from ``eval.baseline_alphas``, the baselines' grid; equal = plain ridge VAR, a much larger cross penalty
-approaches per-node AR; with ``model.coupling_prior`` also a lower penalty on each node's strongest prior sources,
-|FC| of the training spans or structural connectivity) are chosen by one-step mean squared error on the validation split's spans — never
-on test subjects — so at step 0 the twin forecasts exactly like the ``svar`` baseline and training only
-adds nonlinear corrections. ``model.core`` = ``transfer`` fits the one-TR flow of
-``dx/dt = c - D x + W tanh(b x)`` instead (slope and alpha on validation, then L-BFGS on the training
-one-step MSE: :func:`select_core_model`); ``auto`` fits both and keeps the lower validation one-step MSE.
+The VAR order (``eval.baseline_orders`` up to ``model.linear_order``) and the ridge penalties on a node's own
+lags and on other nodes' lags (both from ``eval.baseline_alphas``, the baselines' grid; equal = plain ridge VAR,
+a much larger cross penalty approaches per-node AR; with ``model.coupling_prior`` also a lower penalty on each
+node's strongest prior sources, |FC| of the training spans or structural connectivity) are chosen by one-step
+mean squared error on the validation split's spans — never on test subjects — so at step 0 the twin forecasts
+exactly like the ``svar`` baseline and training only adds nonlinear corrections. ``model.core`` = ``transfer``
+fits the one-TR flow of ``dx/dt = c - D x + W tanh(b x)`` instead (slope and alpha on validation, then L-BFGS
+on the training one-step MSE: :func:`select_core_model`); ``auto`` fits both and keeps the lower validation
+one-step MSE.
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ from ..scoring.linear import fit_ridge_var
 from ..scoring.transfer import TransferFlow, select_core_model
 
 log = logging.getLogger(__name__)
+
+
+def core_orders(cfg) -> list[int]:
+    """VAR orders the core is chosen from: ``eval.baseline_orders`` up to ``model.linear_order``."""
+    return [p for p in cfg.eval.baseline_orders if p <= cfg.model.linear_order] or [cfg.model.linear_order]
 
 
 def select_core(train: list[np.ndarray], val: list[np.ndarray], orders, alphas, core: str = "var", prior=None):
@@ -56,8 +62,7 @@ def warm_start(model, dm, cfg) -> dict:
         if m not in model.linear:
             continue
         val = span_series(dm.cohort, dm.stats, dm.split.val, m)
-        orders = [p for p in cfg.eval.baseline_orders if p <= cfg.model.linear_order] or [cfg.model.linear_order]
-        fit, info = select_core(train[m], val, orders, cfg.eval.baseline_alphas, cfg.model.core, priors[m])
+        fit, info = select_core(train[m], val, core_orders(cfg), cfg.eval.baseline_alphas, cfg.model.core, priors[m])
         mse = "n/a" if info["val_mse"] is None else f"{info['val_mse']:.4f}"
         if isinstance(fit, TransferFlow):
             model.linear[m].load_transfer(fit.w, fit.d, fit.c, fit.b)
