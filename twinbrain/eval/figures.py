@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -91,7 +92,7 @@ def plot_forecast_example(ex: dict, path, period_s: float, modality: str, names:
         im = ax.imshow(img, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest",
                        extent=(t0, t1, img.shape[0] - 0.5, -0.5))
         ax.axvline(0.5 * period_s, color="k", lw=1)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(textwrap.fill(title, 40), fontsize=9)     # a tuned baseline's label is long
         ax.set_xlabel("time from the last context sample (s)")
         if names is not None and len(names) <= 40:
             ax.set_yticks(range(len(names)), names, fontsize=5)
