@@ -6,7 +6,7 @@
 
 Shapes (the TwinBrain V5 reference's default window, docs/PERFORMANCE.md "peer anchor"): fMRI 190 regions
 x 50 TRs, EEG 63 channels x 250 latent steps (25 000 samples at stride 100), hidden 128, 4 blocks, 1 window
-per step, fp32, 1 torch thread.  A step = TrainModule forward (model + losses + uncertainty balancer),
+per step, fp32 (``--precision bf16``: the forward under bf16 autocast, as ``train.precision: bf16``), 1 torch thread.  A step = TrainModule forward (model + losses + uncertainty balancer),
 backward, gradient clipping, AdamW, zero_grad: what the trainer does per optimizer step.
 
 Every measurement runs in a fresh subprocess (``--worker``) whose ``sys.path`` starts at the tree under test,
@@ -19,7 +19,7 @@ Per worker: ``--steps`` timed steps after 1 warm-up.  Reported:
   ``/proc/self/clear_refs``), i.e. what the steps themselves add, like the reference's "+3.25 GB";
 * **matmul share**: FLOPs of one step counted by ``FlopCounterMode`` (mm/addmm/bmm/conv/attention) and
   the CPU time of those kernels in a ``torch.profiler`` trace of one step; their own rate and the whole
-  step's matmul-equivalent rate are compared to a 2048^3 fp32 ``torch.mm`` measured in the same worker.
+  step's matmul-equivalent rate are compared to a 2048^3 ``torch.mm`` in the step's dtype measured in the same worker.
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def worker(a) -> dict:
                      **overrides)
     tc = TrainConfig(balancer="uncertainty")
     model = build_model(mc, 4, 4, a.n_fmri, a.n_eeg, a.steps_per_tr * a.eeg_stride)
-    if a.checkpointing:
+    if a.ckpt:
         apply_activation_checkpointing(model.blocks, "full", 1)
     module = train_module(model, tc, mc).train()
     opt = build_optimizer(param_groups(model, tc, extra=module.balancer), tc, torch.device("cpu"))
@@ -116,8 +116,11 @@ def worker(a) -> dict:
     batch = Batch.from_data_list([_window(a, s) for s in range(a.windows)])
     counts = module.counts(batch)
 
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[a.dtype]
+
     def step() -> None:
-        loss, _ = module(batch, counts, 1.0, 1.0)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):   # as the trainer's backends do
+            loss, _ = module(batch, counts, 1.0, 1.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
@@ -151,8 +154,8 @@ def worker(a) -> dict:
         res["matmul_self_share"] = mm / total_self
         top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]
         res["top_ops"] = [[e.key, round(e.self_cpu_time_total / total_self, 3)] for e in top]
-        x = torch.randn(2048, 2048)
-        y = torch.randn(2048, 2048)
+        x = torch.randn(2048, 2048, dtype=dtype or torch.float32)      # the GEMM rate of the step's dtype
+        y = torch.randn(2048, 2048, dtype=dtype or torch.float32)
         torch.mm(x, y)
         rates = []
         for _ in range(3):
@@ -184,6 +187,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="workers per (tree, checkpointing), alternated")
     p.add_argument("--out-json", default="", help="also write every worker's result here")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    # The worker's own switch: a list-valued --checkpointing ([0] or [1]) would always be truthy there.
+    p.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                   help="forward under bf16 autocast (as train.precision: bf16) as well as / instead of fp32")
+    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -202,46 +210,44 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
     results: dict = {}
     for rnd in range(a.rounds):
-        for ck in a.checkpointing:
+        for ck, prec in [(c, p) for c in a.checkpointing for p in a.precision]:
             for name, tree in trees.items():
                 argv = [sys.executable, str(HERE), "--worker", tree, *shape_flags,
-                        *[f"--set={kv}" for kv in sets[name]]]
-                if ck:
-                    argv.append("--checkpointing=1")
+                        *[f"--set={kv}" for kv in sets[name]], f"--ckpt={ck}", f"--dtype={prec}"]
                 if rnd == 0:
                     argv.append("--matmul")
                 out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tree)
                 if out.returncode:
                     raise SystemExit(f"worker {name} (checkpointing {ck}) failed:\n{out.stderr[-3000:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
-                results.setdefault((name, ck), []).append(r)
-                print(f"[{time.strftime('%H:%M:%S')}] {name} ckpt={ck} round {rnd}: cpu_s {r['cpu_s']} "
+                results.setdefault((name, ck, prec), []).append(r)
+                print(f"[{time.strftime('%H:%M:%S')}] {name} ckpt={ck} {prec} round {rnd}: cpu_s {r['cpu_s']} "
                       f"hwm {r['rss_hwm_mib']:.0f} MiB", file=sys.stderr, flush=True)
     if a.out_json:
-        Path(a.out_json).write_text(json.dumps({f"{k[0]}/ckpt{k[1]}": v for k, v in results.items()}, indent=1))
+        Path(a.out_json).write_text(json.dumps({f"{k[0]}/ckpt{k[1]}/{k[2]}": v for k, v in results.items()}, indent=1))
     print(report(a, trees, sets, results))
 
 
 def report(a, trees, sets, results) -> str:
     import platform
     rows = []
-    for (name, ck), rs in results.items():
+    for (name, ck, prec), rs in results.items():
         cpu = [c for r in rs for c in r["cpu_s"]]
         per_win = statistics.median(cpu) / a.windows
         first = rs[0]
         flops = first["flops"] / a.windows
         gemm = first["gemm_flops_per_cpu_s"]
         mm_cpu = first["matmul_self_share"] * first["profiled_cpu_s"]
-        rows.append([name, "on" if ck else "off", f"{per_win:.2f}", f"{1 / per_win:.3f}",
+        rows.append([name, "on" if ck else "off", prec, f"{per_win:.2f}", f"{1 / per_win:.3f}",
                      f"{REFERENCE_CPU_S / per_win:.1f}x",
                      f"{max(r['rss_hwm_mib'] for r in rs):,.0f}", f"{max(r['rss_growth_mib'] for r in rs):,.0f}",
                      f"{max(r['rss_growth_mib'] for r in rs) / 1024 / REFERENCE_RSS_GB:.2f}",
                      f"{flops / 1e9:.1f}", f"{first['matmul_self_share'] * 100:.0f} %",
                      f"{first['flops'] / mm_cpu / gemm * 100:.0f} %", f"{flops / per_win / gemm * 100:.0f} %",
                      f"{gemm / 1e9:.0f}", f"{min(cpu):.2f}-{max(cpu):.2f}"])
-    hdr = ["tree", "ckpt", "CPU-s / window", "windows / CPU-s", "vs reference (38 CPU-s)", "peak RSS MiB",
+    hdr = ["tree", "ckpt", "precision", "CPU-s / window", "windows / CPU-s", "vs reference (38 CPU-s)", "peak RSS MiB",
            "RSS growth MiB", "growth / reference 3.25 GB", "GFLOP / window (matmul)", "matmul kernels' CPU share",
-           "matmul kernels' rate / GEMM", "step's matmul-equivalent rate / GEMM", "GEMM GFLOP/CPU-s",
+           "matmul kernels' rate / GEMM", "step's matmul-equivalent rate / GEMM", "GEMM GFLOP/CPU-s (its dtype)",
            "CPU-s per step (range)"]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)] + ["| " + " | ".join(r) + " |" for r in rows]
     la = os.getloadavg()
@@ -252,9 +258,10 @@ def report(a, trees, sets, results) -> str:
         tv = "?"
     cmd = "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:])
     trees_txt = "; ".join(f"`{n}` = {d} ({', '.join(sets[n]) or 'defaults'})" for n, d in trees.items())
-    tops = "\n".join(f"- {name} ckpt {'on' if ck else 'off'}: " + ", ".join(f"{k} {v * 100:.0f} %" for k, v in rs[0]["top_ops"][:8])
-                     for (name, ck), rs in results.items())
-    return (f"\n## Whole train step at the reference's shapes (cpu, fp32)\n\n`{cmd}`\n\n"
+    tops = "\n".join(f"- {name} ckpt {'on' if ck else 'off'} {prec}: "
+                     + ", ".join(f"{k} {v * 100:.0f} %" for k, v in rs[0]["top_ops"][:8])
+                     for (name, ck, prec), rs in results.items())
+    return (f"\n## Whole train step at the reference's shapes (cpu, {', '.join(a.precision)})\n\n`{cmd}`\n\n"
             f"Machine: 2-core AMD EPYC (shared), 1 torch thread per worker, torch {tv}, Python "
             f"{platform.python_version()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
             f"Load average at the end: {la[0]:.2f} (1 min), {la[1]:.2f} (5 min).\n\n"
