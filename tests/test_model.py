@@ -123,6 +123,56 @@ def test_local_attention_equals_masked_full_attention(window, t):
         torch.testing.assert_close(a, b)
 
 
+def _saved_bytes(fn, *args) -> int:
+    """Bytes autograd keeps for backward of ``fn(*args)`` (each storage once)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values())
+
+
+def test_gelu_linear_equals_linear_of_gelu_and_keeps_only_the_pre_activation():
+    from twinbrain.model.layers import GeluLinear
+    torch.manual_seed(0)
+    lin = GeluLinear(32, 8).train()
+    a = torch.randn(6, 10, 32, requires_grad=True)
+    ref = torch.nn.functional.linear(torch.nn.functional.gelu(a), lin.weight, lin.bias)
+    got = lin(a)
+    torch.testing.assert_close(got, ref)
+    g = torch.randn_like(ref)
+    for x, y in zip(torch.autograd.grad(got, (a, lin.weight, lin.bias), g),
+                    torch.autograd.grad(ref, (a, lin.weight, lin.bias), g)):
+        torch.testing.assert_close(x, y)
+    weights = sum(t.numel() * 4 for t in (lin.weight, lin.bias))
+    assert _saved_bytes(lin, a) == a.numel() * 4 + weights       # not gelu(a) as well
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(a)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and lin.weight.grad.dtype == torch.float32
+
+
+def test_dropout_add_is_inverted_dropout_with_a_boolean_mask():
+    from twinbrain.model.layers import dropout_add
+    base = torch.randn(40, 50, 16, requires_grad=True)
+    x = torch.randn(40, 50, 16, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout_add(base, x, 0.25, True)
+    kept = (y - base).detach().ne(0)
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close((y - base)[kept], x[kept] / 0.75)
+    gb, gx = torch.autograd.grad(y, (base, x), torch.ones_like(y))
+    torch.testing.assert_close(gb, torch.ones_like(gb))
+    torch.testing.assert_close(gx, kept.float() / 0.75)
+    assert _saved_bytes(lambda: dropout_add(base, x, 0.25, True)) == x.numel()      # one byte per element
+    torch.manual_seed(3)
+    torch.testing.assert_close(dropout_add(base, x, 0.25, True), y)                  # replayable from the seed
+    torch.testing.assert_close(dropout_add(base, x, 0.25, False), base + x)
+
+
 def test_every_block_is_causal():
     torch.manual_seed(0)
     hid, l_e = 16, T_F * SPT // STRIDE
@@ -143,13 +193,14 @@ def test_every_block_is_causal():
 
 def test_block_under_activation_checkpointing_matches():
     torch.manual_seed(0)
-    block = STBlock(16, 2, 3, 0.0, SPT // STRIDE, SLOTS)
+    block = STBlock(16, 2, 3, 0.2, SPT // STRIDE, SLOTS)      # dropout on: the recompute replays its masks
     edges = block_inputs(3)
     h_f = torch.randn(N_F, T_F, 16, requires_grad=True)
     h_e = torch.randn(N_E, T_F * SPT // STRIDE, 16, requires_grad=True)
     grads = []
     for ckpt in (False, True):
         block.zero_grad()
+        torch.manual_seed(1)
         fn = (lambda *a: torch.utils.checkpoint.checkpoint(block, *a, use_reentrant=False)) if ckpt else block
         out_f, out_e = fn(h_f, h_e, *edges)
         (out_f.square().sum() + out_e.square().sum()).backward()

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from twinbrain.model.coupling import couple, from_dense, to_dense
-from twinbrain.model.layers import CausalConv, CausalSelfAttention, FeedForward, SpectralNorm
+from twinbrain.model.layers import CausalConv, CausalSelfAttention, FeedForward, SpectralNorm, dropout_add
 from twinbrain.schema import MODALITIES, RELATIONS, relation_key
 
 
@@ -65,7 +65,7 @@ class STBlock(nn.Module):
                                        "eeg": CausalSelfAttention(hidden, heads, attention_window)})
         self.norm_ff = per_modality(lambda: nn.LayerNorm(hidden))
         self.ff = per_modality(lambda: FeedForward(hidden))
-        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
         if spectral_norm:
             _apply_spectral_norm(self)
 
@@ -121,6 +121,6 @@ class STBlock(nn.Module):
         for m in MODALITIES:
             h[m] = h[m] + msg[m].to(h[m].dtype)
             if self.use_attn:
-                h[m] = h[m] + self.drop(self.attn[m](self.norm_attn[m](h[m])))
-            h[m] = h[m] + self.drop(self.ff[m](self.norm_ff[m](h[m])))
+                h[m] = dropout_add(h[m], self.attn[m](self.norm_attn[m](h[m])), self.dropout, self.training)
+            h[m] = dropout_add(h[m], self.ff[m](self.norm_ff[m](h[m])), self.dropout, self.training)
         return h["fmri"], h["eeg"]

@@ -79,16 +79,74 @@ class CausalPatchEmbed(nn.Module):
         return y.transpose(1, 2)
 
 
+class _GeluLinearFn(torch.autograd.Function):
+    """``linear(gelu(a), weight, bias)`` that saves ``a`` only and recomputes ``gelu(a)`` in backward (an
+    ``nn.Linear`` after ``F.gelu`` keeps both, each ``2H`` wide: the largest saved tensors of a block)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(a, weight, bias)
+        return F.linear(F.gelu(a), weight, bias)          # autocast, if on, casts here as for nn.Linear
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, weight, bias = ctx.saved_tensors
+        u = F.gelu(a).to(grad.dtype)
+        g2, u2 = grad.reshape(-1, grad.shape[-1]), u.reshape(-1, u.shape[-1])
+        grad_w = (g2.t() @ u2).to(weight.dtype)
+        grad_b = g2.sum(0).to(bias.dtype)
+        grad_u = (grad @ weight.to(grad.dtype)).to(a.dtype)
+        return torch.ops.aten.gelu_backward(grad_u, a), grad_w, grad_b
+
+
+class GeluLinear(nn.Linear):
+    """``nn.Linear`` applied to ``gelu(input)``; in training it saves only the pre-activation (see
+    :class:`_GeluLinearFn`). A module, so ZeRO-3 gathers its weight, spectral norm can parametrize it and
+    the state-dict keys stay those of ``nn.Linear``. Eval (and forward-mode AD in the twin's Jacobian EC)
+    takes the plain composition."""
+
+    def forward(self, a: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled():
+            return _GeluLinearFn.apply(a, self.weight, self.bias)
+        return F.linear(F.gelu(a), self.weight, self.bias)
+
+
 class FeedForward(nn.Module):
     """Position-wise MLP ``[..., H] -> [..., H]`` (expansion 2).  No dropout inside: the block drops the
     residual branch it feeds (one mask of ``[N, T, H]`` instead of two, the inner one twice as wide)."""
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, hidden)
+        self.fc1, self.fc2 = nn.Linear(hidden, 2 * hidden), GeluLinear(2 * hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.fc1(x))
+
+
+class _DropoutAddFn(torch.autograd.Function):
+    """``base + x * keep / (1 - p)``; ``keep`` comes from ``torch.rand`` (a checkpointed recompute replays
+    it from the restored RNG state) and is saved as bool, a quarter of the float mask ``F.dropout`` keeps
+    on CPU; ``rand`` is also about twice as fast there as the ``bernoulli_`` it draws."""
+
+    @staticmethod
+    def forward(ctx, base: Tensor, x: Tensor, p: float) -> Tensor:
+        keep = torch.rand(x.shape, device=x.device) >= p
+        ctx.scale, ctx.dtypes = 1.0 / (1.0 - p), (base.dtype, x.dtype)
+        ctx.save_for_backward(keep)
+        return torch.addcmul(base, x, keep, value=ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        keep, = ctx.saved_tensors
+        base_dtype, x_dtype = ctx.dtypes
+        return grad.to(base_dtype), (grad * keep * ctx.scale).to(x_dtype), None
+
+
+def dropout_add(base: Tensor, x: Tensor, p: float, training: bool) -> Tensor:
+    """Residual ``base + dropout(x)`` (inverted dropout with probability ``p`` while ``training``)."""
+    if not training or p == 0.0:
+        return base + x
+    return _DropoutAddFn.apply(base, x, p)
 
 
 def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
