@@ -35,7 +35,7 @@ def plot_horizons(report: dict, path, labels: dict[str, dict[str, str]] | None =
     mods = [m for m in MODALITIES if m in fc]
     if not mods:
         return None
-    fig, axes = plt.subplots(1, len(mods), figsize=(6.2 * len(mods), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(mods), figsize=(6.2 * len(mods), 6.0), squeeze=False)
     for ax, m in zip(axes[0], mods):
         f, hs = fc[m], fc[m]["horizons"]
         sec = _horizon_seconds(m, p)
@@ -56,7 +56,8 @@ def plot_horizons(report: dict, path, labels: dict[str, dict[str, str]] | None =
         ax.set_title(f"{m.upper()}: {p['split']} split, {p['n_windows']} windows" + (f", n = {int(n)}/horizon" if n else ""),
                      fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        # Below the panel: inside, seven entries covered the curves they name.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
     fig.suptitle("forecast R² by horizon: TwinBrain and every baseline", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     path = Path(path)
