@@ -12,7 +12,6 @@ Conventions used throughout ``twinbrain.model``:
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
