@@ -24,6 +24,7 @@ Per worker: ``--steps`` timed steps after 1 warm-up.  Reported:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -210,7 +211,7 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
     results: dict = {}
     for rnd in range(a.rounds):
-        for ck, prec in [(c, p) for c in a.checkpointing for p in a.precision]:
+        for ck, prec in itertools.product(a.checkpointing, a.precision):
             for name, tree in trees.items():
                 argv = [sys.executable, str(HERE), "--worker", tree, *shape_flags,
                         *[f"--set={kv}" for kv in sets[name]], f"--ckpt={ck}", f"--dtype={prec}"]
@@ -218,7 +219,7 @@ def main() -> None:
                     argv.append("--matmul")
                 out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tree)
                 if out.returncode:
-                    raise SystemExit(f"worker {name} (checkpointing {ck}) failed:\n{out.stderr[-3000:]}")
+                    raise SystemExit(f"worker {name} (checkpointing {ck}, {prec}) failed:\n{out.stderr[-3000:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 results.setdefault((name, ck, prec), []).append(r)
                 print(f"[{time.strftime('%H:%M:%S')}] {name} ckpt={ck} {prec} round {rnd}: cpu_s {r['cpu_s']} "

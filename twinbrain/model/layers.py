@@ -92,7 +92,7 @@ class _GeluLinearFn(torch.autograd.Function):
         u = F.gelu(a).to(grad.dtype)
         g2, u2 = grad.reshape(-1, grad.shape[-1]), u.reshape(-1, u.shape[-1])
         grad_w = (g2.t() @ u2).to(weight.dtype)
-        grad_b = g2.sum(0).to(bias.dtype)
+        grad_b = None if bias is None else g2.sum(0).to(bias.dtype)
         grad_u = (grad @ weight.to(grad.dtype)).to(a.dtype)
         return torch.ops.aten.gelu_backward(grad_u, a), grad_w, grad_b
 
