@@ -112,16 +112,14 @@ def _spatial_align_first(blk: STBlock, h, couplings, idx, keep, n_windows):
     fMRI -> EEG held on the EEG grid first (``[N_f, L_e, H]``), then projected and multiplied (5x the rows).
     Differs from today only at the EEG steps before the first TR ends (there it sent ``C @ bias``)."""
     from twinbrain.model.coupling import couple, from_dense, to_dense
-    z = {m: blk.norm_space[m](h[m]) for m in MODALITIES}
     msg = {m: None for m in MODALITIES}
     for rel in RELATIONS:
         src, _, dst = rel
         key = relation_key(rel)
-        x = (z[src] if src == dst else blk.pool_eeg_to_tr(z["eeg"], z["fmri"].shape[1]) if dst == "fmri"
-             else blk.last_tr_for_eeg(z["fmri"], z["eeg"].shape[1]))
-        v = blk.value[key](x) * keep[src]
+        x = blk.last_tr_for_eeg(h["fmri"], h["eeg"].shape[1]) if (src, dst) == ("fmri", "eeg") else h[src]
+        v = blk.value[key](x) * keep[src]                   # (the value projections normalise, EEG -> fMRI pools)
         dense = to_dense(v, idx[src], n_windows, blk.n_slots[src])
-        out = from_dense(couple(couplings[key], dense), idx[dst], tuple(z[dst].shape[1:]))
+        out = from_dense(couple(couplings[key], dense), idx[dst], tuple(h[dst].shape[1:]))
         msg[dst] = out if msg[dst] is None else msg[dst] + out
     return msg
 
@@ -158,7 +156,7 @@ def build(a, design: str, windows: int):
         win = {m: torch.arange(windows).repeat_interleave(n[m]) for m in MODALITIES}
         idx = {m: dense_index(torch.arange(n[m]).repeat(windows), win[m], n[m]) for m in MODALITIES}
         keep = {m: torch.ones(windows * n[m], 1, 1) for m in MODALITIES}
-        params = list(blk.norm_space.parameters()) + list(blk.value.parameters()) + list(coup.parameters())
+        params = list(blk.value.parameters()) + list(coup.parameters())
 
         spatial = blk.spatial if design == "coupling" else (
             lambda *args: _spatial_align_first(blk, *args))

@@ -155,6 +155,77 @@ def test_gelu_linear_equals_linear_of_gelu_and_keeps_only_the_pre_activation():
     assert out.dtype == torch.bfloat16 and lin.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("layer", ["norm_linear", "norm_linear_pooled", "conv"])
+def test_pre_norm_layers_equal_their_composition_and_keep_only_the_input(layer):
+    """NormLinear = linear(layer_norm(x)), CausalConv = gelu(conv(left_pad(layer_norm(x)))): the same values
+    and gradients as the unfused layers, keeping the input and two row statistics for backward (and the
+    conv's output for gelu's derivative), not the norm's output or its padded copy."""
+    from twinbrain.model.layers import CausalConv, NormLinear
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    mod = {"norm_linear": lambda: NormLinear(16, 24), "norm_linear_pooled": lambda: NormLinear(16, 24, pool=3),
+           "conv": lambda: CausalConv(16, 3, dilation=2)}[layer]()
+    with torch.no_grad():
+        mod.norm_weight.normal_()
+        mod.norm_bias.normal_()
+    x = torch.randn(5, 12, 16, requires_grad=True)
+
+    def reference(x):
+        y = F.layer_norm(x, (16,), mod.norm_weight, mod.norm_bias, mod.eps)
+        if layer == "norm_linear":
+            return F.linear(y, mod.weight, mod.bias)
+        if layer == "norm_linear_pooled":                   # the mean of each run of 3 steps, then the projection
+            return F.linear(y.view(5, 4, 3, 16).mean(2), mod.weight, mod.bias)
+        return F.gelu(F.conv1d(F.pad(y.transpose(1, 2), (4, 0)), mod.weight, mod.bias, dilation=2)).transpose(1, 2)
+    got, ref = mod.train()(x), reference(x)
+    torch.testing.assert_close(got, ref)
+    params = (x, mod.norm_weight, mod.norm_bias, mod.weight, mod.bias)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b)
+    weights = sum(p.numel() * 4 for p in params[1:])
+    kept = x.numel() * 4 + 2 * 5 * 12 * 4 + weights                        # x, mean, rstd (not the norm)
+    assert _saved_bytes(mod, x) == kept + (x.numel() * 4 if layer == "conv" else 0)   # + the conv's output
+    torch.testing.assert_close(mod.eval()(x), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mod.train()(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and mod.weight.grad.dtype == mod.norm_weight.grad.dtype == torch.float32
+
+
+def test_block_loads_a_checkpoint_with_the_pre_norms_as_separate_modules():
+    """Runs saved before the pre-norms moved into CausalConv / NormLinear name them norm_conv, norm_attn,
+    norm_ff, norm_space (one per source, shared by its relations) and the kernel conv.{m}.conv; such a state
+    dict loads strictly and gives the same block."""
+    torch.manual_seed(0)
+    block = STBlock(16, 2, 3, 0.0, SPT // STRIDE, SLOTS).eval()
+    with torch.no_grad():                 # the old layout had one spatial norm per source modality
+        for m in ("fmri", "eeg"):
+            gamma, beta = torch.randn(16), torch.randn(16)
+            for r in RELATIONS:
+                if r[0] == m:
+                    block.value[relation_key(r)].norm_weight.copy_(gamma)
+                    block.value[relation_key(r)].norm_bias.copy_(beta)
+
+    def old_name(key: str) -> str:
+        for m in ("fmri", "eeg"):
+            for new, before in ((f"conv.{m}.norm_", f"norm_conv.{m}."), (f"attn.{m}.qkv.norm_", f"norm_attn.{m}."),
+                                (f"ff.{m}.fc1.norm_", f"norm_ff.{m}."), (f"conv.{m}.", f"conv.{m}.conv.")):
+                if key.startswith(new):
+                    return before + key[len(new):]
+        for r in RELATIONS:
+            if key.startswith(f"value.{relation_key(r)}.norm_"):
+                return f"norm_space.{r[0]}." + key.rsplit("norm_", 1)[1]
+        return key
+    old = {old_name(k): v for k, v in block.state_dict().items()}
+    assert {"norm_attn.eeg.weight", "conv.fmri.conv.weight", "norm_conv.eeg.bias", "norm_space.eeg.weight"} <= set(old)
+    fresh = STBlock(16, 2, 3, 0.0, SPT // STRIDE, SLOTS).eval()
+    fresh.load_state_dict(old)
+    h_f, h_e = torch.randn(N_F, T_F, 16), torch.randn(N_E, T_F * SPT // STRIDE, 16)
+    for a, b in zip(block(h_f, h_e, *block_inputs(2)), fresh(h_f, h_e, *block_inputs(2))):
+        torch.testing.assert_close(a, b)
+
+
 def test_dropout_add_is_inverted_dropout_with_a_boolean_mask():
     from twinbrain.model.layers import dropout_add
     base = torch.randn(40, 50, 16, requires_grad=True)

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from twinbrain.model.coupling import couple, from_dense, to_dense
-from twinbrain.model.layers import CausalConv, CausalSelfAttention, FeedForward, SpectralNorm, dropout_add
+from twinbrain.model.layers import (CausalConv, CausalSelfAttention, FeedForward, NormLinear, SpectralNorm,
+                                    dropout_add)
 from twinbrain.schema import MODALITIES, RELATIONS, relation_key
 
 
@@ -21,6 +22,32 @@ def _apply_spectral_norm(module: nn.Module) -> None:
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     for lin in linears:
         nn.utils.parametrize.register_parametrization(lin, "weight", SpectralNorm(lin.weight.detach()))
+
+
+def _moved_keys() -> dict[str, tuple[str, ...]]:
+    """Old key stem -> new key stems, for checkpoints written before the pre-norms moved into the layers
+    after them (``layers.CausalConv``, ``layers.NormLinear``; the spatial norm of a source modality into the
+    value projection of each relation it sends)."""
+    moved = {}
+    for m in MODALITIES:
+        moved[f"norm_conv.{m}."] = (f"conv.{m}.norm_",)
+        moved[f"conv.{m}.conv."] = (f"conv.{m}.",)
+        moved[f"norm_attn.{m}."] = (f"attn.{m}.qkv.norm_",)
+        moved[f"norm_ff.{m}."] = (f"ff.{m}.fc1.norm_",)
+        moved[f"norm_space.{m}."] = tuple(f"value.{relation_key(r)}.norm_" for r in RELATIONS if r[0] == m)
+    return moved
+
+
+_MOVED_KEYS = _moved_keys()
+
+
+def _load_moved_keys(module, state_dict, prefix, *_) -> None:
+    for old, news in _MOVED_KEYS.items():
+        for p in ("weight", "bias"):
+            if prefix + old + p in state_dict:
+                value = state_dict.pop(prefix + old + p)
+                for new in news:
+                    state_dict[prefix + new + p] = value
 
 
 class STBlock(nn.Module):
@@ -53,28 +80,33 @@ class STBlock(nn.Module):
         def per_modality(make):
             return nn.ModuleDict({m: make() for m in MODALITIES})
 
-        self.norm_conv = per_modality(lambda: nn.LayerNorm(hidden))
         self.conv = per_modality(lambda: CausalConv(hidden, kernel_size, dilation))
-        self.norm_space = per_modality(lambda: nn.LayerNorm(hidden))
-        self.value = nn.ModuleDict({relation_key(r): nn.Linear(hidden, hidden) for r in RELATIONS})
+        # Each relation's value projection normalises its source itself (EEG -> fMRI: then averages the EEG
+        # steps inside each TR), keeping only the source stream for backward.
+        self.value = nn.ModuleDict({
+            relation_key(r): NormLinear(hidden, hidden, pool=steps_per_tr if (r[0], r[2]) == ("eeg", "fmri") else 1)
+            for r in RELATIONS})
         if temporal_attention:
-            self.norm_attn = per_modality(lambda: nn.LayerNorm(hidden))
             # EEG: local causal attention over the last ``attention_window`` latent steps (linear in the
             # window length); fMRI (tens of TRs) attends to every earlier TR.
             self.attn = nn.ModuleDict({"fmri": CausalSelfAttention(hidden, heads),
                                        "eeg": CausalSelfAttention(hidden, heads, attention_window)})
-        self.norm_ff = per_modality(lambda: nn.LayerNorm(hidden))
         self.ff = per_modality(lambda: FeedForward(hidden))
         self.dropout = dropout
         if spectral_norm:
             _apply_spectral_norm(self)
+        self.register_load_state_dict_pre_hook(_load_moved_keys)
+
+    def check_spans(self, l_e: int, t_f: int) -> None:
+        """EEG and fMRI latents must cover the same wall-clock span (``L_e = T_f * steps_per_tr``)."""
+        if l_e != t_f * self.steps_per_tr:
+            raise ValueError(f"EEG has {l_e} latent steps but fMRI has {t_f} TRs x {self.steps_per_tr} "
+                             f"steps per TR; windows must cover the same wall-clock span")
 
     def pool_eeg_to_tr(self, z_e: Tensor, t_f: int) -> Tensor:
         """``[N_e, L_e, H] -> [N_e, T_f, H]``: mean of the EEG latent steps inside each TR (causal)."""
         n, l_e, hid = z_e.shape
-        if l_e != t_f * self.steps_per_tr:
-            raise ValueError(f"EEG has {l_e} latent steps but fMRI has {t_f} TRs x {self.steps_per_tr} "
-                             f"steps per TR; windows must cover the same wall-clock span")
+        self.check_spans(l_e, t_f)
         return z_e.view(n, t_f, self.steps_per_tr, hid).mean(2)
 
     def last_tr_for_eeg(self, z_f: Tensor, l_e: int) -> Tensor:
@@ -95,17 +127,16 @@ class STBlock(nn.Module):
         Coupling and value projection act on the node and feature axes, the alignment on time, so the
         order changes only the cost (``steps_per_tr`` times fewer rows for fMRI -> EEG).
         """
-        z = {m: self.norm_space[m](h[m]) for m in MODALITIES}
+        self.check_spans(h["eeg"].shape[1], h["fmri"].shape[1])
         msg = {m: None for m in MODALITIES}
         for rel in RELATIONS:
             src, _, dst = rel
             key = relation_key(rel)
-            x = self.pool_eeg_to_tr(z["eeg"], z["fmri"].shape[1]) if (src, dst) == ("eeg", "fmri") else z[src]
-            v = self.value[key](x) * keep[src]                              # [N_s, T, H]
+            v = self.value[key](h[src]) * keep[src]                         # [N_s, T, H] (EEG -> fMRI: T_f)
             dense = to_dense(v, idx[src], n_windows, self.n_slots[src])    # [B, M_s, T*H]
             out = from_dense(couple(couplings[key], dense), idx[dst], tuple(v.shape[1:]))
             if (src, dst) == ("fmri", "eeg"):
-                out = self.last_tr_for_eeg(out, z["eeg"].shape[1])         # [N_e, L_e, H]
+                out = self.last_tr_for_eeg(out, h["eeg"].shape[1])         # [N_e, L_e, H]
             msg[dst] = out if msg[dst] is None else msg[dst] + out
         return msg
 
@@ -115,12 +146,12 @@ class STBlock(nn.Module):
         # each mask is a full [N, T, H] draw, and on CPU drawing them cost as much as the attention.
         h = {"fmri": h_f, "eeg": h_e}
         for m in MODALITIES:                       # causal temporal convolution
-            h[m] = h[m] + torch.nn.functional.gelu(self.conv[m](self.norm_conv[m](h[m])))
+            h[m] = h[m] + self.conv[m](h[m])
 
         msg = self.spatial(h, couplings, idx, keep, n_windows)
         for m in MODALITIES:
             h[m] = h[m] + msg[m].to(h[m].dtype)
             if self.use_attn:
-                h[m] = dropout_add(h[m], self.attn[m](self.norm_attn[m](h[m])), self.dropout, self.training)
-            h[m] = dropout_add(h[m], self.ff[m](self.norm_ff[m](h[m])), self.dropout, self.training)
+                h[m] = dropout_add(h[m], self.attn[m](h[m]), self.dropout, self.training)
+            h[m] = dropout_add(h[m], self.ff[m](h[m]), self.dropout, self.training)
         return h["fmri"], h["eeg"]

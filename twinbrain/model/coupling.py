@@ -24,9 +24,11 @@ from twinbrain.scoring.flow import transfer_flow
 
 def to_dense(h: Tensor, idx: Tensor, n_windows: int, n_slots: int) -> Tensor:
     """``[N, *F]`` node features -> ``[B, M, prod(F)]`` slot layout (absent slots are 0).
-    ``idx`` is :func:`twinbrain.model.layers.dense_index` of every node."""
+    ``idx`` is :func:`twinbrain.model.layers.dense_index` of every node (unique)."""
     flat = h.flatten(1)                                            # (N may be 0: modality absent)
-    out = flat.new_zeros(n_windows * n_slots, flat.shape[1]).index_copy(0, idx, flat)
+    # index_put, not index_copy: autograd's index_copy keeps the source (a full copy of the features of every
+    # relation and block) for backward, index_put only the index.
+    out = flat.new_zeros(n_windows * n_slots, flat.shape[1]).index_put((idx,), flat)
     return out.view(n_windows, n_slots, flat.shape[1])
 
 

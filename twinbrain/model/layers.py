@@ -12,9 +12,12 @@ Conventions used throughout ``twinbrain.model``:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 
@@ -39,20 +42,65 @@ class ScaledSum(nn.Module):
         return base + self.weight.to(x.dtype) * x
 
 
-class CausalConv(nn.Module):
-    """Causal temporal convolution per node: ``[N, T, H] -> [N, T, H]``.
+class _NormConvGeluFn(torch.autograd.Function):
+    """``gelu(conv1d(left_pad(layer_norm(x))))`` over time, ``[N, T, H] -> [N, T, H]`` (contiguous), saving
+    ``x``, the norm's row statistics and the conv's output only; the normalised, padded input the weight
+    gradient needs is recomputed in backward (``nn.LayerNorm`` keeps ``x`` and ``nn.Conv1d`` its padded copy
+    of the norm's output). ``gelu`` runs on the conv's own ``[N, H, T]`` layout: on the transposed view its
+    backward took 8x longer on CPU."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor,
+                eps: float, pad: int, dilation: int) -> Tensor:
+        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+        pre = F.conv1d(F.pad(y.transpose(1, 2), (pad, 0)), weight, bias, dilation=dilation)    # [N, H, T]
+        ctx.eps, ctx.pad, ctx.dilation = eps, pad, dilation
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight, bias, pre)
+        return F.gelu(pre).transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, mean, rstd, norm_weight, norm_bias, weight, bias, pre = ctx.saved_tensors
+        need_x, need_nw, need_nb, need_w, need_b = ctx.needs_input_grad[:5]
+        need_in = need_x or need_nw or need_nb
+        grad_pre = torch.ops.aten.gelu_backward(grad.transpose(1, 2).contiguous().to(pre.dtype), pre)
+        y = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, ctx.eps)[0]
+        padded = F.pad(y.transpose(1, 2), (ctx.pad, 0)).to(pre.dtype)
+        grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_pre, padded, weight.to(pre.dtype), None if bias is None else [bias.shape[0]],
+            [1], [0], [ctx.dilation], False, [0], 1, [need_in, need_w, need_b and bias is not None])
+        grads = (None, None, None)
+        if need_in:
+            grad_y = grad_in[..., ctx.pad:].transpose(1, 2).to(x.dtype)
+            grads = torch.ops.aten.native_layer_norm_backward(
+                grad_y, x, (x.shape[-1],), mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb])
+        return (*grads, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+class CausalConv(nn.Conv1d):
+    """Pre-LayerNorm causal temporal convolution with GELU per node: ``[N, T, H] -> [N, T, H]``, i.e.
+    ``gelu(conv(layer_norm(x)))``.
 
     Left padding of ``(kernel - 1) * dilation`` steps: output ``t`` sees inputs ``t - (k-1)d .. t`` only.
+    The norm's affine parameters (``norm_weight``, ``norm_bias``) belong to this module, so ZeRO-3 gathers
+    them with the kernel; in training only the input, the norm's statistics and the conv's output are kept
+    for backward (:class:`_NormConvGeluFn`).
     """
 
-    def __init__(self, hidden: int, kernel_size: int, dilation: int = 1):
-        super().__init__()
-        self.pad = (kernel_size - 1) * dilation
-        self.conv = nn.Conv1d(hidden, hidden, kernel_size, dilation=dilation)
+    def __init__(self, hidden: int, kernel_size: int, dilation: int = 1, eps: float = 1e-5):
+        super().__init__(hidden, hidden, kernel_size, dilation=dilation)
+        self.pad, self.eps = (kernel_size - 1) * dilation, eps
+        self.norm_weight = nn.Parameter(torch.ones(hidden))
+        self.norm_bias = nn.Parameter(torch.zeros(hidden))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.conv(F.pad(x.transpose(1, 2), (self.pad, 0)))
-        return y.transpose(1, 2)
+        if self.training and torch.is_grad_enabled():
+            return _NormConvGeluFn.apply(x, self.norm_weight, self.norm_bias, self.weight, self.bias, self.eps,
+                                         self.pad, self.dilation[0])
+        y = F.layer_norm(x, (x.shape[-1],), self.norm_weight, self.norm_bias, self.eps)
+        pre = F.conv1d(F.pad(y.transpose(1, 2), (self.pad, 0)), self.weight, self.bias, dilation=self.dilation)
+        return F.gelu(pre).transpose(1, 2)
 
 
 class CausalPatchEmbed(nn.Module):
@@ -109,27 +157,100 @@ class GeluLinear(nn.Linear):
         return F.linear(F.gelu(a), self.weight, self.bias)
 
 
+def _pool_steps(y: Tensor, pool: int) -> Tensor:
+    """``[N, T, H] -> [N, T / pool, H]``: mean of each run of ``pool`` steps (identity for 1)."""
+    return y if pool == 1 else y.view(y.shape[0], y.shape[1] // pool, pool, y.shape[2]).mean(2)
+
+
+class _NormLinearFn(torch.autograd.Function):
+    """``linear(pool(layer_norm(x)), weight, bias)`` that saves ``x`` and its row statistics only and
+    recomputes the normalised input in backward (``nn.LayerNorm`` keeps ``x`` and the ``nn.Linear`` after
+    it keeps the norm's output too: two copies of the residual stream per sub-layer)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor,
+                eps: float, pool: int) -> Tensor:
+        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+        ctx.eps, ctx.pool = eps, pool
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight, bias)
+        return F.linear(_pool_steps(y, pool), weight, bias)    # autocast, if on, casts here as for nn.Linear
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, mean, rstd, norm_weight, norm_bias, weight, bias = ctx.saved_tensors
+        need_x, need_nw, need_nb = ctx.needs_input_grad[:3]
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[3]:
+            y = _pool_steps(torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, ctx.eps)[0], ctx.pool)
+            grad_w = (g2.t() @ y.reshape(-1, y.shape[-1]).to(grad.dtype)).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[4]:
+            grad_b = g2.sum(0).to(bias.dtype)
+        grads = (None, None, None)
+        if need_x or need_nw or need_nb:
+            grad_y = (grad @ weight.to(grad.dtype)).to(x.dtype)
+            if ctx.pool > 1:                                   # d mean / d step = 1 / pool
+                grad_y = (grad_y / ctx.pool).repeat_interleave(ctx.pool, dim=1)
+            grads = torch.ops.aten.native_layer_norm_backward(
+                grad_y, x, (x.shape[-1],), mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb])
+        return *grads, grad_w, grad_b, None, None
+
+
+class NormLinear(nn.Linear):
+    """``nn.Linear`` applied to ``LayerNorm(input)`` (a sub-layer's pre-norm and its first projection),
+    optionally after averaging each run of ``pool`` time steps of ``[N, T, H]`` (the EEG -> fMRI values: the
+    EEG steps inside each TR). In training it saves only the input and the norm's statistics (see
+    :class:`_NormLinearFn`). The norm's affine parameters, ``norm_weight`` and ``norm_bias``, belong to this
+    module so ZeRO-3 gathers them with the projection; eval (and forward-mode AD in the twin's Jacobian EC)
+    takes the plain composition."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, eps: float = 1e-5,
+                 pool: int = 1):
+        super().__init__(in_features, out_features, bias)
+        self.eps, self.pool = eps, pool
+        self.norm_weight = nn.Parameter(torch.ones(in_features))
+        self.norm_bias = nn.Parameter(torch.zeros(in_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool > 1 and x.shape[1] % self.pool:
+            raise ValueError(f"NormLinear: {x.shape[1]} steps do not pool in runs of {self.pool}")
+        if self.training and torch.is_grad_enabled():
+            return _NormLinearFn.apply(x, self.norm_weight, self.norm_bias, self.weight, self.bias, self.eps,
+                                       self.pool)
+        y = F.layer_norm(x, (x.shape[-1],), self.norm_weight, self.norm_bias, self.eps)
+        return F.linear(_pool_steps(y, self.pool), self.weight, self.bias)
+
+
 class FeedForward(nn.Module):
-    """Position-wise MLP ``[..., H] -> [..., H]`` (expansion 2).  No dropout inside: the block drops the
-    residual branch it feeds (one mask of ``[N, T, H]`` instead of two, the inner one twice as wide)."""
+    """Pre-LayerNorm position-wise MLP ``[..., H] -> [..., H]`` (expansion 2; the norm is ``fc1``'s, see
+    :class:`NormLinear`).  No dropout inside: the block drops the residual branch it feeds (one mask of
+    ``[N, T, H]`` instead of two, the inner one twice as wide)."""
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(hidden, 2 * hidden), GeluLinear(2 * hidden, hidden)
+        self.fc1, self.fc2 = NormLinear(hidden, 2 * hidden), GeluLinear(2 * hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.fc1(x))
 
 
+def keep_mask(shape: tuple[int, ...], p: float, device) -> tuple[Tensor, float]:
+    """Bool dropout mask of ``shape`` and its keep probability: ``P(keep) = 1 - p'`` with ``p'`` = ``p`` rounded
+    to a multiple of 2^-16 (below 1). Each 64-bit random draw gives four 16-bit lanes, a quarter of the draws
+    ``torch.rand`` makes (2.5x faster on CPU); a checkpointed recompute replays it from the restored RNG state."""
+    n, drop = math.prod(shape), min(round(p * 65536), 65535)
+    lanes = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2 ** 63, None).view(torch.int16)
+    return lanes[:n].view(shape) >= drop - 32768, 1.0 - drop / 65536
+
+
 class _DropoutAddFn(torch.autograd.Function):
-    """``base + x * keep / (1 - p)``; ``keep`` comes from ``torch.rand`` (a checkpointed recompute replays
-    it from the restored RNG state) and is saved as bool, a quarter of the float mask ``F.dropout`` keeps
-    on CPU; ``rand`` is also about twice as fast there as the ``bernoulli_`` it draws."""
+    """``base + x * keep / P(keep)`` with ``keep`` from :func:`keep_mask`, saved as bool (a quarter of the
+    float mask ``F.dropout`` keeps on CPU)."""
 
     @staticmethod
     def forward(ctx, base: Tensor, x: Tensor, p: float) -> Tensor:
-        keep = torch.rand(x.shape, device=x.device) >= p
-        ctx.scale, ctx.dtypes = 1.0 / (1.0 - p), (base.dtype, x.dtype)
+        keep, kept = keep_mask(tuple(x.shape), p, x.device)
+        ctx.scale, ctx.dtypes = 1.0 / kept, (base.dtype, x.dtype)
         ctx.save_for_backward(keep)
         return torch.addcmul(base, x, keep, value=ctx.scale)
 
@@ -141,7 +262,7 @@ class _DropoutAddFn(torch.autograd.Function):
 
 
 def dropout_add(base: Tensor, x: Tensor, p: float, training: bool) -> Tensor:
-    """Residual ``base + dropout(x)`` (inverted dropout with probability ``p`` while ``training``)."""
+    """Residual ``base + dropout(x)`` (inverted dropout with probability ``p``, to 2^-16, while ``training``)."""
     if not training or p == 0.0:
         return base + x
     return _DropoutAddFn.apply(base, x, p)
@@ -168,13 +289,16 @@ def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tens
     allowed = (j > i) & (j <= i + window)                                      # key j of [prev, own] chunk
     mask = allowed.expand(c, window, 2 * window).clone()
     mask[0] &= j >= window                                                     # chunk 0 has no previous one
+    # A 4-D mask (expanded, not copied): with a 3-D one CPU SDPA takes its slower math path.
+    mask = mask.repeat(heads, 1, 1).expand(b, -1, -1, -1)
     y = F.scaled_dot_product_attention(qc.reshape(b, heads * c, window, d), k2.reshape(b, heads * c, 2 * window, d),
-                                       v2.reshape(b, heads * c, 2 * window, d), attn_mask=mask.repeat(heads, 1, 1))
+                                       v2.reshape(b, heads * c, 2 * window, d), attn_mask=mask)
     return y.view(b, heads, c * window, d)[:, :, :t]
 
 
 class CausalSelfAttention(nn.Module):
-    """Causal multi-head self-attention over time, per node: ``[N, T, H] -> [N, T, H]``.
+    """Pre-LayerNorm causal multi-head self-attention over time, per node: ``[N, T, H] -> [N, T, H]`` (the
+    norm is the ``qkv`` projection's, see :class:`NormLinear`).
 
     ``window`` > 0: each step attends to its last ``window`` steps only (itself included;
     :func:`local_causal_attention`, linear in ``T``); 0: to every earlier step.
@@ -183,12 +307,16 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, window: int = 0):
         super().__init__()
         self.heads, self.window = heads, window
-        self.qkv, self.out = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.qkv, self.out = NormLinear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         n, t, hid = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, hid // self.heads).permute(2, 0, 3, 1, 4)
-        if self.window and t > self.window:
+        if self.window and t > self.window and self.training and torch.is_grad_enabled():
+            # Recomputed in backward: it would keep its padded queries and the 2x key/value chunk copies; the
+            # checkpoint keeps q, k, v, views of the projection's output.
+            y = checkpoint(local_causal_attention, q, k, v, self.window, use_reentrant=False)
+        elif self.window and t > self.window:
             y = local_causal_attention(q, k, v, self.window)                  # [N, heads, T, d]
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)       # [N, heads, T, d]

@@ -147,8 +147,8 @@ def loss_terms(batch, out, train_cfg, model_cfg) -> dict[str, tuple[Tensor, floa
         fv = forecast_valid(t_len[m], step, s_steps, dev)
         pred = out.forecast[m]
         el = gaussian_nll(pred, out.forecast_std[m], tgt) if gaussian else elementwise_loss(pred, tgt, train_cfg)
-        weight = node[:, None, None] * fv.float()
-        terms[f"{m}_forecast"] = ((el * weight).sum(), counts[f"{m}_forecast"])
+        # Masked in two broadcast products: a full [N, L, F] weight would be kept for backward.
+        terms[f"{m}_forecast"] = ((el * fv.float() * node[:, None, None]).sum(), counts[f"{m}_forecast"])
 
         unit = (fv.sum(0) >= 2).float()                                          # [F] horizons with >= 2 points
         corr = pearson_loss(pred, tgt, fv) * node[:, None] * unit
@@ -156,8 +156,10 @@ def loss_terms(batch, out, train_cfg, model_cfg) -> dict[str, tuple[Tensor, floa
 
         z = out.latent[m].detach()                                               # targets carry no gradient
         lv = latent_valid(z.shape[1], s_steps, dev).float()
-        lat = elementwise_loss(out.latent_forecast[m], latent_targets(z, s_steps), train_cfg).mean(-1)
-        terms[f"{m}_latent"] = ((lat * node[:, None, None] * lv).sum(), counts[f"{m}_latent"])
+        # Channel mean as a sum times 1/H in the small weight: mean's backward materialises a full-size quotient.
+        lat = elementwise_loss(out.latent_forecast[m], latent_targets(z, s_steps), train_cfg).sum(-1)
+        weight = node[:, None, None] * lv / z.shape[-1]
+        terms[f"{m}_latent"] = ((lat * weight).sum(), counts[f"{m}_latent"])
     return terms
 
 
