@@ -123,6 +123,19 @@ def test_local_attention_equals_masked_full_attention(window, t):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("window", [0, 4])
+def test_cpu_bf16_attention_runs_in_fp32_and_keeps_its_dtype(window):
+    """bf16 inputs on CPU: the fp32 result, rounded to bf16, under autocast too (the core leaves it)."""
+    from twinbrain.model.layers import causal_attention
+    g = torch.Generator().manual_seed(window)
+    q, k, v = (torch.randn(2, 2, 10, 4, generator=g).bfloat16() for _ in range(3))
+    ref = causal_attention(q.float(), k.float(), v.float(), window).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = causal_attention(q, k, v, window)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
 def _saved_bytes(fn, *args) -> int:
     """Bytes autograd keeps for backward of ``fn(*args)`` (each storage once)."""
     seen = {}

@@ -296,6 +296,18 @@ def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tens
     return y.view(b, heads, c * window, d)[:, :, :t]
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
+    """Causal attention over time, ``q, k, v [B, heads, T, d] -> [B, heads, T, d]``: over the last ``window``
+    steps (:func:`local_causal_attention`) when ``0 < window < T``, else over every earlier step. bf16 on CPU
+    runs in fp32 and casts back: there the bf16 flash-attention backward took 6-8x the fp32 one."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with fp32_region(q):
+            return causal_attention(q.float(), k.float(), v.float(), window).to(q.dtype)
+    if window and q.shape[2] > window:
+        return local_causal_attention(q, k, v, window)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class CausalSelfAttention(nn.Module):
     """Pre-LayerNorm causal multi-head self-attention over time, per node: ``[N, T, H] -> [N, T, H]`` (the
     norm is the ``qkv`` projection's, see :class:`NormLinear`).
@@ -315,11 +327,9 @@ class CausalSelfAttention(nn.Module):
         if self.window and t > self.window and self.training and torch.is_grad_enabled():
             # Recomputed in backward: it would keep its padded queries and the 2x key/value chunk copies; the
             # checkpoint keeps q, k, v, views of the projection's output.
-            y = checkpoint(local_causal_attention, q, k, v, self.window, use_reentrant=False)
-        elif self.window and t > self.window:
-            y = local_causal_attention(q, k, v, self.window)                  # [N, heads, T, d]
+            y = checkpoint(causal_attention, q, k, v, self.window, use_reentrant=False)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)       # [N, heads, T, d]
+            y = causal_attention(q, k, v, self.window)                        # [N, heads, T, d]
         return self.out(y.transpose(1, 2).reshape(n, t, hid))
 
 
