@@ -165,6 +165,33 @@ def test_correlation_term():
     assert (pearson_loss(-tgt, tgt, valid) - 2).abs().max() < 1e-4
 
 
+def test_correlation_gradient_is_the_composition_and_keeps_only_the_inputs():
+    """The hand-written backward of pearson_loss equals autograd through the plain formula (valid steps
+    differ per horizon sample; a constant series hits the eps guard), keeping only the inputs."""
+    valid = forecast_valid(14, 2, 4)                                      # [7, 8]
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(3, 7, 8, generator=g, requires_grad=True)
+    tgt = torch.randn(3, 7, 8, generator=g)
+    tgt[0, :, 0] = 1.5                                                   # constant target: r = 0 by the eps
+    v = valid.float().unsqueeze(0)
+    cnt = v.sum(1, keepdim=True).clamp_min(1)
+    dp = (pred - (pred * v).sum(1, keepdim=True) / cnt) * v
+    dt = (tgt - (tgt * v).sum(1, keepdim=True) / cnt) * v
+    ref = 1 - (dp * dt).sum(1) / torch.sqrt((dp * dp).sum(1) * (dt * dt).sum(1) + 1e-8)
+    got = pearson_loss(pred, tgt, valid)
+    torch.testing.assert_close(got, ref)
+    w = torch.randn(3, 8, generator=g)
+    torch.testing.assert_close(torch.autograd.grad(got, pred, w)[0], torch.autograd.grad(ref, pred, w)[0])
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pearson_loss(pred, tgt, valid)
+    assert sum(kept.values()) == pred.numel() * 4 * 2 + valid.numel()     # pred, target, the bool mask
+
+
 def test_normalise_divides_by_global_counts_and_survives_zero():
     terms = {"a": (torch.tensor(6.0), 3.0), "b": (torch.tensor(0.0), 0.0)}
     out = normalise(terms, {"a": 12.0, "b": 0.0})

@@ -114,15 +114,45 @@ def loss_counts(batch, train_cfg, model_cfg) -> dict[str, float]:
     return _counts_from(t_len, n_valid, model_cfg)
 
 
+def _centred(x: Tensor, v: Tensor, cnt: Tensor) -> Tensor:
+    """``x`` minus its mean over the valid steps (axis 1), and 0 at the invalid ones."""
+    return (x - (x * v).sum(1, keepdim=True) / cnt) * v
+
+
+class _PearsonLossFn(torch.autograd.Function):
+    """``1 - r`` per (node, horizon sample) keeping only its inputs for backward, where the centred forecast
+    and target are recomputed (autograd keeps both, each the full ``[N, L, F]``; the forecast itself is kept
+    by the forecast loss anyway and the target is a view of the window). With ``dp``, ``dt`` the centred,
+    masked series, ``c = sum dp dt``, ``S = sqrt(sum dp^2 sum dt^2 + eps)``: ``d r / d p = v (dt / S -
+    c sum dt^2 dp / S^3)`` (the mean's own derivative cancels: centred series sum to 0)."""
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, target: Tensor, valid: Tensor, eps: float) -> Tensor:
+        ctx.eps = eps
+        ctx.save_for_backward(pred, target, valid)
+        v = valid.float().unsqueeze(0)
+        cnt = v.sum(1, keepdim=True).clamp_min(1)
+        dp, dt = _centred(pred.float(), v, cnt), _centred(target.float(), v, cnt)
+        return 1 - (dp * dt).sum(1) / torch.sqrt((dp * dp).sum(1) * (dt * dt).sum(1) + eps)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pred, target, valid = ctx.saved_tensors
+        v = valid.float().unsqueeze(0)
+        cnt = v.sum(1, keepdim=True).clamp_min(1)
+        dp, dt = _centred(pred.float(), v, cnt), _centred(target.float(), v, cnt)
+        c, pp, tt = (dp * dt).sum(1, keepdim=True), (dp * dp).sum(1, keepdim=True), (dt * dt).sum(1, keepdim=True)
+        s = torch.sqrt(pp * tt + ctx.eps)
+        # In place: this runs first in backward, when every activation is still kept (dp, dt are 0 off the
+        # valid steps, so the result is too).
+        dr = dt.div_(s).sub_(dp.mul_(c * tt / s ** 3)).mul_(-grad.unsqueeze(1))
+        return dr.to(pred.dtype), None, None, None
+
+
 def pearson_loss(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     """``1 - r`` per (node, horizon sample) over the valid time steps: ``[N, L, F]`` x2, ``valid [L, F]``
-    -> ``[N, F]`` (fp32)."""
-    v = valid.float().unsqueeze(0)
-    cnt = v.sum(1, keepdim=True).clamp_min(1)
-    dp = (pred.float() - (pred.float() * v).sum(1, keepdim=True) / cnt) * v
-    dt = (target.float() - (target.float() * v).sum(1, keepdim=True) / cnt) * v
-    r = (dp * dt).sum(1) / torch.sqrt((dp * dp).sum(1) * (dt * dt).sum(1) + 1e-8)
-    return 1 - r
+    -> ``[N, F]`` (fp32). No gradient flows to ``target``."""
+    return _PearsonLossFn.apply(pred, target.detach(), valid, 1e-8)
 
 
 def loss_terms(batch, out, train_cfg, model_cfg) -> dict[str, tuple[Tensor, float]]:
