@@ -167,7 +167,8 @@ def test_correlation_term():
 
 def test_correlation_gradient_is_the_composition_and_keeps_only_the_inputs():
     """The hand-written backward of pearson_loss equals autograd through the plain formula (valid steps
-    differ per horizon sample; a constant series hits the eps guard), keeping only the inputs."""
+    differ per horizon sample; a constant series hits the eps guard), keeping only the inputs and
+    per-series statistics."""
     valid = forecast_valid(14, 2, 4)                                      # [7, 8]
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(3, 7, 8, generator=g, requires_grad=True)
@@ -189,7 +190,8 @@ def test_correlation_gradient_is_the_composition_and_keeps_only_the_inputs():
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         pearson_loss(pred, tgt, valid)
-    assert sum(kept.values()) == pred.numel() * 4 * 2 + valid.numel()     # pred, target, the bool mask
+    stats = 5 * 3 * 8 * 4                                                  # 5 per-series statistics [N, 1, F]
+    assert sum(kept.values()) == pred.numel() * 4 * 2 + valid.numel() + stats   # pred, target, bool mask
 
 
 def test_normalise_divides_by_global_counts_and_survives_zero():

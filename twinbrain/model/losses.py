@@ -114,39 +114,32 @@ def loss_counts(batch, train_cfg, model_cfg) -> dict[str, float]:
     return _counts_from(t_len, n_valid, model_cfg)
 
 
-def _centred(x: Tensor, v: Tensor, cnt: Tensor) -> Tensor:
-    """``x`` minus its mean over the valid steps (axis 1), and 0 at the invalid ones."""
-    return (x - (x * v).sum(1, keepdim=True) / cnt) * v
-
-
 class _PearsonLossFn(torch.autograd.Function):
-    """``1 - r`` per (node, horizon sample) keeping only its inputs for backward, where the centred forecast
-    and target are recomputed (autograd keeps both, each the full ``[N, L, F]``; the forecast itself is kept
-    by the forecast loss anyway and the target is a view of the window). With ``dp``, ``dt`` the centred,
-    masked series, ``c = sum dp dt``, ``S = sqrt(sum dp^2 sum dt^2 + eps)``: ``d r / d p = v (dt / S -
-    c sum dt^2 dp / S^3)`` (the mean's own derivative cancels: centred series sum to 0)."""
+    """``1 - r`` per (node, horizon sample) keeping only its inputs and per-series statistics for backward
+    (autograd keeps the centred forecast and target, each the full ``[N, L, F]``; the forecast itself is kept
+    by the forecast loss anyway and the target is a view of the window). With ``dp = v (p - m_p)``,
+    ``dt = v (t - m_t)``, ``c = sum dp dt``, ``S = sqrt(sum dp^2 sum dt^2 + eps)``:
+    ``d r / d p = v (dt / S - c sum dt^2 / S^3 dp)`` (the means' own derivatives cancel: centred series sum
+    to 0), i.e. ``v (t / S - k p + (k m_p - m_t / S))`` with ``k = c sum dt^2 / S^3``: one pass, no sums."""
 
     @staticmethod
     def forward(ctx, pred: Tensor, target: Tensor, valid: Tensor, eps: float) -> Tensor:
-        ctx.eps = eps
-        ctx.save_for_backward(pred, target, valid)
         v = valid.float().unsqueeze(0)
         cnt = v.sum(1, keepdim=True).clamp_min(1)
-        dp, dt = _centred(pred.float(), v, cnt), _centred(target.float(), v, cnt)
-        return 1 - (dp * dt).sum(1) / torch.sqrt((dp * dp).sum(1) * (dt * dt).sum(1) + eps)
+        pred, target = pred.float(), target.float()
+        m_p, m_t = (pred * v).sum(1, keepdim=True) / cnt, (target * v).sum(1, keepdim=True) / cnt
+        dp, dt = (pred - m_p) * v, (target - m_t) * v
+        c, tt = (dp * dt).sum(1, keepdim=True), (dt * dt).sum(1, keepdim=True)
+        s = torch.sqrt((dp * dp).sum(1, keepdim=True) * tt + eps)
+        ctx.save_for_backward(pred, target, valid, m_p, m_t, c, tt, s)
+        return 1 - (c / s).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        pred, target, valid = ctx.saved_tensors
-        v = valid.float().unsqueeze(0)
-        cnt = v.sum(1, keepdim=True).clamp_min(1)
-        dp, dt = _centred(pred.float(), v, cnt), _centred(target.float(), v, cnt)
-        c, pp, tt = (dp * dt).sum(1, keepdim=True), (dp * dp).sum(1, keepdim=True), (dt * dt).sum(1, keepdim=True)
-        s = torch.sqrt(pp * tt + ctx.eps)
-        # In place: this runs first in backward, when every activation is still kept (dp, dt are 0 off the
-        # valid steps, so the result is too).
-        dr = dt.div_(s).sub_(dp.mul_(c * tt / s ** 3)).mul_(-grad.unsqueeze(1))
-        return dr.to(pred.dtype), None, None, None
+        pred, target, valid, m_p, m_t, c, tt, s = ctx.saved_tensors
+        k = c * tt / s ** 3                                                   # [N, 1, F] each
+        dr = (target / s).addcmul_(pred, k, value=-1).add_(k * m_p - m_t / s)
+        return dr.mul_(valid.unsqueeze(0)).mul_(-grad.unsqueeze(1)).to(pred.dtype), None, None, None
 
 
 def pearson_loss(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
