@@ -42,17 +42,35 @@ class ScaledSum(nn.Module):
         return base + self.weight.to(x.dtype) * x
 
 
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm over the last axis: ``(y, mean, rstd)`` (the statistics its backward needs)."""
+    return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _layer_norm_backward(grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor,
+                         needs) -> tuple:
+    """Gradients of :func:`_layer_norm` w.r.t. ``(x, weight, bias)`` where ``needs`` says so (else None)."""
+    return torch.ops.aten.native_layer_norm_backward(grad_y, x, (x.shape[-1],), mean, rstd, weight, bias, list(needs))
+
+
+def _add_norm_parameters(module: nn.Module, features: int) -> None:
+    """A pre-norm's affine parameters ``norm_weight``, ``norm_bias`` on the layer that applies it, so ZeRO-3
+    gathers them with that layer's own weight."""
+    module.norm_weight = nn.Parameter(torch.ones(features))
+    module.norm_bias = nn.Parameter(torch.zeros(features))
+
+
 class _NormConvGeluFn(torch.autograd.Function):
     """``gelu(conv1d(left_pad(layer_norm(x))))`` over time, ``[N, T, H] -> [N, T, H]`` (contiguous), saving
     ``x``, the norm's row statistics and the conv's output only; the normalised, padded input the weight
     gradient needs is recomputed in backward (``nn.LayerNorm`` keeps ``x`` and ``nn.Conv1d`` its padded copy
     of the norm's output). ``gelu`` runs on the conv's own ``[N, H, T]`` layout: on the transposed view its
-    backward took 8x longer on CPU."""
+    backward took 7-8x longer on CPU."""
 
     @staticmethod
     def forward(ctx, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor,
                 eps: float, pad: int, dilation: int) -> Tensor:
-        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+        y, mean, rstd = _layer_norm(x, norm_weight, norm_bias, eps)
         pre = F.conv1d(F.pad(y.transpose(1, 2), (pad, 0)), weight, bias, dilation=dilation)    # [N, H, T]
         ctx.eps, ctx.pad, ctx.dilation = eps, pad, dilation
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight, bias, pre)
@@ -64,7 +82,7 @@ class _NormConvGeluFn(torch.autograd.Function):
         need_x, need_nw, need_nb, need_w, need_b = ctx.needs_input_grad[:5]
         need_in = need_x or need_nw or need_nb
         grad_pre = torch.ops.aten.gelu_backward(grad.transpose(1, 2).contiguous().to(pre.dtype), pre)
-        y = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, ctx.eps)[0]
+        y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
         padded = F.pad(y.transpose(1, 2), (ctx.pad, 0)).to(pre.dtype)
         grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_pre, padded, weight.to(pre.dtype), None if bias is None else [bias.shape[0]],
@@ -72,8 +90,7 @@ class _NormConvGeluFn(torch.autograd.Function):
         grads = (None, None, None)
         if need_in:
             grad_y = grad_in[..., ctx.pad:].transpose(1, 2).to(x.dtype)
-            grads = torch.ops.aten.native_layer_norm_backward(
-                grad_y, x, (x.shape[-1],), mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb])
+            grads = _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, (need_x, need_nw, need_nb))
         return (*grads, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
@@ -91,8 +108,7 @@ class CausalConv(nn.Conv1d):
     def __init__(self, hidden: int, kernel_size: int, dilation: int = 1, eps: float = 1e-5):
         super().__init__(hidden, hidden, kernel_size, dilation=dilation)
         self.pad, self.eps = (kernel_size - 1) * dilation, eps
-        self.norm_weight = nn.Parameter(torch.ones(hidden))
-        self.norm_bias = nn.Parameter(torch.zeros(hidden))
+        _add_norm_parameters(self, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and torch.is_grad_enabled():
@@ -170,7 +186,7 @@ class _NormLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor,
                 eps: float, pool: int) -> Tensor:
-        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+        y, mean, rstd = _layer_norm(x, norm_weight, norm_bias, eps)
         ctx.eps, ctx.pool = eps, pool
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight, bias)
         return F.linear(_pool_steps(y, pool), weight, bias)    # autocast, if on, casts here as for nn.Linear
@@ -182,7 +198,7 @@ class _NormLinearFn(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_w = grad_b = None
         if ctx.needs_input_grad[3]:
-            y = _pool_steps(torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, ctx.eps)[0], ctx.pool)
+            y = _pool_steps(_layer_norm(x, norm_weight, norm_bias, ctx.eps)[0], ctx.pool)
             grad_w = (g2.t() @ y.reshape(-1, y.shape[-1]).to(grad.dtype)).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[4]:
             grad_b = g2.sum(0).to(bias.dtype)
@@ -191,8 +207,7 @@ class _NormLinearFn(torch.autograd.Function):
             grad_y = (grad @ weight.to(grad.dtype)).to(x.dtype)
             if ctx.pool > 1:                                   # d mean / d step = 1 / pool
                 grad_y = (grad_y / ctx.pool).repeat_interleave(ctx.pool, dim=1)
-            grads = torch.ops.aten.native_layer_norm_backward(
-                grad_y, x, (x.shape[-1],), mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb])
+            grads = _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, (need_x, need_nw, need_nb))
         return *grads, grad_w, grad_b, None, None
 
 
@@ -208,8 +223,7 @@ class NormLinear(nn.Linear):
                  pool: int = 1):
         super().__init__(in_features, out_features, bias)
         self.eps, self.pool = eps, pool
-        self.norm_weight = nn.Parameter(torch.ones(in_features))
-        self.norm_bias = nn.Parameter(torch.zeros(in_features))
+        _add_norm_parameters(self, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pool > 1 and x.shape[1] % self.pool:
