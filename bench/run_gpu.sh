@@ -34,7 +34,7 @@ exec > >(tee -a "$OUT/run_gpu.log") 2>&1
 if [ "$DEVICE" = cuda ]; then
     BATCH="1 2 4 8 16 32 64"
     SHAPES=""                                   # defaults: 200 regions x 50 TRs, 63 channels, H 128, 4 blocks
-    TT="--repeats 5 --full-repeats 3"
+    TT="--full-repeats 3"
     MEM="--t-list 25 50 100 200 400 --n-list 100 200 500 1000"
     GRAPH="--nodes 200 500 1000"
     EST="--device cuda"
@@ -42,7 +42,7 @@ if [ "$DEVICE" = cuda ]; then
 else                                            # smoke check: seconds, not figures
     BATCH="1 2"
     SHAPES="--n-fmri 20 --n-eeg 8 --t-f 6 --hidden 16 --blocks 2"
-    TT="--repeats 1 --full-repeats 1"
+    TT="--full-repeats 1"
     MEM="--t-list 4 8 16 --n-list 10 20 40 --repeats 1"
     GRAPH="--nodes 50 100 --t 200 --repeats 1"
     EST="--device cpu --step-time-s 0.1 --step-time-note smoke-check"
