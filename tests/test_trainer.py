@@ -97,6 +97,27 @@ def test_resume_of_a_run_saved_before_an_added_key(tmp_path, key):
     resumed.tel.close(print_summary=False)
 
 
+def test_resume_refuses_a_checkpoint_of_another_parameter_layout(tmp_path, monkeypatch):
+    """A checkpoint that lacks one of today's weights (written before a layer gained parameters) stops the
+    resume with a one-line error naming the weight, and leaves the run directory as it was."""
+    import twinbrain.model.layers as layers
+    cfg = synth_cfg(tmp_path / "run", "--train.max_steps", "4", "--train.checkpoint_every", "2")
+    tr = Trainer(cfg, data=synth_data(cfg))
+    tr.train(until=2)
+    tr.tel.close(print_summary=False)
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*"))
+    plain = layers._add_norm_parameters
+
+    def with_an_extra_weight(module, features):
+        plain(module, features)
+        module.norm_extra = torch.nn.Parameter(torch.zeros(features))
+    monkeypatch.setattr(layers, "_add_norm_parameters", with_an_extra_weight)
+    again = synth_cfg(tmp_path / "run", "--train.max_steps", "4", "--train.checkpoint_every", "2")
+    with pytest.raises(ConfigError, match=r"holds no weight '.*norm_extra'.*start a new --run.out"):
+        Trainer(again, data=synth_data(again))
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*")) == before
+
+
 def test_checkpoint_holds_full_state_and_keeps_newest(tmp_path):
     cfg = synth_cfg(tmp_path / "run", "--train.max_steps", "6", "--train.checkpoint_every", "2",
                     "--train.keep_checkpoints", "2")

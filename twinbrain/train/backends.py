@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..schema import MODALITIES
 from ..model.coupling import LinearCore
 from .distributed import Backend, all_reduce_
@@ -120,6 +120,11 @@ class Single:
 
         model_sd, optim_sd = get_state_dict(module, optimizer)
         saved = dcp.FileSystemReader(str(folder / "dcp")).read_metadata().state_dict_metadata
+        missing = [k for k in model_sd if f"model.{k}" not in saved]
+        if missing:
+            raise ConfigError(f"{folder}: holds no weight '{missing[0]}' ({len(missing)} missing): it was written by "
+                              "a TwinBrain version with another parameter layout and cannot be resumed; start a new "
+                              "--run.out (the run's exported best/ and final/ models still load)")
         drop_unsaved_optimizer_states(optim_sd, saved)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(folder / "dcp"))
