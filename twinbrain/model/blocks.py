@@ -53,7 +53,8 @@ def _load_moved_keys(module, state_dict, prefix, *_) -> None:
 class STBlock(nn.Module):
     """Causal temporal conv -> directed coupling (per relation) -> causal temporal attention -> MLP.
 
-    Every sub-layer is pre-LayerNorm with a residual connection (never BatchNorm: batch-1 windows).
+    Every sub-layer is pre-LayerNorm (the norm lives in its first layer: ``CausalConv``, ``NormLinear``) with
+    a residual connection (never BatchNorm: batch-1 windows).
 
     ``forward(h_f, h_e, couplings, idx, keep, n_windows)``:
         h_f: ``[N_f, T_f, H]`` fMRI latents (one step per TR).
@@ -102,12 +103,6 @@ class STBlock(nn.Module):
         if l_e != t_f * self.steps_per_tr:
             raise ValueError(f"EEG has {l_e} latent steps but fMRI has {t_f} TRs x {self.steps_per_tr} "
                              f"steps per TR; windows must cover the same wall-clock span")
-
-    def pool_eeg_to_tr(self, z_e: Tensor, t_f: int) -> Tensor:
-        """``[N_e, L_e, H] -> [N_e, T_f, H]``: mean of the EEG latent steps inside each TR (causal)."""
-        n, l_e, hid = z_e.shape
-        self.check_spans(l_e, t_f)
-        return z_e.view(n, t_f, self.steps_per_tr, hid).mean(2)
 
     def last_tr_for_eeg(self, z_f: Tensor, l_e: int) -> Tensor:
         """``[N_f, T_f, H] -> [N_f, L_e, H]``: for EEG step ``j``, the fMRI latent of the last TR that has
