@@ -128,6 +128,16 @@ def test_a_key_nothing_reads_is_refused_but_old_saved_configs_still_load():
     assert config_from_dict(saved) == Config()
 
 
+def test_a_saved_config_without_an_added_key_rebuilds_what_it_trained():
+    """An export saved before ``model.eeg_core`` existed had the anchored EEG forecast: it rebuilds that
+    model (config.ADDED_KEYS), while a config that names the key keeps its value."""
+    saved = Config().to_dict()
+    assert saved["model"]["eeg_core"] is True
+    del saved["model"]["eeg_core"]
+    assert config_from_dict(saved).model.eeg_core is False
+    assert config_from_dict(Config().to_dict()).model.eeg_core is True
+
+
 def test_one_policy_of_what_may_change_after_training():
     from twinbrain.config import LOCATION_KEYS, fixed_keys, flatten, with_overrides
     assert fixed_keys(["run.out", "train.max_skipped_fraction", "eval.split", "train.lr"], "resume") == ["train.lr"]

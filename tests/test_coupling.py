@@ -155,6 +155,8 @@ def test_fmri_stimulation_reaches_eeg_forecasts_through_the_coupling():
     cfg = tiny_model_config()
     torch.manual_seed(0)
     model = build_model(cfg, n_subjects=1, n_sessions=1, n_fmri_slots=6, n_eeg_slots=4, samples_per_tr=spt).eval()
+    with torch.no_grad():          # open the nonlinear path: the EEG core alone is EEG -> EEG only
+        model.gate["eeg"].weight.fill_(1.0)
     w = make_window(6, 4, t_f, spt, seed=1)
     stim = w.clone()
     stim["fmri"].x = w["fmri"].x.clone()
@@ -168,6 +170,38 @@ def test_fmri_stimulation_reaches_eeg_forecasts_through_the_coupling():
     with torch.no_grad():
         model.coupling["fmri__to__eeg"].weight.zero_()
     torch.testing.assert_close(eeg_forecast(stim), eeg_forecast(w))
+
+
+def test_eeg_core_forecasts_every_sample_from_the_end_of_each_latent_step():
+    torch.manual_seed(0)
+    m, p, stride, steps = 5, 3, 4, 2
+    per_sample = LinearCore(m, p, steps * stride, n_subjects=2, rank=2)
+    strided = LinearCore(m, p, steps * stride, n_subjects=2, rank=2, stride=stride)
+    with torch.no_grad():
+        per_sample.coef.normal_(0, 0.3)
+        per_sample.intercept.normal_()
+        per_sample.u.normal_()
+    strided.load_state_dict(per_sample.state_dict())
+    x, subject = torch.randn(2, m, 6 * stride), torch.tensor([1, 0])
+    out = strided(x, subject)                                                  # [B, M, L, S * stride]
+    assert out.shape == (2, m, 6, steps * stride)
+    torch.testing.assert_close(out, per_sample(x, subject)[:, :, stride - 1::stride])
+    later = x.clone()
+    later[..., 3 * stride:] += 1.0                                             # from latent step 3 on
+    torch.testing.assert_close(strided(later, subject)[:, :, :3], out[:, :, :3])   # causal
+
+
+def test_warm_started_eeg_core_forecasts_like_the_svar_baseline():
+    """At step 0 (gate 0) the twin's EEG forecasts are the validation-tuned sample-rate ridge VAR's, scored by
+    the evaluator as the ``svar`` baseline; that beats persistence on the simulated EEG."""
+    cfg = load_config("configs/smoke.yaml", ["--logging.wandb", "disabled"])
+    dm = DataModule(cfg).setup()
+    twin, report = twin_for(cfg, dm, warm=True)
+    assert report["eeg"]["core"] == "var" and report["eeg"]["chosen_on"] == "val"
+    res = evaluate_forecasts(twin.model.eval(), dm, "test", cfg, device=torch.device("cpu"), mlp=False)
+    f = res["forecast"]["eeg"]
+    np.testing.assert_allclose(f["model"]["r2"], f["baselines"]["svar"]["r2"], atol=1e-5)
+    assert f["model"]["r2"][0] > f["baselines"]["persistence"]["r2"][0] + 0.1
 
 
 # ---------------------------------------------------------------- transfer-flow core (model.core)

@@ -520,8 +520,8 @@ def test_optimizer_groups_come_from_the_model():
     assert any(n.startswith("coupling.") and n.endswith(".u") for n in spec["embedding"])
     for n in ("node_emb.fmri.weight", "predictor.fmri.step_emb", "coupling.fmri__fc__fmri.weight"):
         assert n in spec["no_decay"], n
-    assert spec["core"] == ["linear.fmri.coef", "linear.fmri.intercept"]
-    assert spec["gate"] == ["gate.fmri.weight"]
+    assert spec["core"] == [f"linear.{m}.{p}" for m in ("fmri", "eeg") for p in ("coef", "intercept")]
+    assert spec["gate"] == ["gate.fmri.weight", "gate.eeg.weight"]
     tc = TrainConfig(weight_decay=0.01, lr=1e-3, emb_lr=3e-3, core_lr_scale=0.1, gate_lr_scale=0.5)
     apply_activation_checkpointing(model.blocks, "full", 1)
     groups = {g["name"]: g for g in param_groups(model, tc)}

@@ -119,7 +119,8 @@ class ModelConfig:
     coupling_rank: int = 4           # rank of the per-subject coupling deltas (0 = population coupling only)
     coupling_l1: float = 1.0e-3      # sparsity penalty on the couplings (weighted by 1 - prior)
     coupling_prior: str = "fc"       # fc (|r| of training spans) | structural (graph.structural) | none; weights the L1 and the core's cross penalty
-    linear_order: int = 5            # max lag p of the fMRI linear (VAR) core; 0 = no core
+    linear_order: int = 5            # max lag p of the linear (VAR) cores; 0 = no core
+    eeg_core: bool = True            # EEG forecasts start from a sample-rate ridge VAR core (as fMRI's); false: anchor x last sample
     core: str = "var"                # linear core: var (ridge VAR) | transfer (one-TR flow of dx/dt = c - Dx + W tanh(bx)) | auto (lower val MSE)
 
 
@@ -154,7 +155,7 @@ class TrainConfig:
     keep_checkpoints: int = 2        # newest checkpoints kept on disk
     warm_start: bool = True          # fit the linear core as the validation-tuned svar baseline before step 0
     core_lr_scale: float = 0.0       # lr of the linear core's population coefficients / train.lr (0 = keep the warm start)
-    gate_lr_scale: float = 0.0       # lr of the fMRI forecast gate (weight of the nonlinear correction, starts at 0) / train.lr; 0 = fMRI forecasts stay the warm-started core
+    gate_lr_scale: float = 0.0       # lr of the forecast gates (weight of the nonlinear correction, starts at 0) / train.lr; 0 = forecasts stay the warm-started cores
 
 
 @dataclass
@@ -397,9 +398,10 @@ RETIRED_KEYS = ("parallel.compile",)
 
 # Keys added after run directories were saved, with the value that reproduces those runs: a saved
 # config without the key reads as that value when a resume compares it with the new one.
-# train.gate_lr_scale: runs saved before it trained the gate at train.lr.
+# train.gate_lr_scale: runs saved before it trained the gate at train.lr; model.eeg_core: before it, EEG
+# forecasts were anchor x last sample + correction.
 ADDED_KEYS: dict[str, Any] = {"model.spatial_layer": "coupling", "model.core": "var", "train.gate_lr_scale": 1.0,
-                              "data.shuffle_block": 0}
+                              "data.shuffle_block": 0, "model.eeg_core": False}
 
 
 def drop_retired(values: dict[str, Any]) -> dict[str, Any]:
@@ -413,9 +415,15 @@ def drop_retired(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a config saved with ``to_dict`` (strictly: unknown keys are errors; retired ones dropped)."""
+    """Rebuild a config saved with ``to_dict`` (strictly: unknown keys are errors; retired ones dropped; keys
+    added since it was saved read as :data:`ADDED_KEYS`, what that model was built and trained with)."""
     cfg = Config()
-    _apply(cfg, drop_retired(values))
+    values = drop_retired(values)
+    for key, value in ADDED_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(values.get(section), dict) and name not in values[section]:
+            values[section][name] = value
+    _apply(cfg, values)
     validate_config(cfg)
     return cfg
 

@@ -29,7 +29,7 @@ from torch_geometric.data import Batch
 
 from twinbrain.data.series import coupling_prior, span_series
 from twinbrain.data.timing import volumes
-from twinbrain.model.twinbrain import LINEAR_MODALITIES
+from twinbrain.model.twinbrain import core_kind, core_modalities
 from twinbrain.schema import samples_per_step
 from twinbrain.scoring.baselines import build_baselines, fit_baselines, tuned_baselines
 from twinbrain.scoring.metrics import MetricSet, all_reduce_sum, skill
@@ -97,14 +97,14 @@ def _series(ms: MetricSet, m: str, horizons: list[int], names: tuple[str, ...]) 
 
 
 def has_core(mc, modality: str) -> bool:
-    """Whether the twin forecasts ``modality`` with a linear core (fMRI with ``model.linear_order`` > 0)."""
-    return modality in LINEAR_MODALITIES and mc.linear_order > 0
+    """Whether the twin forecasts ``modality`` with a linear core (:func:`core_modalities`)."""
+    return modality in core_modalities(mc)
 
 
 def svar_core(mc, modality: str) -> str:
-    """``model.core`` where ``modality`` has a linear core (fMRI with ``model.linear_order`` > 0), else
-    ``var``: the ``svar`` baseline is fitted with the twin's own core selection."""
-    return mc.core if has_core(mc, modality) else "var"
+    """The twin's core kind of ``modality`` (:func:`core_kind`; ``var`` without a core): the ``svar`` baseline
+    is fitted with the twin's own core selection."""
+    return core_kind(mc, modality) if has_core(mc, modality) else "var"
 
 
 def svar_prior(cfg, modality: str, train) -> np.ndarray | None:

@@ -98,7 +98,8 @@ class LinearCore(nn.Module):
     ``x_{t+1} = b + sum_{k=1..p} A_k x_{t+1-k}``; ``coef [p, M, M]`` with ``coef[k, i, j]`` = effect of
     slot ``j`` at lag ``k + 1`` on slot ``i`` (the ridge-VAR baseline's layout), ``intercept [M]``.
     Lags before the window start repeat the window's first sample (the first ``p - 1`` steps of a window
-    see a shorter past).
+    see a shorter past). ``stride`` > 1 (EEG: the samples of one latent step) forecasts ``steps`` samples
+    from the last sample of every ``stride`` inputs only.
     Starts at persistence (``A_1 = I``) until :meth:`load_var` warm-starts it.
 
     Personal EC in signal space: subject ``s`` uses ``A_1 + U_s Vᵀ`` (``U [n_subjects, M, rank]`` from zero,
@@ -113,13 +114,13 @@ class LinearCore(nn.Module):
     """
 
     def __init__(self, n_slots: int, order: int, steps: int, n_subjects: int = 1, rank: int = 0,
-                 core: str = "var", substeps: int = 4):
+                 core: str = "var", substeps: int = 4, stride: int = 1):
         super().__init__()
         if core not in ("var", "transfer", "auto"):
             raise ValueError(f"linear core: core '{core}' is not one of var, transfer, auto (model.core)")
         m = max(n_slots, 1)
         self.n_slots, self.order, self.steps, self.rank = n_slots, order, steps, rank
-        self.core, self.substeps = core, int(substeps)
+        self.core, self.substeps, self.stride = core, int(substeps), int(stride)
         coef = torch.zeros(order, m, m)
         coef[0] = torch.eye(m)
         self.coef = nn.Parameter(coef)
@@ -204,30 +205,34 @@ class LinearCore(nn.Module):
             self._sync_flow()
 
     def forward(self, x: Tensor, subject: Tensor | None = None) -> Tensor:
-        """``x [B, M, T]`` (window ``b`` of subject ``subject[b]``) -> ``[B, M, T, steps]``; entry
-        ``[b, i, t, s]`` forecasts step ``t + 1 + s`` from inputs at steps ``<= t`` only (iterated on its
-        own predictions)."""
-        m, t_len = self.n_slots, x.shape[-1]
+        """``x [B, M, T]`` (window ``b`` of subject ``subject[b]``) -> ``[B, M, T // stride, steps]``; entry
+        ``[b, i, t, s]`` forecasts sample ``(t + 1) * stride + s`` from inputs ``< (t + 1) * stride`` only
+        (iterated on its own predictions; ``stride`` = 1: from every step)."""
+        m, t_len, st = self.n_slots, x.shape[-1], self.stride
         if self.use_flow:                     # order 1: each step sees only the previous (predicted) sample
             with fp32_region(x):
                 w = self.matrix(subject)
                 d, c, b = (p.float()[:m].view(m, 1) for p in (self.decay, self.drive, self.slope))
-                y, outs = x.float(), []
+                y, outs = x.float()[..., st - 1::st], []
                 for _ in range(self.steps):
                     y = transfer_flow(y, w, d, c, b, self.substeps)
                     outs.append(y)
             return torch.stack(outs, dim=-1)
         with fp32_region(x):
             a = [self.lag1(subject)] + [self.coef.float()[k, :m, :m] for k in range(1, self.order)]
+            if a[0].dim() == 3:
+                a = [a[0]] + [ak.expand_as(a[0]) for ak in a[1:]]
+            a = torch.cat(a, dim=-1)                                          # [(B,) M, p M]: one GEMM per step
             b = self.intercept.float()[:m].view(1, m, 1)
             x = x.float()
             # Lags before the window start repeat its first sample (a persistence guess; zeros, the mean,
             # gave smooth BOLD a large error at the first p - 1 positions of every window).
             pad = "replicate" if x.numel() else "constant"          # (replicate refuses empty tensors)
-            lags = [x] + [nn.functional.pad(x, (k, 0), mode=pad)[..., :t_len] for k in range(1, self.order)]
+            state = torch.cat([x] + [nn.functional.pad(x, (k, 0), mode=pad)[..., :t_len]
+                                     for k in range(1, self.order)], dim=1)[..., st - 1::st]   # [B, p M, L]
             outs = []
             for _ in range(self.steps):
-                y = b + sum(torch.matmul(a[k], lags[k]) for k in range(self.order))
+                y = torch.matmul(a, state) + b
                 outs.append(y)
-                lags = [y] + lags[:-1]
+                state = torch.cat([y, state[:, :-m]], dim=1) if self.order > 1 else y
         return torch.stack(outs, dim=-1)

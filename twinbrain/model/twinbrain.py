@@ -11,7 +11,9 @@ Pipeline (shapes for one batch of windows; ``H`` = ``model.hidden``):
     recon:    decoder[m](latent)                                  -> [N, T, 1]
     forecast: predictor (S future latents) = latent_forecast[m] [N, L, S, H] -> decoder[m] = correction
               fMRI: linear core VAR(p) over all regions (iterated, signal space) + gate * correction
-              EEG:  anchor * last sample + correction
+              EEG:  linear core VAR(p) over all channels at the sample rate, iterated from the last sample
+                    of every latent step, + gate * correction (model.eeg_core false: anchor * last sample
+                    + correction)
 
 See docs/ARCHITECTURE.md for the batch schema and the output contract, docs/model.md for the design.
 """
@@ -36,8 +38,21 @@ EMBEDDING_PREFIXES = ("subject_embed.", "session_embed.", "session_affine.")
 PERSONAL_SUFFIXES = (".u",)               # per-subject loadings of the low-rank coupling deltas
 # The linear core's population coefficients (VAR: coef, intercept; transfer flow: w, decay, drive).
 CORE_SUFFIXES = (".coef", ".intercept", ".w", ".decay", ".drive")
-# Modalities forecast by the linear dynamics core (one signal sample per latent step).
-LINEAR_MODALITIES = ("fmri",)
+# Modalities that can be forecast by a linear dynamics core: fMRI one sample per latent step, EEG at its
+# sample rate from the last sample of every latent step (``model.eeg_core``).
+LINEAR_MODALITIES = ("fmri", "eeg")
+
+
+def core_modalities(cfg) -> tuple[str, ...]:
+    """The modalities with a linear core under ``ModelConfig`` ``cfg``."""
+    if cfg.linear_order <= 0:
+        return ()
+    return tuple(m for m in LINEAR_MODALITIES if m != "eeg" or cfg.eeg_core)
+
+
+def core_kind(cfg, modality: str) -> str:
+    """``model.core`` for fMRI; EEG's sample-rate core is a ridge VAR (the transfer flow integrates one TR)."""
+    return cfg.core if modality == "fmri" else "var"
 
 
 @dataclass
@@ -123,13 +138,14 @@ class TwinBrain(nn.Module):
         # Linear dynamics core: the model contains the ridge VAR. Its forecast is the starting point and the
         # nonlinear path adds ``gate * correction`` with the gate at 0, so a warm-started twin forecasts
         # exactly like the tuned VAR at step 0 and training learns departures from it.
-        self.linear_modalities = tuple(m for m in LINEAR_MODALITIES if cfg.linear_order > 0)
-        self.linear = nn.ModuleDict({m: LinearCore(self.n_slots[m], cfg.linear_order, s_steps, n_subjects,
-                                                   cfg.coupling_rank, core=cfg.core)
+        self.linear_modalities = core_modalities(cfg)
+        self.linear = nn.ModuleDict({m: LinearCore(self.n_slots[m], cfg.linear_order, s_steps * self.step[m],
+                                                   n_subjects, cfg.coupling_rank, core=core_kind(cfg, m),
+                                                   stride=self.step[m])
                                      for m in self.linear_modalities})
         self.gate = nn.ModuleDict({m: ScaledSum(0.0) for m in self.linear_modalities})
-        # Other modalities: a learned gain times the last observed sample of the step plus the decoded
-        # prediction (oscillatory EEG starts without it, gain 0; fMRI without the core at persistence).
+        # Without a core: a learned gain times the last observed sample of the step plus the decoded
+        # prediction (oscillatory EEG starts without it, gain 0; fMRI at persistence).
         self.anchor = nn.ModuleDict({m: ScaledSum(1.0 if m == "fmri" else 0.0)
                                      for m in MODALITIES if m not in self.linear_modalities})
         if cfg.probabilistic == "gaussian":
@@ -146,7 +162,7 @@ class TwinBrain(nn.Module):
         Every parameter name in exactly one group: ``embedding`` (subject/session embeddings, the session
         affine and the personal coupling deltas: ``train.emb_lr``, no weight decay), ``core`` (the linear
         core's population coefficients, VAR or transfer flow: ``train.core_lr_scale`` x ``train.lr``, no decay), ``gate``
-        (the fMRI forecast gate: ``train.gate_lr_scale`` x ``train.lr``, no decay), ``no_decay`` (biases,
+        (the forecast gates: ``train.gate_lr_scale`` x ``train.lr``, no decay), ``no_decay`` (biases,
         norms, node-identity and step embeddings, the couplings — held sparse by their own penalty) and ``default`` (weights, with weight decay). Names are
         relative to the unwrapped model; checkpoint wrappers' ``_checkpoint_wrapped_module.`` is removed.
         """
@@ -273,9 +289,9 @@ class TwinBrain(nn.Module):
             out.latent_forecast[m] = zf
             fc = self.decoder[m](zf).reshape(n, steps, s_steps * self.step[m])
             if m in self.linear_modalities:
-                x = g[m]["x"][..., 0] * g[m]["mask"].to(g[m]["x"].dtype).unsqueeze(-1)         # [N, T]
-                lin = self.linear[m](to_dense(x, idx[m], n_windows, self.n_slots[m]), subject)  # [B, M, T, S]
-                lin = from_dense(lin.flatten(2), idx[m], (steps, s_steps))                     # [N, T, S]
+                x = g[m]["x"][..., 0] * g[m]["mask"].to(g[m]["x"].dtype).unsqueeze(-1)   # [N, L * step]
+                lin = self.linear[m](to_dense(x, idx[m], n_windows, self.n_slots[m]), subject)
+                lin = from_dense(lin.flatten(2), idx[m], (steps, s_steps * self.step[m]))  # [N, L, S * step]
                 out.forecast[m] = self.gate[m](lin.to(fc.dtype), fc)
             else:
                 last = g[m]["x"][:, self.step[m] - 1::self.step[m], 0][:, :steps]  # [N, L] input at end of step

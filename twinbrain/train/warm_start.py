@@ -9,7 +9,8 @@ mean squared error on the validation split's spans â€” never on test subjects â€
 exactly like the ``svar`` baseline and training only adds nonlinear corrections. ``model.core`` = ``transfer``
 fits the one-TR flow of ``dx/dt = c - D x + W tanh(b x)`` instead (slope and alpha on validation, then L-BFGS
 on the training one-step MSE: :func:`select_core_model`); ``auto`` fits both and keeps the lower validation
-one-step MSE.
+one-step MSE. EEG's core (``model.eeg_core``) is a ridge VAR over the channels at the sample rate, chosen the
+same way on the EEG spans.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import logging
 import numpy as np
 
 from ..data.series import coupling_prior, span_series
+from ..model.twinbrain import core_kind
 from ..schema import relation_key
 from ..scoring.linear import fit_ridge_var
 from ..scoring.transfer import TransferFlow, select_core_model
@@ -62,7 +64,8 @@ def warm_start(model, dm, cfg) -> dict:
         if m not in model.linear:
             continue
         val = span_series(dm.cohort, dm.stats, dm.split.val, m)
-        fit, info = select_core(train[m], val, core_orders(cfg), cfg.eval.baseline_alphas, cfg.model.core, priors[m])
+        fit, info = select_core(train[m], val, core_orders(cfg), cfg.eval.baseline_alphas, core_kind(cfg.model, m),
+                                priors[m])
         mse = "n/a" if info["val_mse"] is None else f"{info['val_mse']:.4f}"
         if isinstance(fit, TransferFlow):
             model.linear[m].load_transfer(fit.w, fit.d, fit.c, fit.b)
