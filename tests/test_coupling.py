@@ -191,6 +191,39 @@ def test_eeg_core_forecasts_every_sample_from_the_end_of_each_latent_step():
     torch.testing.assert_close(strided(later, subject)[:, :, :3], out[:, :, :3])   # causal
 
 
+@pytest.mark.parametrize("order,personal", [(1, False), (3, True)])
+def test_training_rollout_has_the_loops_gradients_and_keeps_less(order, personal):
+    """In training the core iterates through ``coupling._VarRolloutFn`` (hand-written backward): the same
+    forecasts and gradients as autograd of the plain loop (eval mode), keeping ``s0`` and the outputs only."""
+    from torch.autograd.graph import saved_tensors_hooks
+    torch.manual_seed(0)
+    m, stride, steps = 6, 5, 12
+    core = LinearCore(m, order, steps, n_subjects=2, rank=2, stride=stride)
+    with torch.no_grad():
+        core.coef.normal_(0, 0.2)
+        core.intercept.normal_()
+        core.u.normal_()
+    x = torch.randn(2, m, 8 * stride, requires_grad=True)
+    subject = torch.tensor([1, 0]) if personal else None
+    weight = torch.randn(2, m, 8, steps)
+    results = []
+    for training in (False, True):
+        core.train(training)
+        core.zero_grad()
+        x.grad = None
+        saved = []
+        with saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = core(x, subject)
+        (out * weight).sum().backward()
+        grads = [core.coef.grad, core.intercept.grad, x.grad] + ([core.u.grad, core.v.grad] if personal else [])
+        results.append((out.detach(), [g.clone() for g in grads], sum(saved)))
+    (plain, plain_grads, plain_saved), (fused, fused_grads, fused_saved) = results
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fused_saved < plain_saved / 2 if order > 1 else fused_saved < plain_saved
+
+
 def test_warm_started_eeg_core_forecasts_like_the_svar_baseline():
     """At step 0 (gate 0) the twin's EEG forecasts are the validation-tuned sample-rate ridge VAR's, scored by
     the evaluator as the ``svar`` baseline; that beats persistence on the simulated EEG."""

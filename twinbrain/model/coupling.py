@@ -92,6 +92,71 @@ def couple(c: Tensor, x: Tensor) -> Tensor:
         return torch.matmul(c, x.float())
 
 
+class _VarRolloutFn(torch.autograd.Function):
+    """``steps`` iterations of ``y = A s + b; s <- [y, s[:-M]]`` from ``s0 [B, pM, L]`` -> ``[B, M, L, steps]``.
+
+    Autograd of the loop keeps every step's ``[B, pM, L]`` state (p copies of each output) and computes the
+    coefficient gradient as ``steps`` small GEMMs. Here forward keeps only ``s0`` and the outputs; backward
+    runs the adjoint recursion (one ``[pM, M]`` GEMM per step) and then the coefficient gradient of each
+    lag as one large GEMM over all steps, from the outputs shifted by the lag."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, s0: Tensor, steps: int) -> Tensor:
+        m = a.shape[-2]
+        state, outs = s0, []
+        for _ in range(steps):
+            y = torch.matmul(a, state) + b
+            outs.append(y)
+            state = torch.cat([y, state[:, :-m]], dim=1) if state.shape[1] > m else y
+        ys = torch.stack(outs, dim=2)                                            # [B, M, steps, L]
+        ctx.save_for_backward(a, s0, ys)
+        return ys.transpose(2, 3)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, s0, ys = ctx.saved_tensors
+        n_win, m, steps, length = ys.shape
+        order = s0.shape[1] // m
+        g = grad.transpose(2, 3).contiguous()                                    # [B, M, steps, L]
+        a_t = a.transpose(-1, -2)
+        lam = s0.new_zeros(s0.shape)                                             # dLoss / d state
+        d = torch.empty_like(g)                                                  # dLoss / d y, all paths
+        for i in reversed(range(steps)):
+            d[:, :, i] = g[:, :, i] + lam[:, :m]
+            nxt = torch.matmul(a_t, d[:, :, i])
+            if order > 1:
+                nxt[:, :-m] += lam[:, m:]
+            lam = nxt
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            blocks = []
+            for k in range(order):   # lag k + 1: step i > k saw output i - 1 - k, step i <= k block k - i of s0
+                n = max(steps - 1 - k, 0)
+                dk = torch.matmul(d[:, :, k + 1:].reshape(n_win, m, n * length),
+                                  ys[:, :, :n].reshape(n_win, m, n * length).transpose(1, 2))
+                for i in range(min(k + 1, steps)):
+                    dk = dk + torch.matmul(d[:, :, i], s0[:, (k - i) * m:(k - i + 1) * m].transpose(1, 2))
+                blocks.append(dk if a.dim() == 3 else dk.sum(0))
+            grad_a = torch.cat(blocks, dim=-1)
+        grad_b = d.sum(dim=(0, 2, 3)).view(1, m, 1) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, lam if ctx.needs_input_grad[2] else None, None
+
+
+def var_rollout(a: Tensor, b: Tensor, s0: Tensor, steps: int, fused: bool = False) -> Tensor:
+    """Iterated VAR forecasts ``[B, M, L, steps]`` from ``s0 [B, p·M, L]`` (lag-major state), ``a [(B,) M, p·M]``,
+    ``b [1, M, 1]``: ``y = a s + b``, then ``s <- [y, s[:-M]]``. ``fused`` (training): :class:`_VarRolloutFn`,
+    the same values with less kept for backward; otherwise the plain loop, which forward-mode AD (the EC
+    Jacobian) also goes through."""
+    if fused and torch.is_grad_enabled() and s0.numel() and steps:
+        return _VarRolloutFn.apply(a, b, s0, steps)
+    m, state, outs = a.shape[-2], s0, []
+    for _ in range(steps):
+        y = torch.matmul(a, state) + b
+        outs.append(y)
+        state = torch.cat([y, state[:, :-m]], dim=1) if state.shape[1] > m else y
+    return torch.stack(outs, dim=-1)
+
+
 class LinearCore(nn.Module):
     """VAR(p) over all slots of one modality in signal space, iterated over ``steps`` future steps.
 
@@ -230,9 +295,4 @@ class LinearCore(nn.Module):
             pad = "replicate" if x.numel() else "constant"          # (replicate refuses empty tensors)
             state = torch.cat([x] + [nn.functional.pad(x, (k, 0), mode=pad)[..., :t_len]
                                      for k in range(1, self.order)], dim=1)[..., st - 1::st]   # [B, p M, L]
-            outs = []
-            for _ in range(self.steps):
-                y = torch.matmul(a, state) + b
-                outs.append(y)
-                state = torch.cat([y, state[:, :-m]], dim=1) if self.order > 1 else y
-        return torch.stack(outs, dim=-1)
+            return var_rollout(a, b, state, self.steps, fused=self.training)
