@@ -92,6 +92,16 @@ def couple(c: Tensor, x: Tensor) -> Tensor:
         return torch.matmul(c, x.float())
 
 
+def _var_steps(a: Tensor, b: Tensor, s0: Tensor, steps: int) -> list[Tensor]:
+    """The ``steps`` outputs ``[B, M, L]`` of ``y = a s + b; s <- [y, s[:-M]]`` (see :func:`var_rollout`)."""
+    m, state, outs = a.shape[-2], s0, []
+    for _ in range(steps):
+        y = torch.matmul(a, state) + b
+        outs.append(y)
+        state = torch.cat([y, state[:, :-m]], dim=1) if state.shape[1] > m else y
+    return outs
+
+
 class _VarRolloutFn(torch.autograd.Function):
     """``steps`` iterations of ``y = A s + b; s <- [y, s[:-M]]`` from ``s0 [B, pM, L]`` -> ``[B, M, L, steps]``.
 
@@ -102,13 +112,7 @@ class _VarRolloutFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, s0: Tensor, steps: int) -> Tensor:
-        m = a.shape[-2]
-        state, outs = s0, []
-        for _ in range(steps):
-            y = torch.matmul(a, state) + b
-            outs.append(y)
-            state = torch.cat([y, state[:, :-m]], dim=1) if state.shape[1] > m else y
-        ys = torch.stack(outs, dim=2)                                            # [B, M, steps, L]
+        ys = torch.stack(_var_steps(a, b, s0, steps), dim=2)                     # [B, M, steps, L]
         ctx.save_for_backward(a, s0, ys)
         return ys.transpose(2, 3)
 
@@ -149,12 +153,7 @@ def var_rollout(a: Tensor, b: Tensor, s0: Tensor, steps: int, fused: bool = Fals
     Jacobian) also goes through."""
     if fused and torch.is_grad_enabled() and s0.numel() and steps:
         return _VarRolloutFn.apply(a, b, s0, steps)
-    m, state, outs = a.shape[-2], s0, []
-    for _ in range(steps):
-        y = torch.matmul(a, state) + b
-        outs.append(y)
-        state = torch.cat([y, state[:, :-m]], dim=1) if state.shape[1] > m else y
-    return torch.stack(outs, dim=-1)
+    return torch.stack(_var_steps(a, b, s0, steps), dim=-1)
 
 
 class LinearCore(nn.Module):
