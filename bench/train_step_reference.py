@@ -109,6 +109,11 @@ def worker(a) -> dict:
                      **overrides)
     tc = TrainConfig(balancer="uncertainty")
     model = build_model(mc, 4, 4, a.n_fmri, a.n_eeg, a.steps_per_tr * a.eeg_stride)
+    try:                                      # as the trainer: lr-0 groups (core, gates) frozen
+        from twinbrain.train.optim import fixed_groups
+        model.freeze(fixed_groups(tc))
+    except ImportError:                       # a tree from before: they were trained at lr 0
+        pass
     if a.ckpt:
         apply_activation_checkpointing(model.blocks, "full", 1)
     module = train_module(model, tc, mc).train()

@@ -191,10 +191,11 @@ def test_eeg_core_forecasts_every_sample_from_the_end_of_each_latent_step():
     torch.testing.assert_close(strided(later, subject)[:, :, :3], out[:, :, :3])   # causal
 
 
-@pytest.mark.parametrize("order,personal", [(1, False), (3, True)])
-def test_training_rollout_has_the_loops_gradients_and_keeps_less(order, personal):
+@pytest.mark.parametrize("order,personal,frozen", [(1, False, False), (3, True, False), (3, True, True)])
+def test_training_rollout_has_the_loops_gradients_and_keeps_less(order, personal, frozen):
     """In training the core iterates through ``coupling._VarRolloutFn`` (hand-written backward): the same
-    forecasts and gradients as autograd of the plain loop (eval mode), keeping ``s0`` and the outputs only."""
+    forecasts and gradients as autograd of the plain loop (eval mode), keeping ``s0`` and the outputs only;
+    with the population coefficients frozen (``train.core_lr_scale`` 0) the personal deltas still get theirs."""
     from torch.autograd.graph import saved_tensors_hooks
     torch.manual_seed(0)
     m, stride, steps = 6, 5, 12
@@ -203,6 +204,8 @@ def test_training_rollout_has_the_loops_gradients_and_keeps_less(order, personal
         core.coef.normal_(0, 0.2)
         core.intercept.normal_()
         core.u.normal_()
+    for p in (core.coef, core.intercept) if frozen else ():
+        p.requires_grad_(False)
     x = torch.randn(2, m, 8 * stride, requires_grad=True)
     subject = torch.tensor([1, 0]) if personal else None
     weight = torch.randn(2, m, 8, steps)
@@ -215,7 +218,9 @@ def test_training_rollout_has_the_loops_gradients_and_keeps_less(order, personal
         with saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             out = core(x, subject)
         (out * weight).sum().backward()
-        grads = [core.coef.grad, core.intercept.grad, x.grad] + ([core.u.grad, core.v.grad] if personal else [])
+        grads = ([] if frozen else [core.coef.grad, core.intercept.grad]) + [x.grad] \
+            + ([core.u.grad, core.v.grad] if personal else [])
+        assert (core.coef.grad is None) == frozen
         results.append((out.detach(), [g.clone() for g in grads], sum(saved)))
     (plain, plain_grads, plain_saved), (fused, fused_grads, fused_saved) = results
     torch.testing.assert_close(fused, plain)

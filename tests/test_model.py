@@ -543,6 +543,36 @@ def test_optimizer_groups_come_from_the_model():
     assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == 2
 
 
+def test_lr_zero_groups_are_frozen_and_a_closed_gate_skips_the_correction():
+    """The trainer freezes the groups trained at lr 0 (``train.core_lr_scale`` / ``gate_lr_scale`` 0, the
+    defaults): backward computes nothing for them, the optimizer still lists them (one saved layout), and a
+    frozen gate at 0 is closed: the same outputs without decoding the nonlinear forecast correction. A gate
+    that is open refuses to close."""
+    from twinbrain.train.optim import fixed_groups, param_groups
+    cfg, tc = tiny_cfg(**FULL), TrainConfig(balancer="none")
+    assert fixed_groups(tc) == ("core", "gate") and fixed_groups(dataclasses.replace(tc, core_lr_scale=0.1)) == ("gate",)
+    model = make(cfg)
+    batch = make_batch(2, n_fmri=N_F, n_eeg=N_E, t_f=T_F, samples_per_tr=SPT)
+    decoded = []
+    model.decoder["eeg"].register_forward_hook(lambda mod, args, out: decoded.append(args[0].dim()))
+    before = outputs(model(batch))
+    assert decoded == [3, 4]                                 # reconstruction [N, L, H], forecasts [N, L, S, H]
+    frozen = model.freeze(fixed_groups(tc))
+    spec = model.param_groups_spec()
+    assert sorted(frozen) == sorted(spec["core"] + spec["gate"]) and all(g.closed for g in model.gate.values())
+    decoded.clear()
+    out = model(batch)
+    assert decoded == [3]
+    for k, v in outputs(out).items():
+        torch.testing.assert_close(v, before[k])
+    losses = normalise(loss_terms(batch, out, tc, cfg), loss_counts(batch, tc, cfg))
+    make_balancer(tc, loss_term_names())(losses).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == frozen
+    assert sum(len(g["params"]) for g in param_groups(model, tc)) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="cannot close a gate of weight"):
+        make(cfg, random_embeddings=True).freeze(("gate",))
+
+
 def test_build_model_accepts_full_config():
     from twinbrain.config import Config
     cfg = Config()

@@ -375,4 +375,6 @@ def test_default_training_keeps_the_forecast_gates_closed(trained, twin):
     assert trained.cfg.train.gate_lr_scale == 0
     for m in ("fmri", "eeg"):
         assert twin.model.gate[m].weight.item() == 0.0
+        assert trained.model.gate[m].closed                        # the trainer froze it: never decoded
+        assert not trained.model.linear[m].coef.requires_grad       # train.core_lr_scale 0: frozen too
         assert twin.model.linear[m].u.abs().sum().item() > 0      # starts at 0, trains at train.emb_lr

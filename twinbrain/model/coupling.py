@@ -102,18 +102,29 @@ def _var_steps(a: Tensor, b: Tensor, s0: Tensor, steps: int) -> list[Tensor]:
     return outs
 
 
+def _stack_lags(a1: Tensor, a_rest: Tensor) -> Tensor:
+    """Lag 1 ``[(B,) M, M]`` and lags 2..p ``[M, (p-1) M]`` -> ``[(B,) M, p M]``."""
+    if not a_rest.shape[-1]:
+        return a1
+    return torch.cat([a1, a_rest.expand(*a1.shape[:-2], *a_rest.shape)], dim=-1)
+
+
 class _VarRolloutFn(torch.autograd.Function):
-    """``steps`` iterations of ``y = A s + b; s <- [y, s[:-M]]`` from ``s0 [B, pM, L]`` -> ``[B, M, L, steps]``.
+    """``steps`` iterations of ``y = A s + b; s <- [y, s[:-M]]`` from ``s0 [B, pM, L]`` -> ``[B, M, L, steps]``,
+    ``A = [a1, a_rest]`` (lag 1, possibly personal; lags 2..p).
 
     Autograd of the loop keeps every step's ``[B, pM, L]`` state (p copies of each output) and computes the
     coefficient gradient as ``steps`` small GEMMs. Here forward keeps only ``s0`` and the outputs; backward
     runs the adjoint recursion (one ``[pM, M]`` GEMM per step) and then the coefficient gradient of each
-    lag as one large GEMM over all steps, from the outputs shifted by the lag."""
+    lag that needs one (a frozen ``a_rest`` does not) as one large GEMM over all steps, from the outputs
+    shifted by the lag."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, s0: Tensor, steps: int) -> Tensor:
+    def forward(ctx, a1: Tensor, a_rest: Tensor, b: Tensor, s0: Tensor, steps: int) -> Tensor:
+        a = _stack_lags(a1, a_rest)
         ys = torch.stack(_var_steps(a, b, s0, steps), dim=2)                     # [B, M, steps, L]
         ctx.save_for_backward(a, s0, ys)
+        ctx.batched_a1 = a1.dim() == 3
         return ys.transpose(2, 3)
 
     @staticmethod
@@ -131,29 +142,33 @@ class _VarRolloutFn(torch.autograd.Function):
             if order > 1:
                 nxt[:, :-m] += lam[:, m:]
             lam = nxt
-        grad_a = None
-        if ctx.needs_input_grad[0]:
-            blocks = []
-            for k in range(order):   # lag k + 1: step i > k saw output i - 1 - k, step i <= k block k - i of s0
-                n = max(steps - 1 - k, 0)
-                dk = torch.matmul(d[:, :, k + 1:].reshape(n_win, m, n * length),
-                                  ys[:, :, :n].reshape(n_win, m, n * length).transpose(1, 2))
-                for i in range(min(k + 1, steps)):
-                    dk = dk + torch.matmul(d[:, :, i], s0[:, (k - i) * m:(k - i + 1) * m].transpose(1, 2))
-                blocks.append(dk if a.dim() == 3 else dk.sum(0))
-            grad_a = torch.cat(blocks, dim=-1)
-        grad_b = d.sum(dim=(0, 2, 3)).view(1, m, 1) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, lam if ctx.needs_input_grad[2] else None, None
+
+        def lag_grad(k: int, batched: bool) -> Tensor:
+            """Gradient of lag ``k + 1``: step ``i > k`` saw output ``i - 1 - k``, step ``i <= k`` block
+            ``k - i`` of ``s0``."""
+            n = max(steps - 1 - k, 0)
+            dk = torch.matmul(d[:, :, k + 1:].reshape(n_win, m, n * length),
+                              ys[:, :, :n].reshape(n_win, m, n * length).transpose(1, 2))
+            for i in range(min(k + 1, steps)):
+                dk = dk + torch.matmul(d[:, :, i], s0[:, (k - i) * m:(k - i + 1) * m].transpose(1, 2))
+            return dk if batched else dk.sum(0)
+
+        need = ctx.needs_input_grad
+        grad_a1 = lag_grad(0, ctx.batched_a1) if need[0] else None
+        grad_rest = torch.cat([lag_grad(k, False) for k in range(1, order)], dim=-1) if need[1] and order > 1 else None
+        grad_b = d.sum(dim=(0, 2, 3)).view(1, m, 1) if need[2] else None
+        return grad_a1, grad_rest, grad_b, lam if need[3] else None, None
 
 
-def var_rollout(a: Tensor, b: Tensor, s0: Tensor, steps: int, fused: bool = False) -> Tensor:
-    """Iterated VAR forecasts ``[B, M, L, steps]`` from ``s0 [B, p·M, L]`` (lag-major state), ``a [(B,) M, p·M]``,
-    ``b [1, M, 1]``: ``y = a s + b``, then ``s <- [y, s[:-M]]``. ``fused`` (training): :class:`_VarRolloutFn`,
-    the same values with less kept for backward; otherwise the plain loop, which forward-mode AD (the EC
-    Jacobian) also goes through."""
+def var_rollout(a1: Tensor, a_rest: Tensor, b: Tensor, s0: Tensor, steps: int, fused: bool = False) -> Tensor:
+    """Iterated VAR forecasts ``[B, M, L, steps]`` from ``s0 [B, p·M, L]`` (lag-major state): lag 1
+    ``a1 [(B,) M, M]``, lags 2..p ``a_rest [M, (p-1)·M]``, ``b [1, M, 1]``; ``y = [a1, a_rest] s + b``, then
+    ``s <- [y, s[:-M]]``. ``fused`` (training): :class:`_VarRolloutFn`, the same values with less kept and
+    computed for backward; otherwise the plain loop, which forward-mode AD (the EC Jacobian) also goes
+    through."""
     if fused and torch.is_grad_enabled() and s0.numel() and steps:
-        return _VarRolloutFn.apply(a, b, s0, steps)
-    return torch.stack(_var_steps(a, b, s0, steps), dim=-1)
+        return _VarRolloutFn.apply(a1, a_rest, b, s0, steps)
+    return torch.stack(_var_steps(_stack_lags(a1, a_rest), b, s0, steps), dim=-1)
 
 
 class LinearCore(nn.Module):
@@ -283,10 +298,8 @@ class LinearCore(nn.Module):
                     outs.append(y)
             return torch.stack(outs, dim=-1)
         with fp32_region(x):
-            a = [self.lag1(subject)] + [self.coef.float()[k, :m, :m] for k in range(1, self.order)]
-            if a[0].dim() == 3:
-                a = [a[0]] + [ak.expand_as(a[0]) for ak in a[1:]]
-            a = torch.cat(a, dim=-1)                                          # [(B,) M, p M]: one GEMM per step
+            # Lags 2..p side by side, [M, (p-1) M]: one GEMM per step over the lag-major state.
+            a_rest = self.coef.float()[1:, :m, :m].permute(1, 0, 2).reshape(m, (self.order - 1) * m)
             b = self.intercept.float()[:m].view(1, m, 1)
             x = x.float()
             # Lags before the window start repeat its first sample (a persistence guess; zeros, the mean,
@@ -294,4 +307,4 @@ class LinearCore(nn.Module):
             pad = "replicate" if x.numel() else "constant"          # (replicate refuses empty tensors)
             state = torch.cat([x] + [nn.functional.pad(x, (k, 0), mode=pad)[..., :t_len]
                                      for k in range(1, self.order)], dim=1)[..., st - 1::st]   # [B, p M, L]
-            return var_rollout(a, b, state, self.steps, fused=self.training)
+            return var_rollout(self.lag1(subject), a_rest, b, state, self.steps, fused=self.training)

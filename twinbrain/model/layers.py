@@ -37,9 +37,19 @@ class ScaledSum(nn.Module):
     def __init__(self, init: float):
         super().__init__()
         self.weight = nn.Parameter(torch.full((1,), float(init)))
+        self.closed = False          # weight fixed at 0 (see close): the caller need not compute ``x``
 
     def forward(self, base: Tensor, x: Tensor) -> Tensor:
         return base + self.weight.to(x.dtype) * x
+
+    @torch.no_grad()
+    def close(self) -> None:
+        """Fix the weight at 0 and stop its gradient: ``base + 0 * x`` is ``base``, so whoever feeds ``x``
+        may skip computing it (and its backward). Refused for a non-zero weight, whose ``x`` matters."""
+        if bool(self.weight.ne(0).any()):
+            raise ValueError(f"cannot close a gate of weight {self.weight.tolist()}: only a gate at 0 adds nothing")
+        self.weight.requires_grad_(False)
+        self.closed = True
 
 
 def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:

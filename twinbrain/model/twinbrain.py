@@ -183,6 +183,22 @@ class TwinBrain(nn.Module):
                 groups["default"].append(name)
         return groups
 
+    def freeze(self, groups) -> list[str]:
+        """Stop the gradients of every parameter in ``groups`` (names of :meth:`param_groups_spec` the
+        optimizer leaves unchanged, at lr 0), so backward skips their work; a frozen forecast gate is also
+        closed (:meth:`ScaledSum.close`: at 0 its correction is not computed). Returns the frozen names."""
+        spec = self.param_groups_spec()
+        names = {n for g in groups for n in spec[g]}
+        frozen = []
+        for raw, p in self.named_parameters():
+            if raw.replace("_checkpoint_wrapped_module.", "") in names:
+                p.requires_grad_(False)
+                frozen.append(raw)
+        for gate in self.gate.values():
+            if not gate.weight.requires_grad:
+                gate.close()
+        return frozen
+
     def embedding_parameter_names(self) -> list[str]:
         """Names of the ``embedding`` group: everything subject- or session-specific."""
         return self.param_groups_spec()["embedding"]
@@ -287,19 +303,25 @@ class TwinBrain(nn.Module):
             out.recon[m] = self.decoder[m](z).reshape(n, steps * self.step[m], 1)
             zf = self.predictor[m](z)                                             # [N, L, S, H]
             out.latent_forecast[m] = zf
-            fc = self.decoder[m](zf).reshape(n, steps, s_steps * self.step[m])
             if m in self.linear_modalities:
                 x = g[m]["x"][..., 0] * g[m]["mask"].to(g[m]["x"].dtype).unsqueeze(-1)   # [N, L * step]
                 lin = self.linear[m](to_dense(x, idx[m], n_windows, self.n_slots[m]), subject)
                 lin = from_dense(lin.flatten(2), idx[m], (steps, s_steps * self.step[m]))  # [N, L, S * step]
-                out.forecast[m] = self.gate[m](lin.to(fc.dtype), fc)
+                lin = lin.to(zf.dtype)
+                # A closed gate adds 0 x the correction: it is neither decoded nor back-propagated.
+                out.forecast[m] = lin if self.gate[m].closed else self.gate[m](lin, self._decode_forecast(m, zf))
             else:
                 last = g[m]["x"][:, self.step[m] - 1::self.step[m], 0][:, :steps]  # [N, L] input at end of step
-                out.forecast[m] = self.anchor[m](fc, last.to(fc.dtype).unsqueeze(-1))
+                out.forecast[m] = self.anchor[m](self._decode_forecast(m, zf), last.to(zf.dtype).unsqueeze(-1))
             if out.forecast_std is not None:
                 std = F.softplus(self.std_head[m](zf).float()) + 1e-3
                 out.forecast_std[m] = std.reshape(n, steps, s_steps * self.step[m])
         return out
+
+    def _decode_forecast(self, m: str, zf: Tensor) -> Tensor:
+        """Latent forecasts ``[N, L, S, H]`` -> signal forecasts ``[N, L, S * step]``."""
+        n, steps, s_steps = zf.shape[:3]
+        return self.decoder[m](zf).reshape(n, steps, s_steps * self.step[m])
 
 
 def build_model(cfg, n_subjects: int, n_sessions: int, n_fmri_slots: int, n_eeg_slots: int,

@@ -178,6 +178,8 @@ class DeepSpeed(Single):
 
     def wrap(self, module: nn.Module, cfg: Config, build_optim, ext_dir: Path | None):
         optimizer = build_optim()
+        # ZeRO partitions the trainable parameters of each group and refuses a group without one.
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if any(p.requires_grad for p in g["params"])]
         with watch_build_locks(ext_dir):     # DeepSpeed may JIT-build (and wait on a lock) here
             engine, ds_optimizer = wrap_deepspeed(module, optimizer, deepspeed_config(cfg, self.backend, self.dtype))
         return engine, ds_optimizer, optimizer

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 
 def param_groups(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = None) -> list[dict]:
     """The model's own groups (:meth:`TwinBrain.param_groups_spec`) with their optimizer settings:
@@ -22,14 +22,15 @@ def param_groups(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = N
     spec = model.param_groups_spec()
     group_of = {n: g for g, names in spec.items() for n in names}
     by_group: dict[str, list] = {"default": [], "no_decay": [], "embedding": [], "core": [], "gate": []}
+    # Every model parameter, also one frozen at lr 0 (fixed_groups): the groups, and so a run's saved
+    # optimizer and schedule state, keep one layout whatever is frozen (AdamW skips a parameter without grad).
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            group = group_of[name.replace("_checkpoint_wrapped_module.", "")]
-            if group == "gate" and cfg.gate_lr_scale == 1:
-                # The same lr and decay as no_decay, where runs saved before the gate group kept it: their
-                # optimizer state then loads into the same groups (a resume of such a run sets the scale to 1).
-                group = "no_decay"
-            by_group[group].append(p)
+        group = group_of[name.replace("_checkpoint_wrapped_module.", "")]
+        if group == "gate" and cfg.gate_lr_scale == 1:
+            # The same lr and decay as no_decay, where runs saved before the gate group kept it: their
+            # optimizer state then loads into the same groups (a resume of such a run sets the scale to 1).
+            group = "no_decay"
+        by_group[group].append(p)
     if extra is not None:
         by_group["no_decay"].extend(p for p in extra.parameters() if p.requires_grad)
     groups = [
@@ -47,6 +48,12 @@ def param_groups(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = N
         {"name": "gate", "params": by_group["gate"], "lr": cfg.lr * cfg.gate_lr_scale, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
+
+
+def fixed_groups(cfg: TrainConfig) -> tuple[str, ...]:
+    """The model's parameter groups trained at lr 0 (``train.core_lr_scale`` / ``train.gate_lr_scale`` 0):
+    the trainer freezes them (:meth:`TwinBrain.freeze`), so no gradient is computed that no step uses."""
+    return tuple(g for g, scale in (("core", cfg.core_lr_scale), ("gate", cfg.gate_lr_scale)) if scale == 0)
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -103,6 +110,11 @@ class Schedule:
         return self.impl.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("base_lrs", state.get("min_lrs"))
+        if saved is not None and len(saved) != len(self.optimizer.param_groups):
+            raise ConfigError(f"the checkpoint's learning-rate schedule has {len(saved)} parameter groups, this "
+                              f"optimizer {len(self.optimizer.param_groups)}: it was written by a TwinBrain version "
+                              "with another optimizer layout and cannot be resumed; start a new --run.out")
         self.impl.load_state_dict(state)
 
 

@@ -30,7 +30,7 @@ from .backends import make_backend
 from .checkpoint import Checkpointer, RNGState, full_model_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend, resolve_precision
 from .extensions import prepare_extensions
-from .optim import EarlyStopping, Schedule, build_optimizer, param_groups
+from .optim import EarlyStopping, Schedule, build_optimizer, fixed_groups, param_groups
 from .parallel import apply_activation_checkpointing, autocast_dtype
 from .runlock import RunLock
 from .telemetry import Telemetry, count_flops, reduce_scalars, summary_table
@@ -136,6 +136,7 @@ class Trainer:
         self.kind.modalities = tuple(self.modalities)
         # Closed-form start (tuned ridge VAR core, coupling priors); a resume loads the trained state instead.
         self.warm = warm_start(model, d, cfg) if t.warm_start and self.resume_from is None else None
+        model.freeze(fixed_groups(t))           # before any wrapper: DDP and FSDP2 see what is trained
         self.n_params = sum(p.numel() for p in model.parameters())
         self.ac_blocks = apply_activation_checkpointing(model.blocks, t.activation_checkpointing, t.ac_every_k)
         module = build_train_module(model, t, cfg.model, self.modalities).to(self.device)
