@@ -113,51 +113,66 @@ class _VarRolloutFn(torch.autograd.Function):
     """``steps`` iterations of ``y = A s + b; s <- [y, s[:-M]]`` from ``s0 [B, pM, L]`` -> ``[B, M, L, steps]``,
     ``A = [a1, a_rest]`` (lag 1, possibly personal; lags 2..p).
 
-    Autograd of the loop keeps every step's ``[B, pM, L]`` state (p copies of each output) and computes the
-    coefficient gradient as ``steps`` small GEMMs. Here forward keeps only ``s0`` and the outputs; backward
-    runs the adjoint recursion (one ``[pM, M]`` GEMM per step) and then the coefficient gradient of each
-    lag that needs one (a frozen ``a_rest`` does not) as one large GEMM over all steps, from the outputs
-    shifted by the lag."""
+    Autograd of the loop keeps every step's ``[B, pM, L]`` state (p copies of each output), builds each state
+    by concatenation and computes the coefficient gradient as ``steps`` small GEMMs. Here the outputs go into
+    one time-ordered history ``[B, (p + steps) M, L]`` (``s0`` oldest first), so the state of step ``i`` is
+    the contiguous slice of blocks ``i .. i + p - 1`` (multiplied by the lags in reverse order) and is never
+    copied; the history is all that backward keeps. Backward is the same recursion backwards in time on the
+    adjoint, ``d_i = g_i + sum_k A_kᵀ d_{i+k}`` (one ``[M, pM]`` GEMM per step over a buffer with ``p`` zero
+    blocks on each side), then the gradient of each lag that needs one (a frozen ``a_rest`` does not) as
+    one large GEMM over all steps."""
 
     @staticmethod
     def forward(ctx, a1: Tensor, a_rest: Tensor, b: Tensor, s0: Tensor, steps: int) -> Tensor:
-        a = _stack_lags(a1, a_rest)
-        ys = torch.stack(_var_steps(a, b, s0, steps), dim=2)                     # [B, M, steps, L]
-        ctx.save_for_backward(a, s0, ys)
+        a = _stack_lags(a1, a_rest)                                              # [(B,) M, pM], lag-major
+        n_win, pm, length = s0.shape
+        m = a.shape[-2]
+        order = pm // m
+        a_rev = a.unflatten(-1, (order, m)).flip(-2).flatten(-2)                 # columns oldest lag first
+        hist = s0.new_empty(n_win, (order + steps) * m, length)
+        hist[:, :pm] = s0.view(n_win, order, m, length).flip(1).reshape(n_win, pm, length)
+        for i in range(steps):
+            hist[:, (order + i) * m:(order + i + 1) * m] = torch.matmul(a_rev, hist[:, i * m:(i + order) * m]).add_(b)
+        ctx.save_for_backward(a, hist)
         ctx.batched_a1 = a1.dim() == 3
-        return ys.transpose(2, 3)
+        return hist[:, pm:].view(n_win, steps, m, length).permute(0, 2, 3, 1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        a, s0, ys = ctx.saved_tensors
-        n_win, m, steps, length = ys.shape
-        order = s0.shape[1] // m
-        g = grad.transpose(2, 3).contiguous()                                    # [B, M, steps, L]
-        a_t = a.transpose(-1, -2)
-        lam = s0.new_zeros(s0.shape)                                             # dLoss / d state
-        d = torch.empty_like(g)                                                  # dLoss / d y, all paths
+        a, hist = ctx.saved_tensors
+        n_win, _, length = hist.shape
+        m = a.shape[-2]
+        order = a.shape[-1] // m
+        steps = hist.shape[1] // m - order
+        g = grad.permute(0, 3, 1, 2).reshape(n_win, steps * m, length)          # time-major blocks
+        a_t = a.unflatten(-1, (order, m)).transpose(-1, -3).flatten(-2)          # [(B,) M, pM]: block k = A_kᵀ
+        adj = g.new_zeros(n_win, (2 * order + steps) * m, length)                # block p + i = d_i
         for i in reversed(range(steps)):
-            d[:, :, i] = g[:, :, i] + lam[:, :m]
-            nxt = torch.matmul(a_t, d[:, :, i])
-            if order > 1:
-                nxt[:, :-m] += lam[:, m:]
-            lam = nxt
-
-        def lag_grad(k: int, batched: bool) -> Tensor:
-            """Gradient of lag ``k + 1``: step ``i > k`` saw output ``i - 1 - k``, step ``i <= k`` block
-            ``k - i`` of ``s0``."""
-            n = max(steps - 1 - k, 0)
-            dk = torch.matmul(d[:, :, k + 1:].reshape(n_win, m, n * length),
-                              ys[:, :, :n].reshape(n_win, m, n * length).transpose(1, 2))
-            for i in range(min(k + 1, steps)):
-                dk = dk + torch.matmul(d[:, :, i], s0[:, (k - i) * m:(k - i + 1) * m].transpose(1, 2))
-            return dk if batched else dk.sum(0)
-
+            lo = (order + i) * m
+            adj[:, lo:lo + m] = torch.matmul(a_t, adj[:, lo + m:lo + (order + 1) * m]).add_(g[:, i * m:(i + 1) * m])
         need = ctx.needs_input_grad
-        grad_a1 = lag_grad(0, ctx.batched_a1) if need[0] else None
-        grad_rest = torch.cat([lag_grad(k, False) for k in range(1, order)], dim=-1) if need[1] and order > 1 else None
-        grad_b = d.sum(dim=(0, 2, 3)).view(1, m, 1) if need[2] else None
-        return grad_a1, grad_rest, grad_b, lam if need[3] else None, None
+        grad_a1 = grad_rest = grad_b = grad_s0 = None
+        if need[0] or (need[1] and order > 1):
+            # Contract over (step, L) in one GEMM per lag: d and the history with the slot axis first.
+            d = adj[:, order * m:(order + steps) * m].view(n_win, steps, m, length).transpose(1, 2)
+            d = d.reshape(n_win, m, steps * length)
+            x = hist.view(n_win, order + steps, m, length).transpose(1, 2).contiguous()   # [B, M, p + steps, L]
+
+            def lag_grad(k: int, batched: bool) -> Tensor:
+                """Gradient of lag ``k``: step ``i`` saw the sample at time ``i - k`` (history block ``p + i - k``)."""
+                xk = x[:, :, order - k:order - k + steps].reshape(n_win, m, steps * length)
+                gk = torch.matmul(d, xk.transpose(1, 2))
+                return gk if batched else gk.sum(0)
+
+            grad_a1 = lag_grad(1, ctx.batched_a1) if need[0] else None
+            if need[1] and order > 1:
+                grad_rest = torch.cat([lag_grad(k, False) for k in range(2, order + 1)], dim=-1)
+        if need[2]:
+            grad_b = adj[:, order * m:(order + steps) * m].view(n_win, steps, m, length).sum((0, 1, 3)).view(1, m, 1)
+        if need[3]:   # s0's lag j + 1 (time -1 - j) was seen by step i through A_{i + 1 + j}
+            grad_s0 = torch.cat([torch.matmul(a_t, adj[:, (order - j) * m:(2 * order - j) * m])
+                                 for j in range(order)], dim=1)
+        return grad_a1, grad_rest, grad_b, grad_s0, None
 
 
 def var_rollout(a1: Tensor, a_rest: Tensor, b: Tensor, s0: Tensor, steps: int, fused: bool = False) -> Tensor:
