@@ -146,29 +146,29 @@ class _VarRolloutFn(torch.autograd.Function):
         steps = hist.shape[1] // m - order
         g = grad.permute(0, 3, 1, 2).reshape(n_win, steps * m, length)          # time-major blocks
         a_t = a.unflatten(-1, (order, m)).transpose(-1, -3).flatten(-2)          # [(B,) M, pM]: block k = A_kᵀ
-        adj = g.new_zeros(n_win, (2 * order + steps) * m, length)                # block p + i = d_i
+        adj = g.new_empty(n_win, (2 * order + steps) * m, length)                # block p + i = d_i
+        adj[:, :order * m] = 0
+        adj[:, (order + steps) * m:] = 0
         for i in reversed(range(steps)):
             lo = (order + i) * m
             adj[:, lo:lo + m] = torch.matmul(a_t, adj[:, lo + m:lo + (order + 1) * m]).add_(g[:, i * m:(i + 1) * m])
         need = ctx.needs_input_grad
         grad_a1 = grad_rest = grad_b = grad_s0 = None
-        if need[0] or (need[1] and order > 1):
-            # Contract over (step, L) in one GEMM per lag: d and the history with the slot axis first.
-            d = adj[:, order * m:(order + steps) * m].view(n_win, steps, m, length).transpose(1, 2)
-            d = d.reshape(n_win, m, steps * length)
-            x = hist.view(n_win, order + steps, m, length).transpose(1, 2).contiguous()   # [B, M, p + steps, L]
+        d = adj[:, order * m:(order + steps) * m].view(n_win, steps, m, length)
 
-            def lag_grad(k: int, batched: bool) -> Tensor:
-                """Gradient of lag ``k``: step ``i`` saw the sample at time ``i - k`` (history block ``p + i - k``)."""
-                xk = x[:, :, order - k:order - k + steps].reshape(n_win, m, steps * length)
-                gk = torch.matmul(d, xk.transpose(1, 2))
-                return gk if batched else gk.sum(0)
+        def lag_grad(k: int, batched: bool) -> Tensor:
+            """Gradient of lag ``k``: step ``i`` saw the sample at time ``i - k`` (history block ``p + i - k``);
+            one batched GEMM over the (window, step) blocks, summed over steps (no transposed copies)."""
+            xk = hist[:, (order - k) * m:(order - k + steps) * m].view(n_win, steps, m, length)
+            gk = torch.matmul(d, xk.transpose(-1, -2)).sum(1)
+            return gk if batched else gk.sum(0)
 
-            grad_a1 = lag_grad(1, ctx.batched_a1) if need[0] else None
-            if need[1] and order > 1:
-                grad_rest = torch.cat([lag_grad(k, False) for k in range(2, order + 1)], dim=-1)
+        if need[0]:
+            grad_a1 = lag_grad(1, ctx.batched_a1)
+        if need[1] and order > 1:
+            grad_rest = torch.cat([lag_grad(k, False) for k in range(2, order + 1)], dim=-1)
         if need[2]:
-            grad_b = adj[:, order * m:(order + steps) * m].view(n_win, steps, m, length).sum((0, 1, 3)).view(1, m, 1)
+            grad_b = d.sum((0, 1, 3)).view(1, m, 1)
         if need[3]:   # s0's lag j + 1 (time -1 - j) was seen by step i through A_{i + 1 + j}
             grad_s0 = torch.cat([torch.matmul(a_t, adj[:, (order - j) * m:(2 * order - j) * m])
                                  for j in range(order)], dim=1)
@@ -317,9 +317,11 @@ class LinearCore(nn.Module):
             a_rest = self.coef.float()[1:, :m, :m].permute(1, 0, 2).reshape(m, (self.order - 1) * m)
             b = self.intercept.float()[:m].view(1, m, 1)
             x = x.float()
-            # Lags before the window start repeat its first sample (a persistence guess; zeros, the mean,
-            # gave smooth BOLD a large error at the first p - 1 positions of every window).
-            pad = "replicate" if x.numel() else "constant"          # (replicate refuses empty tensors)
-            state = torch.cat([x] + [nn.functional.pad(x, (k, 0), mode=pad)[..., :t_len]
-                                     for k in range(1, self.order)], dim=1)[..., st - 1::st]   # [B, p M, L]
+            # Lag k + 1 of latent step t is sample (t + 1) stride - 1 - k; lags before the window start repeat
+            # its first sample (a persistence guess; zeros, the mean, gave smooth BOLD a large error at the
+            # first p - 1 positions of every window). Gathered at the L used positions only.
+            ends = torch.arange(st - 1, t_len - t_len % st, st, device=x.device)
+            pos = (ends.unsqueeze(0) - torch.arange(self.order, device=x.device).unsqueeze(1)).clamp_min(0)
+            state = x.index_select(-1, pos.flatten()).unflatten(-1, pos.shape)         # [B, M, p, L]
+            state = state.transpose(1, 2).flatten(1, 2)                                 # [B, p M, L]
             return var_rollout(self.lag1(subject), a_rest, b, state, self.steps, fused=self.training)
