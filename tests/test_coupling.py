@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.batches import make_window, tiny_model_config
+from tests.batches import make_batch, make_window, tiny_model_config
 from twinbrain.config import load_config
 from twinbrain.data.module import DataModule
 from twinbrain.data.series import mean_abs_correlation, span_series
@@ -19,7 +19,7 @@ from twinbrain.data.simulate.systems import (offdiag_pearson, series_cohort, sim
                                              sparse_signed_matrix)
 from twinbrain.eval.forecast_eval import evaluate_forecasts
 from twinbrain.model import build_model
-from twinbrain.model.coupling import LinearCore
+from twinbrain.model.coupling import LinearCore, in_slot_order
 from twinbrain.scoring.linear import DEFAULT_ALPHAS, select_ridge_var
 from twinbrain.scoring.transfer import TransferFlow, TransferMap, select_core_model
 from twinbrain.train.warm_start import warm_start
@@ -189,6 +189,33 @@ def test_eeg_core_forecasts_every_sample_from_the_end_of_each_latent_step():
     later = x.clone()
     later[..., 3 * stride:] += 1.0                                             # from latent step 3 on
     torch.testing.assert_close(strided(later, subject)[:, :, :3], out[:, :, :3])   # causal
+
+
+def test_nodes_in_slot_order_use_a_view_with_the_scatters_outputs_and_gradients(monkeypatch):
+    """Nodes that fill every slot in order (a full atlas) skip the scatter into the slot layout: the same
+    outputs and gradients as through ``index_put`` / ``index_select``; any other order keeps the index."""
+    import twinbrain.model.twinbrain as tb
+    cfg = tiny_model_config()
+    batch = make_batch(2, n_fmri=6, n_eeg=4, t_f=8, samples_per_tr=4)
+    idx = torch.arange(12)
+    assert in_slot_order(idx, 2, 6) is None
+    assert in_slot_order(idx.flip(0), 2, 6) is not None and in_slot_order(idx[:10], 2, 6) is not None
+    results = []
+    for view in (True, False):
+        if not view:
+            monkeypatch.setattr(tb, "in_slot_order", lambda i, *_: i)
+        torch.manual_seed(0)
+        model = build_model(cfg, n_subjects=3, n_sessions=3, n_fmri_slots=6, n_eeg_slots=4, samples_per_tr=4)
+        out = model(batch)
+        (out.forecast["fmri"].sum() + out.forecast["eeg"].sum() + out.recon["eeg"].sum()).backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    for m in ("fmri", "eeg"):
+        torch.testing.assert_close(a.forecast[m], b.forecast[m])
+        torch.testing.assert_close(a.recon[m], b.recon[m])
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], msg=n)
 
 
 @pytest.mark.parametrize("order,personal,frozen", [(1, False, False), (3, True, False), (3, True, True)])

@@ -60,7 +60,8 @@ class STBlock(nn.Module):
         h_f: ``[N_f, T_f, H]`` fMRI latents (one step per TR).
         h_e: ``[N_e, L_e, H]`` EEG latents, ``L_e = T_f * steps_per_tr``.
         couplings: ``{relation_key: [M_t, M_s] or [B, M_t, M_s]}`` for every relation in ``RELATIONS``.
-        idx: ``{m: [N]}`` dense slot index of every node (``window * n_slots + node_id``).
+        idx: ``{m: [N]}`` dense slot index of every node (``window * n_slots + node_id``), or ``None``
+            for nodes in slot order (:func:`twinbrain.model.coupling.in_slot_order`).
         keep: ``{m: [N, 1, 1]}`` 1 for nodes with data, 0 for masked slots (they send no message).
         n_windows: ``B``.
     Returns ``(h_f, h_e)`` with the input shapes.

@@ -22,18 +22,33 @@ from twinbrain.model.layers import fp32_region
 from twinbrain.scoring.flow import transfer_flow
 
 
-def to_dense(h: Tensor, idx: Tensor, n_windows: int, n_slots: int) -> Tensor:
+def in_slot_order(idx: Tensor, n_windows: int, n_slots: int) -> Tensor | None:
+    """``idx`` (:func:`twinbrain.model.layers.dense_index` of every node), or ``None`` when the nodes fill
+    every slot of every window in order (a full atlas or montage): the slot layout is then a view of the
+    node features and :func:`to_dense` / :func:`from_dense` copy nothing."""
+    n = idx.numel()
+    if n == n_windows * n_slots and torch.equal(idx, torch.arange(n, device=idx.device)):
+        return None
+    return idx
+
+
+def to_dense(h: Tensor, idx: Tensor | None, n_windows: int, n_slots: int) -> Tensor:
     """``[N, *F]`` node features -> ``[B, M, prod(F)]`` slot layout (absent slots are 0).
-    ``idx`` is :func:`twinbrain.model.layers.dense_index` of every node (unique)."""
+    ``idx`` is :func:`twinbrain.model.layers.dense_index` of every node (unique), or ``None`` for nodes in
+    slot order (:func:`in_slot_order`)."""
     flat = h.flatten(1)                                            # (N may be 0: modality absent)
+    if idx is None:
+        return flat.view(n_windows, n_slots, flat.shape[1])
     # index_put, not index_copy: autograd's index_copy keeps the source (a full copy of the features of every
     # relation and block) for backward, index_put only the index.
     out = flat.new_zeros(n_windows * n_slots, flat.shape[1]).index_put((idx,), flat)
     return out.view(n_windows, n_slots, flat.shape[1])
 
 
-def from_dense(d: Tensor, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
+def from_dense(d: Tensor, idx: Tensor | None, shape: tuple[int, ...]) -> Tensor:
     """Inverse of :func:`to_dense`: ``[B, M, prod(F)] -> [N, *F]`` for the nodes at ``idx``."""
+    if idx is None:
+        return d.reshape(-1, *shape)
     return d.flatten(0, 1).index_select(0, idx).view(idx.shape[0], *shape)
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twinbrain.model.blocks import STBlock
-from twinbrain.model.coupling import LinearCore, from_dense, to_dense
+from twinbrain.model.coupling import LinearCore, from_dense, in_slot_order, to_dense
 from twinbrain.model.layers import CausalPatchEmbed, LatentPredictor, ScaledSum, dense_index, laplacian_pe
 from twinbrain.model.relations import build_relation_layers
 from twinbrain.schema import MODALITIES, node_mask, samples_per_step
@@ -285,7 +285,7 @@ class TwinBrain(nn.Module):
         for key, c in self.coupling.items():                                     # once per forward, all blocks
             couplings[key], p = c(subject)
             penalty = penalty + p
-        idx = {m: g[m]["idx"] for m in MODALITIES}
+        idx = {m: in_slot_order(g[m]["idx"], n_windows, self.n_slots[m]) for m in MODALITIES}
         keep = {m: g[m]["mask"].to(h[m].dtype).view(-1, 1, 1) for m in MODALITIES}
         h_f, h_e = h["fmri"], h["eeg"]
         for block in self.blocks:
