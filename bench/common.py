@@ -364,6 +364,16 @@ def train_module(model, tc, mc):
     return build_train_module(model, tc, mc)
 
 
+def freeze_fixed(model, tc) -> None:
+    """As the trainer does: freeze the groups trained at lr 0 (``train.optim.fixed_groups``: the linear
+    core's population coefficients, the closed forecast gates). A tree from before trained them at lr 0."""
+    try:
+        from twinbrain.train.optim import fixed_groups
+    except ImportError:
+        return
+    model.freeze(fixed_groups(tc))
+
+
 def full_model_step(a, windows: int, device: torch.device, dtype: torch.dtype | None,
                     checkpointing: bool = False) -> Callable[[], None]:
     """One trainer-equivalent step of the full TwinBrain model: ``TrainModule`` forward (model + losses
@@ -378,6 +388,7 @@ def full_model_step(a, windows: int, device: torch.device, dtype: torch.dtype | 
                      eeg_stride=a.eeg_stride)
     tc = TrainConfig(balancer="uncertainty")
     model = build_model(mc, 4, 4, a.n_fmri, a.n_eeg, a.spt)
+    freeze_fixed(model, tc)
     if checkpointing:
         apply_activation_checkpointing(model.blocks, "full", 1)
     module = train_module(model, tc, mc).to(device).train()

@@ -93,6 +93,7 @@ def live_peak(tree: str) -> None:
         mc = ModelConfig(hidden=128, blocks=4, eeg_patch=100, eeg_stride=100)
         tc = TrainConfig(balancer="uncertainty")
         model = build_model(mc, 4, 4, 190, 63, 500)
+        common.freeze_fixed(model, tc)
         if ck:
             apply_activation_checkpointing(model.blocks, "full", 1)
         module = common.train_module(model, tc, mc).train()

@@ -102,18 +102,14 @@ def worker(a) -> dict:
     from twinbrain.train.parallel import apply_activation_checkpointing
 
     assert Path(twinbrain.__file__).resolve().is_relative_to(Path(a.worker).resolve()), twinbrain.__file__
-    from common import train_module          # after twinbrain: common puts this tree on sys.path
+    from common import freeze_fixed, train_module   # after twinbrain: common puts this tree on sys.path
     torch.manual_seed(0)
     overrides = {k: _parse_value(v) for k, v in (s.split("=", 1) for s in a.set)}
     mc = ModelConfig(hidden=a.hidden, blocks=a.blocks, eeg_patch=a.eeg_stride, eeg_stride=a.eeg_stride,
                      **overrides)
     tc = TrainConfig(balancer="uncertainty")
     model = build_model(mc, 4, 4, a.n_fmri, a.n_eeg, a.steps_per_tr * a.eeg_stride)
-    try:                                      # as the trainer: lr-0 groups (core, gates) frozen
-        from twinbrain.train.optim import fixed_groups
-        model.freeze(fixed_groups(tc))
-    except ImportError:                       # a tree from before: they were trained at lr 0
-        pass
+    freeze_fixed(model, tc)
     if a.ckpt:
         apply_activation_checkpointing(model.blocks, "full", 1)
     module = train_module(model, tc, mc).train()
