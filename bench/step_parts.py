@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python bench/step_parts.py attention      # CausalSelfAttention fwd+bwd per window
     OMP_NUM_THREADS=1 python bench/step_parts.py compile        # eager vs torch.compile(STBlock), fwd+bwd
     OMP_NUM_THREADS=1 python bench/step_parts.py livepeak DIR   # live tensor peak of a whole step, tree DIR
+    OMP_NUM_THREADS=1 python bench/step_parts.py core           # EEG linear core fwd+bwd, coefficients trained / frozen
 
 Reference shapes: EEG 63 channels x 250 latent steps, fMRI 190 regions x 50 TRs, hidden 128, 4 heads.
 CPU time = ``time.process_time`` of this process (median of 5 after 1 warm-up, variants alternated).
@@ -67,6 +68,28 @@ def compile_block() -> None:
     print(f"fwd+bwd CPU s per block: eager {res['eager']:.3f}, compiled {res['compiled']:.3f}")
 
 
+def eeg_core() -> None:
+    """The EEG linear core at the reference shapes (VAR(5) over 63 channels, 400 samples iterated from each of
+    250 latent steps, personal rank 4) in training: fwd+bwd of a weighted sum of its forecasts, with the
+    population coefficients trained and frozen (``train.core_lr_scale`` 0, the default)."""
+    from twinbrain.model.coupling import LinearCore
+    torch.manual_seed(0)
+    x, subject, w = torch.randn(1, 63, 25000), torch.tensor([1]), torch.randn(1, 63, 250, 400)
+    cores = {}
+    for frozen in (False, True):
+        core = LinearCore(63, 5, 400, n_subjects=4, rank=4, stride=100).train()
+        with torch.no_grad():
+            core.coef.mul_(0.5)
+            core.u.normal_(0, 0.01)
+        for p in (core.coef, core.intercept) if frozen else ():
+            p.requires_grad_(False)
+        cores["frozen" if frozen else "trained"] = core
+    res = alternate({k: (lambda c=c: (c(x, subject) * w).sum().backward()) for k, c in cores.items()})
+    print("| coefficients | fwd+bwd CPU s |\n|---|---|")
+    for k, t in res.items():
+        print(f"| {k} | {t:.3f} |")
+
+
 def live_peak(tree: str) -> None:
     """Live tensor peak (``common.LiveTensorBytes``) of one whole train step at the reference's shapes
     (bench/train_step_reference.py's step), activation checkpointing off and on, with the TwinBrain
@@ -119,4 +142,4 @@ if __name__ == "__main__":
     if cmd == "livepeak":
         live_peak(sys.argv[2] if len(sys.argv) > 2 else str(common.ROOT))
     else:
-        {"attention": attention, "compile": compile_block}[cmd]()
+        {"attention": attention, "compile": compile_block, "core": eeg_core}[cmd]()
