@@ -364,6 +364,17 @@ def train_module(model, tc, mc):
     return build_train_module(model, tc, mc)
 
 
+def host_memory_as_trainer(device) -> None:
+    """As the trainer does on CPU: freed activations stay in the process (``train.host_memory``); a tree
+    from before left glibc's defaults."""
+    try:
+        from twinbrain.train.host_memory import keep_freed_memory
+    except ImportError:
+        return
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()
+
+
 def freeze_fixed(model, tc) -> None:
     """As the trainer does: freeze the groups trained at lr 0 (``train.optim.fixed_groups``: the linear
     core's population coefficients, the closed forecast gates). A tree from before trained them at lr 0."""
@@ -387,6 +398,7 @@ def full_model_step(a, windows: int, device: torch.device, dtype: torch.dtype | 
     mc = ModelConfig(hidden=a.hidden, blocks=a.blocks, heads=a.heads, eeg_patch=a.eeg_stride,
                      eeg_stride=a.eeg_stride)
     tc = TrainConfig(balancer="uncertainty")
+    host_memory_as_trainer(device)
     model = build_model(mc, 4, 4, a.n_fmri, a.n_eeg, a.spt)
     freeze_fixed(model, tc)
     if checkpointing:

@@ -102,12 +102,13 @@ def worker(a) -> dict:
     from twinbrain.train.parallel import apply_activation_checkpointing
 
     assert Path(twinbrain.__file__).resolve().is_relative_to(Path(a.worker).resolve()), twinbrain.__file__
-    from common import freeze_fixed, train_module   # after twinbrain: common puts this tree on sys.path
+    from common import freeze_fixed, host_memory_as_trainer, train_module   # after twinbrain (this tree)
     torch.manual_seed(0)
     overrides = {k: _parse_value(v) for k, v in (s.split("=", 1) for s in a.set)}
     mc = ModelConfig(hidden=a.hidden, blocks=a.blocks, eeg_patch=a.eeg_stride, eeg_stride=a.eeg_stride,
                      **overrides)
     tc = TrainConfig(balancer="uncertainty")
+    host_memory_as_trainer("cpu")
     model = build_model(mc, 4, 4, a.n_fmri, a.n_eeg, a.steps_per_tr * a.eeg_stride)
     freeze_fixed(model, tc)
     if a.ckpt:

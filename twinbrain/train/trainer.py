@@ -30,6 +30,7 @@ from .backends import make_backend
 from .checkpoint import Checkpointer, RNGState, full_model_state
 from .distributed import Backend, all_reduce_, make_accelerator, resolve_backend, resolve_precision
 from .extensions import prepare_extensions
+from .host_memory import keep_freed_memory
 from .optim import EarlyStopping, Schedule, build_optimizer, fixed_groups, param_groups
 from .parallel import apply_activation_checkpointing, autocast_dtype
 from .runlock import RunLock
@@ -105,6 +106,8 @@ class Trainer:
         cfg.parallel.backend, cfg.parallel.zero_stage = self.backend.name, self.backend.zero_stage
         self.accelerator = make_accelerator()
         self.device = self.accelerator.device
+        if self.device.type == "cpu" and keep_freed_memory():
+            log.debug("CPU run: freed activations stay in the process between steps (train/host_memory.py)")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.rank == 0
         self.precision = resolve_precision(t.precision)
