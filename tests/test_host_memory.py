@@ -34,6 +34,7 @@ def _faults(mode: str) -> tuple[str, int]:
 def test_freed_activations_are_not_faulted_back_in_every_step():
     _, default = _faults("default")
     applied, kept = _faults("keep")
+    pages = 5 * 10 * 4096                          # 5 steps x 160 MiB in 4 KiB pages
     assert applied == "True"
-    assert default > 5 * 10 * 4096 * 0.5          # ~half of 5 x 160 MiB re-faulted in 4 KiB pages by default
-    assert kept < default / 20, (kept, default)
+    # glibc's defaults re-fault part of every step (how much depends on its adaptive thresholds: 20-100 % seen).
+    assert kept < 0.05 * pages and kept < default / 2, (kept, default)
