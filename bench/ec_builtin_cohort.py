@@ -4,7 +4,8 @@ With the fMRI correction's gate closed (``train.gate_lr_scale`` 0, the default) 
 its warm-started linear core, so its perturbation EC (a unit pulse on region j at the last context step,
 the forecast change averaged over h = 1..``--horizon``, :meth:`twinbrain.twin.Twin.effective_connectivity`)
 is the core's in closed form (:func:`twinbrain.scoring.validity.linear_twin_ec` of the VAR(p)). This bench computes it for the core selected on validation with and without the coupling prior
-(``model.coupling_prior: fc``, |r| of the training spans weighting the cross-node ridge penalty), next to
+(``model.coupling_prior: fc``, |r| of the training spans weighting the cross-node ridge penalty and giving the
+lag-1 mean the couplings are shrunk towards), next to
 the references ``twinbrain evaluate`` reports: the model's input FC graph (k-NN |r|) and the linear twin
 (ridge VAR(1), ``eval.ridge_alpha``). Scores (``eval/twin_validity.ec_scores``) are against the test
 subject's coupling. Several cohort sizes, recording lengths and simulation seeds; nothing is trained, so a
@@ -75,7 +76,8 @@ def table(cases: list[dict]) -> str:
             rr = statistics.mean(c["scores"][meth]["coupling_r"] for c in cs)
             au = statistics.mean(c["scores"][meth]["coupling_auroc"] for c in cs)
             cell.append(f"{rr:.3f} / {au:.3f}")
-        chosen = sum(c["chosen"]["prior"]["alpha_prior"] is not None for c in cs)
+        chosen = sum(c["chosen"]["prior"]["alpha_prior"] is not None or bool(c["chosen"]["prior"].get("prior_scale"))
+                     for c in cs)
         mse = (statistics.mean(c["chosen"]["prior"]["val_mse"] for c in cs),
                statistics.mean(c["chosen"]["no_prior"]["val_mse"] for c in cs))
         lines.append(f"| {r} | {m:g} | {len(cs)} | " + " | ".join(cell) + f" | {chosen}/{len(cs)} | "

@@ -300,6 +300,59 @@ def test_prior_weighted_ridge_matches_per_target_solves():
         fit_linear_model(series, p, 0.5, 50.0, alpha_prior=100.0, prior=prior)
 
 
+def test_prior_mean_shrinks_the_couplings_towards_the_prior_shape():
+    """With ``prior_scale`` β each target's ridge penalty pulls its lag-1 couplings towards ``β · prior_mean``
+    (|prior|² off the diagonal, a target's sources summing to 1 on average) instead of zero: the fit equals
+    the direct per-target solve of ``min |y - Zw|² + Σ pen (w - m)²``, with the prior's penalty weights too."""
+    from twinbrain.scoring.linear import fit_linear_model, prior_mean
+    rng = np.random.default_rng(5)
+    p, n, beta = 2, 6, 0.4
+    series = [rng.standard_normal((n, 250)).cumsum(1) * 0.1 for _ in range(2)]
+    prior = np.abs(rng.standard_normal((n, n)))
+    mean = prior_mean(prior)
+    np.testing.assert_allclose(np.diag(mean), 0.0)
+    assert mean.sum(1).mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(mean / mean[0, 1], (prior ** 2 * (1 - np.eye(n))) / prior[0, 1] ** 2)
+    zc, yc = _centred_design(series, p)
+    w = prior * (1 - np.eye(n)) / (prior * (1 - np.eye(n))).max()
+    for alpha_prior in (None, 2.0):
+        fit = fit_linear_model(series, p, 0.5, 50.0, alpha_prior=alpha_prior, prior=prior, prior_scale=beta)
+        assert fit.prior_scale == beta
+        for i in range(n):
+            pen = np.full(n, 50.0) if alpha_prior is None else 50.0 ** (1 - w[i]) * alpha_prior ** w[i]
+            pen[i] = 0.5
+            pen = np.tile(pen, p)
+            m = np.zeros(p * n)
+            m[:n] = beta * mean[i]
+            sol = np.linalg.solve(zc.T @ zc + np.diag(pen), zc.T @ yc[:, i] + pen * m)
+            np.testing.assert_allclose(fit.coef[:, i, :], sol.reshape(p, n), atol=1e-8)
+    plain = fit_linear_model(series, p, 0.5, 50.0)
+    np.testing.assert_allclose(fit_linear_model(series, p, 0.5, 50.0, prior=prior, prior_scale=0.0).coef, plain.coef)
+    with pytest.raises(ValueError, match="prior_scale"):
+        fit_linear_model(series, p, 0.5, 50.0, prior_scale=0.3)
+
+
+def test_the_prior_scale_is_the_validation_optimum():
+    """Selection fits β in closed form (the fit is affine in β): the chosen fit's validation MSE is what
+    ``one_step_mse`` gives it, and neither a nearby β nor β = 0 with the same penalties does better."""
+    from twinbrain.scoring.linear import fit_linear_model, select_linear_model
+    from twinbrain.scoring.series import one_step_mse
+    n = 12
+    rng = np.random.default_rng(6)
+    a = 0.25 * (rng.random((n, n)) < 0.3) * (1 - np.eye(n)) + np.diag(rng.uniform(0.3, 0.5, n))
+    a *= 0.9 / np.max(np.abs(np.linalg.eigvals(a)))
+    x = _var_series(a, 600, seed=7)
+    train, val = [x[:, :300]], [x[:, 300:]]
+    prior = a * (1 - np.eye(n)) + 0.05 * rng.random((n, n))     # marks the (positive) true sources
+    fit, info = select_linear_model(train, val, orders=(1, 2), alphas=DEFAULT_ALPHAS, prior=prior)
+    assert info["prior_scale"] > 0 and info["prior_scale"] == fit.prior_scale
+    mse = lambda f: one_step_mse(f.step, val, f.order, 2)
+    assert mse(fit) == pytest.approx(info["val_mse"], rel=1e-9)
+    for scale in (0.0, fit.prior_scale * 0.9, fit.prior_scale * 1.1):
+        other = fit_linear_model(train, fit.order, info["alpha"], info["alpha_cross"], info["alpha_prior"], prior, scale)
+        assert mse(other) >= info["val_mse"] * (1 - 1e-9)
+
+
 def _sparse_var(n: int, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A stable VAR(1) with a sparse signed coupling (2 sources per target) and its series ``[N, T]``."""
     rng = np.random.default_rng(seed)

@@ -33,6 +33,7 @@ from twinbrain.eval.forecast_eval import evaluate_forecasts
 from twinbrain.eval.publish import publish_evaluation
 from twinbrain.eval.twin_validity import twin_validity
 from twinbrain.rundir import EVAL_REPORT, RunDir
+from twinbrain.scoring.linear import prior_terms
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,7 @@ def baseline_label(name: str, tuning: dict | None = None) -> str:
     if name == "svar" and tuning.get("core") == "transfer":
         return f"transfer flow dx/dt = c - Dx + W tanh({tuning['slope']:g}x), α={tuning['alpha']:g}, val-tuned"
     if name == "svar":
-        prior = "" if tuning.get("alpha_prior") is None else f" / prior sources {tuning['alpha_prior']:g}"
-        return f"ridge VAR({p}), α own {tuning['alpha']:g}{prior} / cross {tuning['alpha_cross']:g}, val-tuned"
+        return f"ridge VAR({p}), α own {tuning['alpha']:g}{prior_terms(tuning)} / cross {tuning['alpha_cross']:g}, val-tuned"
     base = {"ar1": "AR(1) per node", "ar": f"AR({p}) per node", "var": f"ridge VAR({p})"}.get(name, name)
     return f"{base}, α={tuning['alpha']:g}, val-tuned"
 

@@ -374,7 +374,8 @@ def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alp
     tuning = {"ar1": {"order": 1, "alpha": ar1.alpha, "val_mse": s1[(1, ar1.alpha)]},
               "ar": {"order": ar.order, "alpha": ar.alpha, "val_mse": s_ar[(ar.order, ar.alpha)]},
               "var": {"order": var.order, "alpha": var.alpha, "val_mse": s_var[(var.order, var.alpha)]},
-              "svar": {k: s_svar[k] for k in ("order", "alpha", "alpha_cross", "alpha_prior", "val_mse", "core")}}
+              "svar": {k: s_svar[k] for k in ("order", "alpha", "alpha_cross", "alpha_prior", "prior_scale",
+                                              "val_mse", "core")}}
     if s_svar["core"] == "transfer":
         tuning["svar"].update(slope=s_svar["slope"], var_val_mse=s_svar["var_val_mse"])
     if refit:
@@ -385,7 +386,7 @@ def tuned_baselines(train_series, val_series=None, *, orders=DEFAULT_ORDERS, alp
             svar = TransferFlow(init, svar.substeps).fit(*step_pairs(train))
         else:
             svar = fit_linear_model(train, svar.order, s_svar["alpha"], s_svar["alpha_cross"],
-                                    s_svar["alpha_prior"], prior)
+                                    s_svar["alpha_prior"], prior, s_svar["prior_scale"])
     out: dict[str, Baseline] = {"persistence": Persistence()}
     ar1.name, ar.name = "ar1", "ar"
     out.update(ar1=ar1, ar=ar, var=VARBaseline.from_fit(var, "var"),

@@ -1,6 +1,7 @@
 """Ridge VAR models in closed form: the plain ridge VAR (one penalty), the structured one (own lags,
-other nodes' lags and, with a prior, prior-weighted sources penalised apart) and their selection on
-validation — the ``var`` / ``svar`` baselines and the twin's linear core at step 0."""
+other nodes' lags and, with a prior, prior-weighted sources penalised apart and the couplings shrunk towards
+the prior's shape) and their selection on validation — the ``var`` / ``svar`` baselines and the twin's
+linear core at step 0."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse
 
-from .series import finite_series, one_step_mse, var_design
+from .series import finite_series, one_step_errors, one_step_mse, var_design
 
 DEFAULT_ORDERS = (1, 2, 3, 4, 5)
 DEFAULT_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
@@ -27,8 +28,9 @@ class RidgeVAR:
     (row = target, column = source, the project's EC convention); ``intercept [N]``; ``order`` = p;
     ``alpha`` = the ridge penalty it was fitted with on a node's own lags, ``alpha_cross`` the one on other
     nodes' lags (None = ``alpha``: plain ridge), ``alpha_prior`` (None = no prior) the penalty of a source of
-    prior weight 1 (a source of weight w gets ``alpha_cross^(1-w) · alpha_prior^w``, :func:`prior_support`).
-    Units are those of the series (z-units in TwinBrain).
+    prior weight 1 (a source of weight w gets ``alpha_cross^(1-w) · alpha_prior^w``, :func:`prior_support`);
+    ``prior_scale`` β the lag-1 mean ``β · prior_mean(prior)`` the penalties shrink the couplings towards
+    (0: towards zero). Units are those of the series (z-units in TwinBrain).
     """
 
     coef: np.ndarray
@@ -37,6 +39,7 @@ class RidgeVAR:
     alpha: float
     alpha_cross: float | None = None
     alpha_prior: float | None = None
+    prior_scale: float = 0.0
 
     @property
     def weights(self) -> np.ndarray:
@@ -100,6 +103,54 @@ class _VarMoments:
         p, n = self.p, self.n                                      # w [p·N, N], lag-major rows
         return RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
                         intercept=self.ybar - w.T @ self.zbar, order=p, alpha=float(alpha))
+
+
+    def shifted(self, mean_weights: np.ndarray) -> "_VarMoments":
+        """The moments of the ridge problem for ``V = W - mean_weights`` (``[p·N, N]`` lag-major): a ridge fit
+        of these plus ``mean_weights`` shrinks ``W`` towards ``mean_weights`` instead of zero (primal only)."""
+        out = object.__new__(_VarMoments)
+        out.__dict__.update(self.__dict__)
+        out.rhs = self.rhs - self.gram @ mean_weights
+        return out
+
+
+def prior_mean(prior) -> np.ndarray | None:
+    """The shape ``[N, N]`` (row = target, column = source) of the lag-1 couplings a prior suggests:
+    ``prior²`` off the diagonal (|r|² is the variance two nodes share), scaled so that a target's sources sum
+    to 1 on average; the scale β that multiplies it is chosen on validation. None if the prior is all zero."""
+    m = np.nan_to_num(np.asarray(prior, np.float64)) ** 2
+    np.fill_diagonal(m, 0.0)
+    total = m.sum(1).mean() if m.size else 0.0
+    return m / total if total > 0 else None
+
+
+def _mean_weights(mean: np.ndarray, p: int) -> np.ndarray:
+    """``[p·N, N]`` lag-major design weights of a lag-1 coefficient mean ``[N, N]`` (other lags 0)."""
+    n = mean.shape[0]
+    w = np.zeros((p * n, n))
+    w[:n] = mean.T
+    return w
+
+
+def _plus_mean(fit: RidgeVAR, mean_weights: np.ndarray, mom: _VarMoments, scale: float) -> RidgeVAR:
+    """``fit`` (solved on :meth:`_VarMoments.shifted` by ``scale · mean_weights``) with the mean added back."""
+    w = fit.weights + scale * mean_weights
+    p, n = mom.p, mom.n
+    return RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(), intercept=mom.ybar - w.T @ mom.zbar,
+                    order=p, alpha=fit.alpha, alpha_cross=fit.alpha_cross, alpha_prior=fit.alpha_prior,
+                    prior_scale=float(scale))
+
+
+def _blend(at_zero: RidgeVAR, at_one: RidgeVAR, scale: float) -> RidgeVAR:
+    """The fit at prior scale β from those at 0 and 1: the ridge solution is affine in β."""
+    return RidgeVAR(coef=at_zero.coef + scale * (at_one.coef - at_zero.coef),
+                    intercept=at_zero.intercept + scale * (at_one.intercept - at_zero.intercept),
+                    order=at_zero.order, alpha=at_zero.alpha, alpha_cross=at_zero.alpha_cross,
+                    alpha_prior=at_zero.alpha_prior, prior_scale=float(scale))
+
+
+# The prior's scale is fitted on validation within [0, MAX_PRIOR_SCALE]: 1 = a total lag-1 input of 1 per target.
+MAX_PRIOR_SCALE = 1.0
 
 
 def fit_ridge_var(train_series, order: int, alpha: float, solver: str = "auto") -> RidgeVAR:
@@ -181,21 +232,46 @@ def _structured_solutions(mom: _VarMoments, alpha_cross: float, pairs, support=N
 
 
 def fit_linear_model(train_series, order: int, alpha: float, alpha_cross: float,
-                     alpha_prior: float | None = None, prior=None) -> RidgeVAR:
+                     alpha_prior: float | None = None, prior=None, prior_scale: float = 0.0) -> RidgeVAR:
     """Ridge VAR(``order``) with penalty ``alpha`` on each node's own lags and ``alpha_cross`` (>= alpha) on
     other nodes' lags (equal: :func:`fit_ridge_var`'s plain ridge); with ``prior`` ``[N, N]`` and
     ``alpha_prior`` (alpha <= alpha_prior < alpha_cross) the prior's sources are penalised as in
-    :func:`select_linear_model`."""
+    :func:`select_linear_model`, and with ``prior_scale`` β > 0 the lag-1 couplings are shrunk towards
+    ``β · prior_mean(prior)`` instead of zero."""
     if alpha_cross < alpha:
         raise ValueError(f"fit_linear_model needs alpha_cross >= alpha, got {alpha_cross} < {alpha}")
     mom = _VarMoments(finite_series(train_series, order + 1, "training"), int(order), "primal")
+    mean = None
+    if prior_scale:
+        mean = None if prior is None else prior_mean(prior)
+        if mean is None or prior_scale < 0:
+            raise ValueError(f"fit_linear_model: prior_scale {prior_scale} needs a non-zero prior and a scale >= 0")
+        mean = _mean_weights(mean, mom.p)
+        mom_fit = mom.shifted(prior_scale * mean)
+    else:
+        mom_fit = mom
     if alpha_prior is not None:
         support = None if prior is None else prior_support(prior)
         if support is None or not alpha <= alpha_prior < alpha_cross:
             raise ValueError(f"fit_linear_model: alpha_prior {alpha_prior} needs a non-zero prior and "
                              f"alpha <= alpha_prior < alpha_cross ({alpha}, {alpha_cross})")
-        return _structured_solutions(mom, alpha_cross, [(alpha, alpha_prior)], support)[0]
-    return mom.solve(alpha) if alpha_cross == alpha else _structured_solutions(mom, alpha_cross, [(alpha, None)])[0]
+        fit = _structured_solutions(mom_fit, alpha_cross, [(alpha, alpha_prior)], support)[0]
+    else:
+        fit = (mom_fit.solve(alpha) if alpha_cross == alpha
+               else _structured_solutions(mom_fit, alpha_cross, [(alpha, None)])[0])
+    return fit if mean is None else _plus_mean(fit, mean, mom, prior_scale)
+
+
+def _candidates(mom: _VarMoments, alphas: list[float], support) -> list[RidgeVAR]:
+    """Every penalty candidate of one order: for each ``alpha_cross`` the plain ridge, each smaller own-lag
+    penalty and, with ``support``, each prior-source penalty between them."""
+    fits = []
+    for i, a_cross in enumerate(alphas):
+        fits += [mom.solve(a_cross)] + _structured_solutions(mom, a_cross, [(a_s, None) for a_s in alphas[:i]])
+        if support is not None:
+            pairs = [(a_s, a_p) for j, a_s in enumerate(alphas[:i]) for a_p in alphas[j:i]]
+            fits += _structured_solutions(mom, a_cross, pairs, support)
+    return fits
 
 
 def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS, prior=None
@@ -209,10 +285,13 @@ def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=
     connectivity) the candidates also include, for every ``alpha <= alpha_prior < alpha_cross`` from
     ``alphas``, the fit that lowers the penalty of each target's :data:`PRIOR_SOURCES` strongest prior
     sources towards ``alpha_prior`` by their weight (:func:`prior_support`, :func:`_structured_solutions`): a
-    prior that weights the penalty, not a mask, and kept only where validation prefers it.
+    prior that weights the penalty, not a mask, and kept only where validation prefers it. Every candidate
+    is then also shrunk towards the prior's lag-1 mean ``β · prior_mean(prior)`` instead of zero, with the
+    scale β >= 0 of least validation error (:func:`_best_scale`; β = 0 is the candidate unchanged): with little
+    data the couplings lean on the prior, with much data on the data.
 
-    Returns ``(best, info)`` with ``info = {'order', 'alpha', 'alpha_cross', 'alpha_prior', 'val_mse',
-    'n_candidates'}`` (``alpha_prior`` None: no prior in the chosen fit).
+    Returns ``(best, info)`` with ``info = {'order', 'alpha', 'alpha_cross', 'alpha_prior', 'prior_scale',
+    'val_mse', 'n_candidates'}`` (``alpha_prior`` None and ``prior_scale`` 0: no prior in the chosen fit).
     This is the twin's linear core at step 0 and the ``svar`` baseline.
     """
     orders = sorted({int(p) for p in orders})
@@ -223,24 +302,39 @@ def select_linear_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=
     train = finite_series(train_series, p_max + 1, "training")
     val = finite_series(val_series, p_max + 1, "validation")
     support = None if prior is None else prior_support(prior)
+    mean = None if prior is None else prior_mean(prior)
     best, best_mse, count = None, math.inf, 0
     for p in orders:
         mom = _VarMoments(train, p, "primal")
-        for i, a_cross in enumerate(alphas):
-            fits = [mom.solve(a_cross)] + _structured_solutions(mom, a_cross, [(a_s, None) for a_s in alphas[:i]])
-            if support is not None:
-                pairs = [(a_s, a_p) for j, a_s in enumerate(alphas[:i]) for a_p in alphas[j:i]]
-                fits += _structured_solutions(mom, a_cross, pairs, support)
-            for fit in fits:
-                mse = one_step_mse(fit.step, val, p, p_max)
-                count += 1
-                if mse < best_mse:
-                    best, best_mse = fit, mse
+        fits = _candidates(mom, alphas, support)
+        if mean is None:
+            scored = ((fit, one_step_mse(fit.step, val, p, p_max)) for fit in fits)
+        else:       # the same candidates shrunk towards the prior's mean, its scale fitted on validation
+            mean_w = _mean_weights(mean, p)
+            at_one = (_plus_mean(f, mean_w, mom, 1.0) for f in _candidates(mom.shifted(mean_w), alphas, support))
+            scored = (_best_scale(f0, f1, val, p, p_max) for f0, f1 in zip(fits, at_one))
+        for fit, mse in scored:
+            count += 1
+            if mse < best_mse:
+                best, best_mse = fit, mse
     if best is None:
         raise ValueError("select_linear_model: no candidate gave a finite validation error; check the series")
     return best, {"order": best.order, "alpha": best.alpha,
                   "alpha_cross": best.alpha if best.alpha_cross is None else best.alpha_cross,
-                  "alpha_prior": best.alpha_prior, "val_mse": best_mse, "n_candidates": count}
+                  "alpha_prior": best.alpha_prior, "prior_scale": best.prior_scale, "val_mse": best_mse,
+                  "n_candidates": count}
+
+
+def _best_scale(at_zero: RidgeVAR, at_one: RidgeVAR, val, p: int, start: int) -> tuple[RidgeVAR, float]:
+    """The prior scale β in [0, :data:`MAX_PRIOR_SCALE`] of least one-step validation MSE, in closed form:
+    the fit is affine in β, so the validation error ``e0 + β·d`` is too."""
+    e0, n = one_step_errors(at_zero.step, val, p, start)
+    d = one_step_errors(at_one.step, val, p, start)[0] - e0
+    dd = float(d @ d)
+    scale = float(np.clip(-float(e0 @ d) / dd, 0.0, MAX_PRIOR_SCALE)) if dd > 0 else 0.0
+    fit = at_zero if scale == 0 else _blend(at_zero, at_one, scale)
+    e = e0 + scale * d
+    return fit, (float(e @ e) / n if n else math.nan)
 
 
 def select_ridge_var(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEFAULT_ALPHAS,
@@ -276,3 +370,10 @@ def select_ridge_var(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DEF
     if best is None:
         raise ValueError("select_ridge_var: no candidate gave a finite validation error; check the series")
     return best, scores
+
+
+def prior_terms(info: dict) -> str:
+    """What a chosen fit took from the prior, for logs and reports: '' without, else e.g. ' / prior sources
+    100 / prior mean β 0.05' (the penalty of the prior's sources, the scale of the mean it shrinks to)."""
+    out = "" if info.get("alpha_prior") is None else f" / prior sources {info['alpha_prior']:g}"
+    return out + (f" / prior mean β {info['prior_scale']:.3g}" if info.get("prior_scale") else "")

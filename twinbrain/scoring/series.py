@@ -46,20 +46,26 @@ def finite_series(series_list, min_len: int, what: str) -> list[np.ndarray]:
     return series
 
 
-def one_step_mse(step, series: list[np.ndarray], p: int, start: int) -> float:
-    """Mean squared one-step error of ``step(lags [M, N, p]) -> [M, N]`` on targets ``t >= start`` of every
-    series (``start >= p``, the same targets for every candidate order)."""
-    se, cnt = 0.0, 0
+def one_step_errors(step, series: list[np.ndarray], p: int, start: int) -> tuple[np.ndarray, int]:
+    """One-step errors of ``step(lags [M, N, p]) -> [M, N]`` on targets ``t >= start`` of every series
+    (``start >= p``), flattened, 0 where the target or a lag is not finite, and the count of finite ones."""
+    errs, cnt = [], 0
     for s in series:
         if s.shape[1] <= start:
             continue
         z, y = lagged(s, p)                                   # [N, T - p, p], targets t = p..T-1
         z, y = z[:, start - p:].transpose(1, 0, 2), y[:, start - p:].T      # [M, N, p], [M, N]
         ok = np.isfinite(y) & np.isfinite(z).all(-1)
-        err = np.where(ok, step(np.where(ok[..., None], z, 0.0)) - np.where(ok, y, 0.0), 0.0)
-        se += float((err ** 2).sum())
+        errs.append(np.where(ok, step(np.where(ok[..., None], z, 0.0)) - np.where(ok, y, 0.0), 0.0).ravel())
         cnt += int(ok.sum())
-    return se / cnt if cnt else math.nan
+    return (np.concatenate(errs) if errs else np.zeros(0)), cnt
+
+
+def one_step_mse(step, series: list[np.ndarray], p: int, start: int) -> float:
+    """Mean squared one-step error of ``step(lags [M, N, p]) -> [M, N]`` on targets ``t >= start`` of every
+    series (``start >= p``, the same targets for every candidate order)."""
+    err, cnt = one_step_errors(step, series, p, start)
+    return float(err @ err) / cnt if cnt else math.nan
 
 
 def step_pairs(series: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -153,6 +153,7 @@ def select_core_model(train_series, val_series, orders=DEFAULT_ORDERS, alphas=DE
                                    start=max(int(p) for p in orders))
     info.update(var_val_mse=info["val_mse"], transfer_val_mse=f["val_mse"], slope=f["b"], transfer_fit_s=f["fit_s"])
     if core == "transfer" or f["val_mse"] < info["val_mse"]:
-        info.update(core="transfer", val_mse=f["val_mse"], order=1, alpha=f["alpha"], alpha_cross=None, alpha_prior=None)
+        info.update(core="transfer", val_mse=f["val_mse"], order=1, alpha=f["alpha"], alpha_cross=None,
+                    alpha_prior=None, prior_scale=0.0)
         return flow, info
     return var, info

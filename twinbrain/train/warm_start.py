@@ -21,7 +21,7 @@ import numpy as np
 from ..data.series import coupling_prior, span_series
 from ..model.twinbrain import core_kind
 from ..schema import relation_key
-from ..scoring.linear import fit_ridge_var
+from ..scoring.linear import fit_ridge_var, prior_terms
 from ..scoring.transfer import TransferFlow, select_core_model
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def select_core(train: list[np.ndarray], val: list[np.ndarray], orders, alphas, 
         return fit_ridge_var(train, p, a), {"core": "var", "order": p, "alpha": a, "alpha_cross": a,
                                             "val_mse": None, "chosen_on": "default"}
     fit, info = select_core_model(train, long_enough, orders, alphas, core=core, prior=prior)
-    keep = ("core", "order", "alpha", "alpha_cross", "alpha_prior", "val_mse", "var_val_mse", "transfer_val_mse",
+    keep = ("core", "order", "alpha", "alpha_cross", "alpha_prior", "prior_scale", "val_mse", "var_val_mse", "transfer_val_mse",
             "slope", "transfer_fit_s")
     return fit, {**{k: info[k] for k in keep if k in info}, "chosen_on": "val"}
 
@@ -74,9 +74,8 @@ def warm_start(model, dm, cfg) -> dict:
                      info["var_val_mse"], info["transfer_fit_s"])
         else:
             model.linear[m].load_var(fit.coef, fit.intercept)
-            prior = "" if info.get("alpha_prior") is None else f" / prior sources {info['alpha_prior']:g}"
             log.info("linear core (%s): ridge VAR(%d), alpha own %g%s / cross %g, chosen on %s (one-step MSE %s%s)",
-                     m, info["order"], info["alpha"], prior, info["alpha_cross"], info["chosen_on"], mse,
+                     m, info["order"], info["alpha"], prior_terms(info), info["alpha_cross"], info["chosen_on"], mse,
                      "" if "transfer_val_mse" not in info else f"; transfer flow {info['transfer_val_mse']:.4f}")
         report[m] = info
     for m, prior in priors.items():
