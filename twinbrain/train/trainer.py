@@ -139,10 +139,11 @@ class Trainer:
         self.kind.modalities = tuple(self.modalities)
         # Closed-form start (tuned ridge VAR core, coupling priors); a resume loads the trained state instead.
         self.warm = warm_start(model, d, cfg) if t.warm_start and self.resume_from is None else None
-        frozen = model.freeze(fixed_groups(t))  # before any wrapper: DDP and FSDP2 see what is trained
+        groups = fixed_groups(t)
+        frozen = model.freeze(groups)  # before any wrapper: DDP and FSDP2 see what is trained
         if frozen and self.is_main:
             log.info("frozen at lr 0 (train.core_lr_scale / train.gate_lr_scale): %d tensors (%s); closed "
-                     "forecast gates: %s", len(frozen), ", ".join(fixed_groups(t)),
+                     "forecast gates: %s", len(frozen), ", ".join(groups),
                      ", ".join(m for m, g in model.gate.items() if g.closed) or "none")
         self.n_params = sum(p.numel() for p in model.parameters())
         self.ac_blocks = apply_activation_checkpointing(model.blocks, t.activation_checkpointing, t.ac_every_k)
