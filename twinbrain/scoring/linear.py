@@ -4,6 +4,7 @@ the prior's shape) and their selection on validation — the ``var`` / ``svar`` 
 linear core at step 0."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ DEFAULT_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 # Sources per target whose penalty a prior lowers: each target then solves a p·(K + 1) system, so the cost
 # stays linear in the number of nodes; the remaining sources (the weakest prior) keep the cross penalty.
 PRIOR_SOURCES = 16
+# The prior's scale is fitted on validation within [0, MAX_PRIOR_SCALE]: 1 = a total lag-1 input of 1 per target.
+MAX_PRIOR_SCALE = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,12 +107,10 @@ class _VarMoments:
         return RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
                         intercept=self.ybar - w.T @ self.zbar, order=p, alpha=float(alpha))
 
-
     def shifted(self, mean_weights: np.ndarray) -> "_VarMoments":
         """The moments of the ridge problem for ``V = W - mean_weights`` (``[p·N, N]`` lag-major): a ridge fit
         of these plus ``mean_weights`` shrinks ``W`` towards ``mean_weights`` instead of zero (primal only)."""
-        out = object.__new__(_VarMoments)
-        out.__dict__.update(self.__dict__)
+        out = copy.copy(self)
         out.rhs = self.rhs - self.gram @ mean_weights
         return out
 
@@ -147,10 +148,6 @@ def _blend(at_zero: RidgeVAR, at_one: RidgeVAR, scale: float) -> RidgeVAR:
                     intercept=at_zero.intercept + scale * (at_one.intercept - at_zero.intercept),
                     order=at_zero.order, alpha=at_zero.alpha, alpha_cross=at_zero.alpha_cross,
                     alpha_prior=at_zero.alpha_prior, prior_scale=float(scale))
-
-
-# The prior's scale is fitted on validation within [0, MAX_PRIOR_SCALE]: 1 = a total lag-1 input of 1 per target.
-MAX_PRIOR_SCALE = 1.0
 
 
 def fit_ridge_var(train_series, order: int, alpha: float, solver: str = "auto") -> RidgeVAR:
