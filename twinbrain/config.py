@@ -118,7 +118,7 @@ class ModelConfig:
     spatial_layer: str = "coupling"  # layer of every relation (model/relations.py): coupling = signed C[target, source]
     coupling_rank: int = 4           # rank of the per-subject coupling deltas (0 = population coupling only)
     coupling_l1: float = 1.0e-3      # sparsity penalty on the couplings (weighted by 1 - prior)
-    coupling_prior: str = "fc"       # fc (|r| of training spans) | structural (graph.structural) | none; weights the L1 and the core's cross penalty
+    coupling_prior: str = "fc"       # fc (|r| of training spans) | structural (graph.structural) | none; weights the L1 and the core's cross penalty, shapes its lag-1 mean
     linear_order: int = 5            # max lag p of the linear (VAR) cores; 0 = no core
     eeg_core: bool = True            # EEG forecasts start from a sample-rate ridge VAR core (as fMRI's); false: anchor x last sample
     core: str = "var"                # linear core: var (ridge VAR) | transfer (one-TR flow of dx/dt = c - Dx + W tanh(bx)) | auto (lower val MSE)
