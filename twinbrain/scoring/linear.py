@@ -103,9 +103,14 @@ class _VarMoments:
                 w = self.z.T @ scipy.linalg.solve(k, self.y, assume_a="pos")
             except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
                 w = self.z.T @ np.linalg.lstsq(k, self.y, rcond=None)[0]
-        p, n = self.p, self.n                                      # w [p·N, N], lag-major rows
-        return RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
-                        intercept=self.ybar - w.T @ self.zbar, order=p, alpha=float(alpha))
+        return self.model(w, alpha=float(alpha))
+
+    def model(self, w: np.ndarray, **fields) -> RidgeVAR:
+        """The :class:`RidgeVAR` of lag-major design weights ``w [p·N, N]``, its intercept from these
+        moments' training means; ``fields`` = its penalties."""
+        p, n = self.p, self.n
+        return RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(), intercept=self.ybar - w.T @ self.zbar,
+                        order=p, **fields)
 
     def shifted(self, mean_weights: np.ndarray) -> "_VarMoments":
         """The moments of the ridge problem for ``V = W - mean_weights`` (``[p·N, N]`` lag-major): a ridge fit
@@ -135,11 +140,8 @@ def _mean_weights(mean: np.ndarray, p: int) -> np.ndarray:
 
 def _plus_mean(fit: RidgeVAR, mean_weights: np.ndarray, mom: _VarMoments, scale: float) -> RidgeVAR:
     """``fit`` (solved on :meth:`_VarMoments.shifted` by ``scale · mean_weights``) with the mean added back."""
-    w = fit.weights + scale * mean_weights
-    p, n = mom.p, mom.n
-    return RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(), intercept=mom.ybar - w.T @ mom.zbar,
-                    order=p, alpha=fit.alpha, alpha_cross=fit.alpha_cross, alpha_prior=fit.alpha_prior,
-                    prior_scale=float(scale))
+    return mom.model(fit.weights + scale * mean_weights, alpha=fit.alpha, alpha_cross=fit.alpha_cross,
+                     alpha_prior=fit.alpha_prior, prior_scale=float(scale))
 
 
 def _blend(at_zero: RidgeVAR, at_one: RidgeVAR, scale: float) -> RidgeVAR:
@@ -221,10 +223,8 @@ def _structured_solutions(mom: _VarMoments, alpha_cross: float, pairs, support=N
         scatter = scipy.sparse.csr_matrix((y.ravel(), (np.repeat(np.arange(n), feats.shape[1]), feats.ravel())),
                                           shape=(n, x.shape[0]))
         w = x - (scatter @ a_inv).T
-        out.append(RidgeVAR(coef=w.reshape(p, n, n).transpose(0, 2, 1).copy(),
-                            intercept=mom.ybar - w.T @ mom.zbar, order=p, alpha=float(alpha_self),
-                            alpha_cross=float(alpha_cross),
-                            alpha_prior=None if alpha_prior is None else float(alpha_prior)))
+        out.append(mom.model(w, alpha=float(alpha_self), alpha_cross=float(alpha_cross),
+                             alpha_prior=None if alpha_prior is None else float(alpha_prior)))
     return out
 
 
