@@ -36,5 +36,8 @@ def test_freed_activations_are_not_faulted_back_in_every_step():
     applied, kept = _faults("keep")
     pages = 5 * 10 * 4096                          # 5 steps x 160 MiB in 4 KiB pages
     assert applied == "True"
-    # glibc's defaults re-fault part of every step (how much depends on its adaptive thresholds: 20-100 % seen).
-    assert kept < 0.05 * pages and kept < default / 2, (kept, default)
+    # glibc's defaults re-fault part of every step, how much depending on its adaptive thresholds (20-100 % seen;
+    # once, on a loaded CI box, 2 %): compare with them only where they did re-fault.
+    assert kept < 0.05 * pages, (kept, default)
+    if default >= 0.05 * pages:
+        assert kept < default / 2, (kept, default)
